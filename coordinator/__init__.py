@@ -1,0 +1,1 @@
+"""The coordinator: leases shards to workers, tracks rounds, records lineage."""

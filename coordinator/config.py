@@ -1,0 +1,58 @@
+"""The coordinator's settings: the run's hyperparameters and where things live.
+
+Validated at the edge (pydantic): a bad value stops `essaim coordinator serve`
+with a message naming the field, before anything starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class RunSettings(BaseModel):
+    """What every worker of the run trains with (sent to workers as RunConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_preset: str = "tiny"
+    seed: int = 0
+    seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(8, ge=1)
+    inner_steps: int = Field(20, ge=1)
+    inner_lr: float = Field(1e-3, gt=0)
+    outer_lr: float = Field(0.7, gt=0)
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    total_rounds: int = Field(4, ge=1)
+    target_group_size: int = Field(3, ge=1)
+    matchmaking_seconds: float = Field(3.0, gt=0)
+    averaging_timeout_seconds: float = Field(60.0, gt=0)
+    lease_seconds: int = Field(60, ge=5)
+    heartbeat_seconds: int = Field(5, ge=1)
+
+    @property
+    def tokens_per_round(self) -> int:
+        """Tokens one worker trains in one round: its lease size."""
+        return self.inner_steps * self.batch_size * self.seq_len
+
+
+class CoordinatorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path                  # a prepared corpus: manifest.json, shards, tokenizer/
+    database_url: str               # sqlite:///... by default
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
+    run: RunSettings = RunSettings()
+
+
+def load_run_settings(path: Path) -> RunSettings:
+    """Read a run TOML file (keys of RunSettings at top level)."""
+    try:
+        return RunSettings(**tomllib.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ValueError(f"run settings file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, ValidationError) as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -1,0 +1,68 @@
+"""Read-only views of the store: progress for live displays, lineage totals for summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.store import LineageRecord, Round, Shard, Worker
+
+
+@dataclass(frozen=True)
+class WorkerProgress:
+    name: str
+    institution: str
+    round: int
+    loss: float | None
+    tokens_per_second: float
+    tokens_trained: int
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    number: int
+    reports: int
+    tokens: int
+    mean_loss: float
+    max_group_size: int
+
+
+def worker_progress(sessions: sessionmaker[Session]) -> list[WorkerProgress]:
+    trained = (
+        select(LineageRecord.worker_id, func.sum(LineageRecord.end - LineageRecord.start).label("tokens"))
+        .group_by(LineageRecord.worker_id)
+        .subquery()
+    )
+    with sessions() as session:
+        rows = session.execute(
+            select(Worker, func.coalesce(trained.c.tokens, 0))
+            .outerjoin(trained, trained.c.worker_id == Worker.id)
+            .order_by(Worker.name)
+        ).all()
+    return [
+        WorkerProgress(w.name, w.institution, w.last_round, w.last_loss, w.tokens_per_second, int(tokens))
+        for w, tokens in rows
+    ]
+
+
+def rounds(sessions: sessionmaker[Session]) -> list[RoundSummary]:
+    with sessions() as session:
+        return [
+            RoundSummary(r.number, r.reports, r.tokens, r.loss_sum / max(r.reports, 1), r.max_group_size)
+            for r in session.scalars(select(Round).order_by(Round.number))
+        ]
+
+
+def tokens_by_shard_field(sessions: sessionmaker[Session], field: str) -> dict[str, int]:
+    """Trained tokens grouped by a shard attribute: "language", "source" or "licence"."""
+    column = {"language": Shard.language, "source": Shard.source, "licence": Shard.licence}[field]
+    with sessions() as session:
+        rows = session.execute(
+            select(column, func.sum(LineageRecord.end - LineageRecord.start))
+            .join(Shard, Shard.id == LineageRecord.shard_id)
+            .group_by(column)
+            .order_by(column)
+        ).all()
+    return {key: int(tokens) for key, tokens in rows}

@@ -1,0 +1,228 @@
+"""Leases, rounds and lineage: the coordinator's decisions, on top of the store.
+
+One lock serialises the decisions. It is enough for one coordinator process on
+SQLite; row locking for PostgreSQL under concurrent coordinators comes later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.store import Lease, LineageRecord, Round, Shard, TokenRange, Worker
+
+GENESIS_CONFIG_VERSION = "genesis"
+
+
+class LeaseError(Exception):
+    """A lease request that cannot be honoured; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    lease: Lease
+    shard: Shard
+
+
+@dataclass(frozen=True)
+class Completion:
+    lease_id: int
+    tokens_consumed: int
+    loss: float
+    pseudo_gradient_digest: str
+    round: int
+    group_size: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        lease_seconds: float,
+        total_rounds: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sessions = sessions
+        self.lease_seconds = lease_seconds
+        self.total_rounds = total_rounds
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    # -- leases --------------------------------------------------------------------------
+
+    def acquire(self, worker_id: str, max_tokens: int, round_number: int) -> LeaseGrant | None:
+        """Lease the oldest pool range (cut to max_tokens), or None when every range is leased."""
+        if max_tokens <= 0:
+            raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
+        with self._lock, self._sessions.begin() as session:
+            now = self._clock()
+            self._expire(session, now)
+            token_range = self._next_pool_range(session)
+            if token_range is None:
+                return None
+            if token_range.end - token_range.start > max_tokens:
+                # Split: the tail stays in the pool as its own range.
+                session.add(
+                    TokenRange(
+                        shard_id=token_range.shard_id, epoch=token_range.epoch,
+                        start=token_range.start + max_tokens, end=token_range.end, state="pool",
+                    )
+                )
+                token_range.end = token_range.start + max_tokens
+            token_range.state = "leased"
+            earlier = session.scalar(
+                select(func.count(Lease.id)).where(
+                    Lease.shard_id == token_range.shard_id,
+                    Lease.epoch == token_range.epoch,
+                    Lease.start == token_range.start,
+                )
+            )
+            lease = Lease(
+                range_id=token_range.id, worker_id=worker_id, shard_id=token_range.shard_id,
+                epoch=token_range.epoch, start=token_range.start, end=token_range.end,
+                round=round_number, attempt=earlier + 1, state="granted",
+                deadline=now + self.lease_seconds, granted_at=now,
+            )
+            session.add(lease)
+            session.flush()
+            return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id))
+
+    def complete(self, worker_id: str, completion: Completion) -> int:
+        """Record the trained prefix of a lease; the rest returns to the pool. Returns the lineage id."""
+        with self._lock, self._sessions.begin() as session:
+            lease = self._own_granted_lease(session, worker_id, completion.lease_id)
+            size = lease.end - lease.start
+            if not 0 < completion.tokens_consumed <= size:
+                raise LeaseError(
+                    f"lease {lease.id} covers {size} tokens; tokens_consumed must be in 1..{size}, "
+                    f"got {completion.tokens_consumed} (release the lease if nothing was trained)"
+                )
+            now = self._clock()
+            trained_end = lease.start + completion.tokens_consumed
+            self._return_tail_to_pool(session, lease, trained_end)
+            session.get(TokenRange, lease.range_id).state = "trained"
+            lease.state, lease.finished_at, lease.tokens_consumed = "completed", now, completion.tokens_consumed
+            worker = session.get(Worker, worker_id)
+            record = LineageRecord(
+                round=completion.round, worker_id=worker_id, institution=worker.institution,
+                lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
+                start=lease.start, end=trained_end, loss=completion.loss,
+                pseudo_gradient_digest=completion.pseudo_gradient_digest,
+                config_version=GENESIS_CONFIG_VERSION, created_at=now,
+            )
+            session.add(record)
+            self._count_round(session, completion, now)
+            worker.last_round, worker.last_loss, worker.last_seen = completion.round, completion.loss, now
+            self._open_next_epoch_if_done(session)
+            session.flush()
+            return record.id
+
+    def release(self, worker_id: str, lease_id: int) -> None:
+        with self._lock, self._sessions.begin() as session:
+            lease = self._own_granted_lease(session, worker_id, lease_id)
+            self._return_to_pool(session, lease, "released", self._clock())
+
+    def heartbeat(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float) -> None:
+        """Mark the worker alive and extend the deadlines of its leases."""
+        with self._lock, self._sessions.begin() as session:
+            now = self._clock()
+            worker = session.get(Worker, worker_id)
+            worker.last_seen, worker.tokens_per_second = now, tokens_per_second
+            worker.last_round = max(worker.last_round, round_number)
+            if loss > 0:
+                worker.last_loss = loss
+            session.execute(
+                update(Lease)
+                .where(Lease.worker_id == worker_id, Lease.state == "granted")
+                .values(deadline=now + self.lease_seconds)
+            )
+
+    def expire_overdue(self) -> int:
+        """Return the ranges of leases past their deadline to the pool; returns how many expired."""
+        with self._lock, self._sessions.begin() as session:
+            return self._expire(session, self._clock())
+
+    # -- rounds --------------------------------------------------------------------------
+
+    def current_round(self) -> int:
+        """The next round to train: one past the last round any worker completed."""
+        with self._sessions() as session:
+            last = session.scalar(select(func.max(Round.number)))
+            return 0 if last is None else last + 1
+
+    def run_complete(self, round_number: int) -> bool:
+        return round_number >= self.total_rounds
+
+    def live_workers(self, within_seconds: float) -> int:
+        with self._sessions() as session:
+            cutoff = self._clock() - within_seconds
+            return session.scalar(select(func.count(Worker.id)).where(Worker.last_seen >= cutoff)) or 0
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _own_granted_lease(self, session: Session, worker_id: str, lease_id: int) -> Lease:
+        lease = session.get(Lease, lease_id)
+        if lease is None:
+            raise LeaseError(f"no lease {lease_id}: acquire a new lease")
+        if lease.worker_id != worker_id:
+            raise LeaseError(f"lease {lease_id} belongs to another worker")
+        if lease.state != "granted":
+            raise LeaseError(
+                f"lease {lease_id} is {lease.state}, not granted (its deadline passed or it was "
+                "already reported): acquire a new lease"
+            )
+        return lease
+
+    def _next_pool_range(self, session: Session) -> TokenRange | None:
+        return session.scalar(
+            select(TokenRange)
+            .where(TokenRange.state == "pool")
+            .order_by(TokenRange.epoch, TokenRange.shard_id, TokenRange.start)
+            .limit(1)
+        )
+
+    def _expire(self, session: Session, now: float) -> int:
+        overdue = session.scalars(select(Lease).where(Lease.state == "granted", Lease.deadline < now)).all()
+        for lease in overdue:
+            self._return_to_pool(session, lease, "expired", now)
+        return len(overdue)
+
+    def _return_to_pool(self, session: Session, lease: Lease, state: str, now: float) -> None:
+        session.get(TokenRange, lease.range_id).state = "pool"
+        lease.state, lease.finished_at = state, now
+
+    def _return_tail_to_pool(self, session: Session, lease: Lease, trained_end: int) -> None:
+        if trained_end == lease.end:
+            return
+        token_range = session.get(TokenRange, lease.range_id)
+        token_range.end = trained_end
+        session.add(
+            TokenRange(shard_id=lease.shard_id, epoch=lease.epoch, start=trained_end, end=lease.end, state="pool")
+        )
+
+    def _count_round(self, session: Session, completion: Completion, now: float) -> None:
+        row = session.get(Round, completion.round)
+        if row is None:
+            row = Round(number=completion.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0)
+            session.add(row)
+        row.reports += 1
+        row.tokens += completion.tokens_consumed
+        row.loss_sum += completion.loss
+        row.max_group_size = max(row.max_group_size, completion.group_size)
+
+    def _open_next_epoch_if_done(self, session: Session) -> None:
+        """When every range of the newest epoch is trained, put every shard back in the pool."""
+        session.flush()
+        epoch = session.scalar(select(func.max(TokenRange.epoch)))
+        untrained = session.scalar(
+            select(func.count(TokenRange.id)).where(TokenRange.epoch == epoch, TokenRange.state != "trained")
+        )
+        if untrained:
+            return
+        for shard in session.scalars(select(Shard)).all():
+            session.add(TokenRange(shard_id=shard.id, epoch=epoch + 1, start=0, end=shard.tokens, state="pool"))

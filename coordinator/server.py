@@ -1,0 +1,118 @@
+"""`essaim coordinator serve`: the gRPC server, its store, and a hivemind bootstrap peer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from coordinator.config import CoordinatorSettings
+from coordinator.scheduler import Scheduler
+from coordinator.service import CoordinatorService
+from coordinator.store import load_manifest, open_engine, session_factory
+from model.shards import Manifest
+from model.tokenizer import tokenizer_sha256
+from protocol import essaim_pb2 as pb
+from protocol.auth import RequestVerifier
+from protocol.limits import GRPC_OPTIONS
+from protocol.swarm import Swarm
+
+log = logging.getLogger("essaim.coordinator")
+
+
+def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str) -> str:
+    """The run is named by what defines it: the corpus and the run settings."""
+    payload = json.dumps({"corpus": corpus_root_hash, "run": settings.run.model_dump()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_run_config(settings: CoordinatorSettings, manifest: Manifest, peers: list[str]) -> pb.RunConfig:
+    run = settings.run
+    tokenizer_json = (settings.data_dir / "tokenizer" / "tokenizer.json").read_bytes()
+    root_hash = manifest.root_hash()
+    run_id = run_id_for(settings, root_hash)
+    return pb.RunConfig(
+        run_id=run_id, model_preset=run.model_preset, vocab_size=manifest.vocab_size, seed=run.seed,
+        seq_len=run.seq_len, batch_size=run.batch_size, inner_steps=run.inner_steps,
+        inner_lr=run.inner_lr, outer_lr=run.outer_lr, outer_momentum=run.outer_momentum,
+        total_rounds=run.total_rounds, target_group_size=run.target_group_size,
+        matchmaking_seconds=run.matchmaking_seconds, averaging_timeout_seconds=run.averaging_timeout_seconds,
+        lease_seconds=run.lease_seconds, heartbeat_seconds=run.heartbeat_seconds,
+        initial_peers=peers, dht_prefix=f"essaim-{run_id}",
+        tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
+        corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),
+    )
+
+
+@dataclass
+class RunningCoordinator:
+    server: grpc.Server
+    swarm: Swarm
+    address: str
+    run_config: pb.RunConfig
+    scheduler: Scheduler
+    _stop_expiry: threading.Event
+
+    def stop(self) -> None:
+        self._stop_expiry.set()
+        self.server.stop(grace=2).wait()
+        self.swarm.close()
+
+
+def start(settings: CoordinatorSettings) -> RunningCoordinator:
+    manifest = Manifest.load(settings.data_dir / "manifest.json")
+    sessions = session_factory(open_engine(settings.database_url))
+    load_manifest(sessions, manifest)
+    scheduler = Scheduler(sessions, lease_seconds=settings.run.lease_seconds, total_rounds=settings.run.total_rounds)
+
+    swarm = Swarm(settings.host)
+    try:
+        run_config = build_run_config(settings, manifest, swarm.visible_addresses())
+        service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((service.generic_handler(),))
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}: is the port in use?")
+        server.start()
+    except BaseException:
+        swarm.close()
+        raise
+
+    stop_expiry = threading.Event()
+    threading.Thread(
+        target=_expire_leases_periodically, args=(scheduler, stop_expiry, settings.run.heartbeat_seconds), daemon=True
+    ).start()
+    return RunningCoordinator(server, swarm, f"{settings.host}:{port}", run_config, scheduler, stop_expiry)
+
+
+def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:
+    while not stop.wait(period):
+        expired = scheduler.expire_overdue()
+        if expired:
+            log.info("%d lease(s) passed their deadline; their tokens are back in the pool", expired)
+
+
+def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop the server and the DHT peer."""
+    coordinator = start(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if ready_file is not None:
+        # Written last and atomically: its presence means "accepting requests at this address".
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": coordinator.address, "run_id": coordinator.run_config.run_id}))
+        tmp.replace(ready_file)
+    log.info("coordinator for run %s listening on %s", coordinator.run_config.run_id, coordinator.address)
+    try:
+        stop.wait()
+    finally:
+        coordinator.stop()

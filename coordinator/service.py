@@ -1,0 +1,168 @@
+"""The gRPC service: parse, authenticate, then hand the request to the scheduler.
+
+Handlers receive raw bytes so that a malformed message gets a clear
+INVALID_ARGUMENT instead of gRPC's generic deserialisation error. Nothing is
+written to the store before a request has passed every check.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.config import RunSettings
+from coordinator.scheduler import Completion, LeaseError, Scheduler
+from coordinator.store import Worker
+from protocol import essaim_pb2 as pb
+from protocol.auth import AuthError, RequestVerifier
+from protocol.identity import PUBLIC_KEY_BYTES, worker_id_for
+
+SERVICE_NAME = "essaim.v1.Coordinator"
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        scheduler: Scheduler,
+        verifier: RequestVerifier,
+        run: RunSettings,
+        run_config: pb.RunConfig,
+    ) -> None:
+        self._sessions = sessions
+        self._scheduler = scheduler
+        self._verifier = verifier
+        self._run = run
+        self._run_config = run_config
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        methods: dict[str, tuple[type[Message], Callable[[Any], Message]]] = {
+            "Register": (pb.RegisterRequest, self.register),
+            "GetRunConfig": (pb.GetRunConfigRequest, self.get_run_config),
+            "Heartbeat": (pb.HeartbeatRequest, self.heartbeat),
+            "AcquireLease": (pb.AcquireLeaseRequest, self.acquire_lease),
+            "CompleteLease": (pb.CompleteLeaseRequest, self.complete_lease),
+            "ReleaseLease": (pb.ReleaseLeaseRequest, self.release_lease),
+        }
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._guarded(name, request_type, handle),
+                request_deserializer=None,  # raw bytes: parsed in _guarded
+                response_serializer=lambda reply: reply.SerializeToString(),
+            )
+            for name, (request_type, handle) in methods.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    def _guarded(
+        self, method: str, request_type: type[Message], handle: Callable[[Any], Message]
+    ) -> Callable[[bytes, grpc.ServicerContext], Message]:
+        def call(raw: bytes, context: grpc.ServicerContext) -> Message:
+            try:
+                request = request_type.FromString(raw)
+            except DecodeError as error:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{method}: malformed {request_type.__name__} ({error}); "
+                    "is the worker running the same Essaim version as the coordinator?",
+                )
+            try:
+                if method != "Register":
+                    self._authenticate(method, request)
+                return handle(request)
+            except Refused as refused:
+                context.abort(refused.code, str(refused))
+            except AuthError as error:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+            except LeaseError as error:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{method}: {error}")
+
+        return call
+
+    def _authenticate(self, method: str, request: Any) -> None:
+        worker_id = request.auth.worker_id
+        with self._sessions() as session:
+            worker = session.get(Worker, worker_id) if worker_id else None
+        if worker is None:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method}: unknown worker id {worker_id!r}; register first (`essaim worker join`)",
+            )
+        self._verifier.verify(method, request, worker.public_key)
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
+        if len(request.public_key) != PUBLIC_KEY_BYTES:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Register: public_key must be a raw {PUBLIC_KEY_BYTES}-byte Ed25519 key, "
+                f"got {len(request.public_key)} bytes",
+            )
+        worker_id = worker_id_for(request.public_key)
+        if request.auth.worker_id != worker_id:
+            raise AuthError(f"Register: worker_id {request.auth.worker_id!r} does not belong to this public key")
+        self._verifier.verify("Register", request, request.public_key)
+        now = time.time()
+        with self._sessions.begin() as session:
+            worker = session.get(Worker, worker_id)
+            if worker is None:
+                worker = Worker(id=worker_id, public_key=request.public_key, registered_at=now)
+                session.add(worker)
+            worker.name = request.name or worker_id[:8]
+            worker.institution = request.institution or "independent"
+            worker.device = request.device or "unknown"
+            worker.last_seen = now
+        return pb.RegisterReply(worker_id=worker_id, run_id=self._run_config.run_id)
+
+    def get_run_config(self, request: pb.GetRunConfigRequest) -> pb.RunConfig:
+        return self._run_config
+
+    def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
+        return pb.HeartbeatReply(
+            live_workers=self._scheduler.live_workers(within_seconds=3 * self._run.heartbeat_seconds),
+            current_round=self._scheduler.current_round(),
+        )
+
+    def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
+        if self._scheduler.run_complete(request.round):
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.RUN_COMPLETE)
+        max_tokens = min(request.max_tokens, self._run.tokens_per_round)
+        grant = self._scheduler.acquire(request.auth.worker_id, max_tokens, request.round)
+        if grant is None:
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.POOL_EMPTY)
+        lease, shard = grant.lease, grant.shard
+        return pb.AcquireLeaseReply(
+            status=pb.AcquireLeaseReply.GRANTED,
+            lease=pb.Lease(
+                lease_id=lease.id, shard_id=shard.id, shard_file=shard.file, shard_sha256=shard.sha256,
+                shard_tokens=shard.tokens, dtype=shard.dtype, start=lease.start, end=lease.end,
+                round=lease.round, deadline_ms=int(lease.deadline * 1000),
+            ),
+        )
+
+    def complete_lease(self, request: pb.CompleteLeaseRequest) -> pb.CompleteLeaseReply:
+        lineage_id = self._scheduler.complete(
+            request.auth.worker_id,
+            Completion(
+                lease_id=request.lease_id, tokens_consumed=request.tokens_consumed, loss=request.loss,
+                pseudo_gradient_digest=request.pseudo_gradient_digest, round=request.round,
+                group_size=request.group_size,
+            ),
+        )
+        return pb.CompleteLeaseReply(lineage_id=lineage_id)
+
+    def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
+        self._scheduler.release(request.auth.worker_id, request.lease_id)
+        return pb.ReleaseLeaseReply()

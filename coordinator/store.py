@@ -1,0 +1,168 @@
+"""The coordinator's state in SQL (SQLAlchemy 2): SQLite by default, any URL SQLAlchemy knows.
+
+Everything the coordinator knows lives here, so the process can be killed and
+restarted. Token accounting works on `TokenRange` rows: for each shard and epoch
+the ranges tile [0, tokens) exactly, each one in the pool, leased or trained.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy import ForeignKey, Index, LargeBinary, String, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from model.shards import Manifest
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Run-level facts (run id, corpus root hash) that must not change across restarts."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    name: Mapped[str] = mapped_column(String(128))
+    institution: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(128))
+    registered_at: Mapped[float]
+    last_seen: Mapped[float]
+    last_round: Mapped[int] = mapped_column(default=0)
+    last_loss: Mapped[float | None] = mapped_column(default=None)
+    tokens_per_second: Mapped[float] = mapped_column(default=0.0)
+
+
+class Shard(Base):
+    __tablename__ = "shards"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    file: Mapped[str] = mapped_column(String(256))
+    sha256: Mapped[str] = mapped_column(String(64))
+    tokens: Mapped[int]
+    dtype: Mapped[str] = mapped_column(String(16))
+    language: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(128))
+    licence: Mapped[str] = mapped_column(String(256))
+
+
+class TokenRange(Base):
+    __tablename__ = "token_ranges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    epoch: Mapped[int]
+    start: Mapped[int]
+    end: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16))  # pool | leased | trained
+    __table_args__ = (Index("ix_ranges_state_order", "state", "epoch", "shard_id", "start"),)
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    range_id: Mapped[int] = mapped_column(ForeignKey("token_ranges.id"))
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    epoch: Mapped[int]
+    start: Mapped[int]
+    end: Mapped[int]
+    round: Mapped[int]
+    attempt: Mapped[int]  # how many times this range's start was leased before, plus one
+    state: Mapped[str] = mapped_column(String(16))  # granted | completed | released | expired
+    deadline: Mapped[float]
+    granted_at: Mapped[float]
+    finished_at: Mapped[float | None] = mapped_column(default=None)
+    tokens_consumed: Mapped[int] = mapped_column(default=0)
+    __table_args__ = (Index("ix_leases_state_deadline", "state", "deadline"),)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    number: Mapped[int] = mapped_column(primary_key=True)
+    first_report_at: Mapped[float]
+    reports: Mapped[int] = mapped_column(default=0)
+    tokens: Mapped[int] = mapped_column(default=0)
+    loss_sum: Mapped[float] = mapped_column(default=0.0)
+    max_group_size: Mapped[int] = mapped_column(default=0)
+
+
+class LineageRecord(Base):
+    """Which tokens were trained, by whom, in which round, under which config."""
+
+    __tablename__ = "lineage"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round: Mapped[int]
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
+    institution: Mapped[str] = mapped_column(String(128))
+    lease_id: Mapped[int] = mapped_column(ForeignKey("leases.id"), unique=True)
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    epoch: Mapped[int]
+    start: Mapped[int]
+    end: Mapped[int]
+    loss: Mapped[float]
+    pseudo_gradient_digest: Mapped[str] = mapped_column(String(64))
+    config_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float]
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def open_engine(database_url: str) -> Engine:
+    engine = create_engine(database_url)
+    if engine.dialect.name == "sqlite":
+        # WAL lets readers (status, tests) look while the coordinator writes;
+        # the busy timeout makes concurrent writers wait instead of failing.
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def load_manifest(sessions: sessionmaker[Session], manifest: Manifest) -> None:
+    """Put the corpus into the store once; refuse to mix two corpora in one database."""
+    root = manifest.root_hash()
+    with sessions.begin() as session:
+        known = session.get(Meta, "corpus_root_hash")
+        if known is not None:
+            if known.value != root:
+                raise ValueError(
+                    f"this database already holds corpus {known.value[:12]}, not {root[:12]}: "
+                    "use a fresh database (--database) for a new corpus"
+                )
+            return
+        session.add(Meta(key="corpus_root_hash", value=root))
+        session.add(Meta(key="created_at", value=str(time.time())))
+        for info in manifest.shards:
+            session.add(
+                Shard(
+                    id=info.shard_id, file=info.file, sha256=info.sha256, tokens=info.tokens,
+                    dtype=info.dtype, language=info.language, source=info.source, licence=info.licence,
+                )
+            )
+            session.add(TokenRange(shard_id=info.shard_id, epoch=0, start=0, end=info.tokens, state="pool"))
+
+
+def meta_value(session: Session, key: str) -> str | None:
+    row = session.scalar(select(Meta).where(Meta.key == key))
+    return row.value if row else None

@@ -1,0 +1,1 @@
+"""The `essaim` command: wires the roles (coordinator, worker, data, demo) together."""

@@ -1,0 +1,3 @@
+from essaim.cli import app
+
+app()

@@ -1,0 +1,120 @@
+"""The `essaim` command line. Each command parses options, then calls into its role's package."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Essaim: train open language models together.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
+coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator.")
+worker_app = typer.Typer(no_args_is_help=True, help="Contribute compute as a worker.")
+app.add_typer(data_app, name="data")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(worker_app, name="worker")
+
+DEFAULT_STATE_DIR = Path.home() / ".essaim"
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    corpus: Path = typer.Argument(..., help="Corpus TOML: [[source]] name, language, licence, paths."),
+    out: Path = typer.Option(..., "--out", help="Directory for shards, manifest.json and tokenizer/."),
+    vocab_size: int = typer.Option(4096, help="BPE vocabulary size."),
+    shard_tokens: int = typer.Option(1 << 20, help="Most tokens per shard."),
+) -> None:
+    """Train a tokenizer and turn text into token shards with a manifest."""
+    from model.corpus import load_corpus_config, prepare_corpus
+
+    try:
+        manifest = prepare_corpus(load_corpus_config(corpus), out, vocab_size, shard_tokens)
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+    total = sum(shard.tokens for shard in manifest.shards)
+    typer.echo(f"{len(manifest.shards)} shards, {total} tokens, corpus {manifest.root_hash()[:16]} in {out}")
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    data: Path = typer.Option(..., "--data", help="A prepared corpus directory (essaim data prepare)."),
+    database: str = typer.Option("", help="SQLAlchemy URL; default: SQLite file coordinator.db in --data."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(50051, help="0 picks a free port (see --ready-file)."),
+    run: Path | None = typer.Option(None, "--run", help="Run settings TOML (keys of RunSettings)."),
+    ready_file: Path | None = typer.Option(None, help="Write {address, run_id} JSON here once serving."),
+    verbose: bool = typer.Option(True),
+) -> None:
+    """Serve leases, rounds and the run config over gRPC until SIGTERM/SIGINT."""
+    from pydantic import ValidationError
+
+    from coordinator.config import CoordinatorSettings, RunSettings, load_run_settings
+    from coordinator.server import serve
+    from coordinator.store import sqlite_url
+
+    _logging(verbose)
+    try:
+        settings = CoordinatorSettings(
+            data_dir=data,
+            database_url=database or sqlite_url(data / "coordinator.db"),
+            host=host,
+            port=port,
+            run=load_run_settings(run) if run else RunSettings(),
+        )
+        serve(settings, ready_file)
+    except (ValueError, ValidationError, FileNotFoundError) as error:
+        _fail(str(error))
+
+
+@worker_app.command("join")
+def worker_join(
+    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
+    identity: Path = typer.Option(DEFAULT_STATE_DIR / "worker.key", help="Ed25519 key (created if missing)."),
+    name: str = typer.Option("", help="Worker name shown to others (default: id prefix)."),
+    institution: str = typer.Option("independent"),
+    host: str = typer.Option("127.0.0.1", help="Address the hivemind peer listens on."),
+    data: Path | None = typer.Option(None, "--data", help="Local copy of the shards (default: coordinator's)."),
+    checkpoint_dir: Path | None = typer.Option(None, help="Save the final model here (Hugging Face format)."),
+    verbose: bool = typer.Option(True),
+) -> None:
+    """Join a run: lease shards, train DiLoCo rounds with peers, report."""
+    from model.shards import ShardIntegrityError
+    from worker.agent import WorkerOptions, run_worker
+    from worker.client import CoordinatorRefused, CoordinatorUnreachable
+
+    _logging(verbose)
+    options = WorkerOptions(
+        coordinator=coordinator, identity_path=identity, name=name, institution=institution,
+        host=host, data_dir=data, checkpoint_dir=checkpoint_dir,
+    )
+    try:
+        raise typer.Exit(code=run_worker(options))
+    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, ValueError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("essaim-demo"), help="Where the corpus, database, logs and checkpoint go."),
+    workers: int = typer.Option(3, min=1, max=8),
+    rounds: int = typer.Option(6, min=1),
+) -> None:
+    """Prepare a sample corpus, train the tiny model with a coordinator and workers on 127.0.0.1."""
+    from essaim.demo import DemoSettings, run_demo
+
+    raise typer.Exit(code=run_demo(DemoSettings(workdir=workdir, workers=workers, rounds=rounds)))

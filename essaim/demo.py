@@ -1,0 +1,185 @@
+"""`essaim demo`: a whole run on 127.0.0.1 in a few minutes, with nothing left running.
+
+Sample corpus -> token shards -> a coordinator (SQLite) and N workers as separate
+process groups -> DiLoCo rounds shown live -> a Hugging Face checkpoint -> a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from coordinator import reports
+from coordinator.store import open_engine, session_factory, sqlite_url
+from essaim.processes import kill_group, start_role, stop_group
+from model.corpus import load_corpus_config, prepare_corpus
+from model.sample_corpus import write_sample_corpus
+from model.shards import Manifest, read_tokens
+
+INSTITUTIONS = ["Université Paris-Saclay", "GENCI Jean Zay", "volunteer", "Inria", "volunteer"]
+EVAL_TOKENS = 16 * 128
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: Path
+    workers: int = 3
+    rounds: int = 6
+    vocab_size: int = 4096
+    inner_steps: int = 20
+    startup_timeout_seconds: float = 120.0
+    run_timeout_seconds: float = 600.0
+
+
+def run_settings_toml(settings: DemoSettings) -> str:
+    return "\n".join(
+        [
+            'model_preset = "tiny"',
+            f"total_rounds = {settings.rounds}",
+            f"target_group_size = {settings.workers}",
+            f"inner_steps = {settings.inner_steps}",
+            "batch_size = 8",
+            "seq_len = 128",
+            "inner_lr = 0.002",
+            "matchmaking_seconds = 2.0",
+            "averaging_timeout_seconds = 60.0",
+            "heartbeat_seconds = 2",
+            "",
+        ]
+    )
+
+
+def run_demo(settings: DemoSettings) -> int:
+    console = Console()
+    workdir = settings.workdir.resolve()
+    for stale in ("data", "logs", "keys", "checkpoint", "run.toml", "ready.json"):
+        path = workdir / stale
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    with console.status("Preparing the sample corpus (French, English, code) and training a tokenizer..."):
+        corpus_toml = write_sample_corpus(workdir / "corpus-text")
+        manifest = prepare_corpus(load_corpus_config(corpus_toml), workdir / "data", settings.vocab_size, 1 << 16)
+    console.print(
+        f"corpus {manifest.root_hash()[:16]}: {len(manifest.shards)} shards, "
+        f"{sum(s.tokens for s in manifest.shards):,} tokens"
+    )
+    (workdir / "run.toml").write_text(run_settings_toml(settings))
+
+    coordinator = start_role(
+        ["coordinator", "serve", "--data", str(workdir / "data"), "--port", "0",
+         "--run", str(workdir / "run.toml"), "--ready-file", str(workdir / "ready.json")],
+        workdir / "logs" / "coordinator.log",
+    )
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        address = _wait_for_ready(coordinator, workdir, settings.startup_timeout_seconds)
+        console.print(f"coordinator on {address}; starting {settings.workers} workers")
+        for index in range(settings.workers):
+            args = ["worker", "join", "--coordinator", address, "--name", f"worker-{index}",
+                    "--institution", INSTITUTIONS[index % len(INSTITUTIONS)],
+                    "--identity", str(workdir / "keys" / f"worker-{index}.key")]
+            if index == 0:
+                args += ["--checkpoint-dir", str(workdir / "checkpoint")]
+            workers.append(start_role(args, workdir / "logs" / f"worker-{index}.log"))
+        sessions = session_factory(open_engine(sqlite_url(workdir / "data" / "coordinator.db")))
+        _show_progress(console, sessions, workers, settings)
+        failed = [i for i, w in enumerate(workers) if w.returncode != 0]
+    finally:
+        for process in workers:
+            stop_group(process)
+        stop_group(coordinator)
+    if failed:
+        console.print(f"[red]workers {failed} failed: see {workdir / 'logs'}")
+        return 1
+    _print_summary(console, sessions, manifest, workdir, settings)
+    return 0
+
+
+def _wait_for_ready(coordinator: subprocess.Popen[bytes], workdir: Path, timeout: float) -> str:
+    ready, deadline = workdir / "ready.json", time.monotonic() + timeout
+    while not ready.exists():
+        if coordinator.poll() is not None or time.monotonic() > deadline:
+            kill_group(coordinator)
+            log = (workdir / "logs" / "coordinator.log").read_text()[-2000:]
+            raise RuntimeError(f"the coordinator did not start:\n{log}")
+        time.sleep(0.2)
+    return json.loads(ready.read_text())["address"]
+
+
+def _show_progress(console: Console, sessions, workers: list[subprocess.Popen[bytes]], settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + settings.run_timeout_seconds
+    started = time.monotonic()
+    with Live(console=console, refresh_per_second=2) as live:
+        while any(w.poll() is None for w in workers):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo run took longer than {settings.run_timeout_seconds:.0f} s")
+            live.update(_progress_view(sessions, settings, time.monotonic() - started))
+            time.sleep(0.5)
+        live.update(_progress_view(sessions, settings, time.monotonic() - started))
+
+
+def _progress_view(sessions, settings: DemoSettings, elapsed: float) -> Group:  # type: ignore[no-untyped-def]
+    done = reports.rounds(sessions)
+    last = done[-1] if done else None
+    header = (
+        f"[bold]DiLoCo round {len(done)}/{settings.rounds}[/bold]  elapsed {elapsed:5.1f} s  "
+        + (f"last round: loss {last.mean_loss:.3f}, {last.max_group_size} peers averaged" if last else "warming up")
+    )
+    table = Table("worker", "institution", "round", "loss", "tokens/s", "tokens trained")
+    for worker in reports.worker_progress(sessions):
+        loss = f"{worker.loss:.3f}" if worker.loss is not None else "-"
+        table.add_row(worker.name, worker.institution, str(worker.round), loss,
+                      f"{worker.tokens_per_second:,.0f}", f"{worker.tokens_trained:,}")
+    return Group(header, table)
+
+
+def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path, settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.evaluate import mean_loss
+    from model.presets import build_model
+
+    done = reports.rounds(sessions)
+    table = Table("round", "workers", "peers averaged", "tokens", "mean loss", title="Rounds")
+    for r in done:
+        table.add_row(str(r.number), str(r.reports), str(r.max_group_size), f"{r.tokens:,}", f"{r.mean_loss:.3f}")
+    console.print(table)
+    for field in ("language", "source", "licence"):
+        by = reports.tokens_by_shard_field(sessions, field)
+        console.print(f"tokens by {field}: " + ", ".join(f"{k} {v:,}" for k, v in by.items()))
+    per_worker = {w.name: w.tokens_trained for w in reports.worker_progress(sessions)}
+    console.print("tokens by worker: " + ", ".join(f"{k} {v:,}" for k, v in per_worker.items()))
+
+    checkpoint = workdir / "checkpoint"
+    trained = AutoModelForCausalLM.from_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(checkpoint)  # proves the tokenizer was saved alongside
+    initial = build_model("tiny", manifest.vocab_size, seed=0)
+    sample = _eval_sample(manifest, workdir / "data")
+    before, after = mean_loss(initial, sample, 128), mean_loss(trained, sample, 128)
+    console.print(
+        f"loss on a fixed corpus sample: {before:.3f} before, {after:.3f} after "
+        f"{len(done)} rounds (mean training loss {done[0].mean_loss:.3f} -> {done[-1].mean_loss:.3f})"
+    )
+    console.print(f"checkpoint (Hugging Face format): {checkpoint}")
+
+
+def _eval_sample(manifest: Manifest, data_dir: Path) -> torch.Tensor:
+    """The first tokens of each language's first shard: a fixed, mixed sample."""
+    parts, seen = [], set()
+    for shard in manifest.shards:
+        if shard.language in seen:
+            continue
+        seen.add(shard.language)
+        end = min(shard.tokens, EVAL_TOKENS // 3 // 128 * 128)
+        parts.append(torch.from_numpy(read_tokens(data_dir / shard.file, shard.dtype, 0, end)))
+    return torch.cat(parts)

@@ -1,0 +1,1 @@
+"""The wire between coordinator and workers: gRPC service, identities, signed requests."""

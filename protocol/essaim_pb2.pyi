@@ -1,0 +1,204 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RequestAuth(_message.Message):
+    __slots__ = ("worker_id", "timestamp_ms", "nonce", "signature")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    timestamp_ms: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("auth", "public_key", "name", "institution", "device")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    public_key: bytes
+    name: str
+    institution: str
+    device: str
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("worker_id", "run_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    run_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class GetRunConfigRequest(_message.Message):
+    __slots__ = ("auth",)
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
+
+class RunConfig(_message.Message):
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INNER_LR_FIELD_NUMBER: _ClassVar[int]
+    OUTER_LR_FIELD_NUMBER: _ClassVar[int]
+    OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MATCHMAKING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    DHT_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_ROOT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_DIR_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_preset: str
+    vocab_size: int
+    seed: int
+    seq_len: int
+    batch_size: int
+    inner_steps: int
+    inner_lr: float
+    outer_lr: float
+    outer_momentum: float
+    total_rounds: int
+    target_group_size: int
+    matchmaking_seconds: float
+    averaging_timeout_seconds: float
+    lease_seconds: int
+    heartbeat_seconds: int
+    initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    dht_prefix: str
+    tokenizer_json: bytes
+    tokenizer_sha256: str
+    corpus_root_hash: str
+    shard_dir: str
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("auth", "round", "loss", "tokens_per_second")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    round: int
+    loss: float
+    tokens_per_second: float
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("live_workers", "current_round")
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    live_workers: int
+    current_round: int
+    def __init__(self, live_workers: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("lease_id", "shard_id", "shard_file", "shard_sha256", "shard_tokens", "dtype", "start", "end", "round", "deadline_ms")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FILE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SHARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    shard_id: str
+    shard_file: str
+    shard_sha256: str
+    shard_tokens: int
+    dtype: str
+    start: int
+    end: int
+    round: int
+    deadline_ms: int
+    def __init__(self, lease_id: _Optional[int] = ..., shard_id: _Optional[str] = ..., shard_file: _Optional[str] = ..., shard_sha256: _Optional[str] = ..., shard_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., round: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class AcquireLeaseRequest(_message.Message):
+    __slots__ = ("auth", "max_tokens", "round")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    max_tokens: int
+    round: int
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., max_tokens: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class AcquireLeaseReply(_message.Message):
+    __slots__ = ("status", "lease")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        GRANTED: _ClassVar[AcquireLeaseReply.Status]
+        POOL_EMPTY: _ClassVar[AcquireLeaseReply.Status]
+        RUN_COMPLETE: _ClassVar[AcquireLeaseReply.Status]
+    GRANTED: AcquireLeaseReply.Status
+    POOL_EMPTY: AcquireLeaseReply.Status
+    RUN_COMPLETE: AcquireLeaseReply.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    status: AcquireLeaseReply.Status
+    lease: Lease
+    def __init__(self, status: _Optional[_Union[AcquireLeaseReply.Status, str]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
+class CompleteLeaseRequest(_message.Message):
+    __slots__ = ("auth", "lease_id", "tokens_consumed", "loss", "pseudo_gradient_digest", "round", "group_size")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_GRADIENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    lease_id: int
+    tokens_consumed: int
+    loss: float
+    pseudo_gradient_digest: str
+    round: int
+    group_size: int
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., lease_id: _Optional[int] = ..., tokens_consumed: _Optional[int] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., round: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
+
+class CompleteLeaseReply(_message.Message):
+    __slots__ = ("lineage_id",)
+    LINEAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    lineage_id: int
+    def __init__(self, lineage_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("auth", "lease_id", "reason")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    lease_id: int
+    reason: str
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., lease_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseLeaseReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,144 @@
+"""Leases, rounds and the accounting invariant, on a real SQLite store."""
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from coordinator.accounting import accounting_problems
+from coordinator.scheduler import Completion, LeaseError, Scheduler
+from coordinator.store import Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url
+from model.shards import Manifest, ShardInfo
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def shard(shard_id: str, tokens: int, language: str = "fr") -> ShardInfo:
+    return ShardInfo(shard_id, f"{shard_id}.bin", "0" * 64, tokens, "uint16", language, "src", "CC0-1.0")
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    sessions = session_factory(open_engine(sqlite_url(tmp_path / "c.db")))
+    load_manifest(sessions, Manifest(1000, "t" * 64, [shard("a", 100), shard("b", 50, "en")]))
+    with sessions.begin() as session:
+        for name in ("w1", "w2"):
+            session.add(Worker(id=name, public_key=b"k" * 32, name=name, institution=f"inst-{name}",
+                               device="cpu", registered_at=0.0, last_seen=0.0))
+    return sessions
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def scheduler(store, clock: Clock) -> Scheduler:
+    return Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock)
+
+
+def done(lease_id: int, tokens: int, round_number: int = 0) -> Completion:
+    return Completion(lease_id, tokens, loss=2.0, pseudo_gradient_digest="d" * 64, round=round_number, group_size=2)
+
+
+def test_leases_cut_ranges_in_shard_order_without_overlap(scheduler: Scheduler, store) -> None:
+    first = scheduler.acquire("w1", 40, 0).lease
+    second = scheduler.acquire("w2", 40, 0).lease
+    third = scheduler.acquire("w1", 40, 0).lease
+    fourth = scheduler.acquire("w2", 40, 0).lease
+    assert [(l.shard_id, l.start, l.end) for l in (first, second, third, fourth)] == [
+        ("a", 0, 40), ("a", 40, 80), ("a", 80, 100), ("b", 0, 40)
+    ]
+    assert accounting_problems(store) == []
+
+
+def test_completing_part_of_a_lease_returns_the_rest_to_the_pool(scheduler: Scheduler, store) -> None:
+    lease = scheduler.acquire("w1", 60, 0).lease
+    lineage_id = scheduler.complete("w1", done(lease.id, 25))
+    with store() as session:
+        record = session.get(LineageRecord, lineage_id)
+        assert (record.shard_id, record.start, record.end, record.institution) == ("a", 0, 25, "inst-w1")
+    follow_up = scheduler.acquire("w2", 1000, 1).lease
+    assert (follow_up.shard_id, follow_up.start, follow_up.end) == ("a", 25, 60)
+    assert accounting_problems(store) == []
+
+
+def test_an_expired_lease_goes_back_to_the_pool_and_is_reissued(scheduler: Scheduler, store, clock: Clock) -> None:
+    lease = scheduler.acquire("w1", 30, 0).lease
+    clock.now += 31
+    assert scheduler.expire_overdue() == 1
+    again = scheduler.acquire("w2", 30, 0).lease
+    assert (again.start, again.end, again.attempt) == (lease.start, lease.end, 2)
+    with pytest.raises(LeaseError, match="expired"):
+        scheduler.complete("w1", done(lease.id, 30))
+    assert accounting_problems(store) == []
+
+
+def test_heartbeats_keep_a_lease_alive(scheduler: Scheduler, clock: Clock) -> None:
+    lease = scheduler.acquire("w1", 30, 0).lease
+    for _ in range(4):
+        clock.now += 20
+        scheduler.heartbeat("w1", 0, 2.0, 100.0)
+    assert scheduler.expire_overdue() == 0
+    scheduler.complete("w1", done(lease.id, 30))
+
+
+def test_released_lease_is_reissued_whole(scheduler: Scheduler, store) -> None:
+    lease = scheduler.acquire("w1", 30, 0).lease
+    scheduler.release("w1", lease.id)
+    again = scheduler.acquire("w2", 30, 0).lease
+    assert (again.start, again.end) == (0, 30)
+    assert accounting_problems(store) == []
+
+
+def test_refused_completions_change_nothing(scheduler: Scheduler, store) -> None:
+    lease = scheduler.acquire("w1", 30, 0).lease
+    with store() as session:
+        before = [(r.start, r.end, r.state) for r in session.scalars(select(TokenRange).order_by(TokenRange.id))]
+    with pytest.raises(LeaseError, match="another worker"):
+        scheduler.complete("w2", done(lease.id, 30))
+    with pytest.raises(LeaseError, match="tokens_consumed must be in 1..30"):
+        scheduler.complete("w1", done(lease.id, 31))
+    with pytest.raises(LeaseError, match="no lease 999"):
+        scheduler.complete("w1", done(999, 1))
+    with store() as session:
+        after = [(r.start, r.end, r.state) for r in session.scalars(select(TokenRange).order_by(TokenRange.id))]
+        assert session.scalars(select(LineageRecord)).all() == []
+        assert session.get(Lease, lease.id).state == "granted"
+    assert after == before
+
+
+def test_a_fully_trained_epoch_opens_the_next(scheduler: Scheduler, store) -> None:
+    for _ in range(2):
+        lease = scheduler.acquire("w1", 1000, 0).lease
+        scheduler.complete("w1", done(lease.id, lease.end - lease.start))
+    nxt = scheduler.acquire("w1", 1000, 1).lease
+    assert (nxt.epoch, nxt.shard_id, nxt.start) == (1, "a", 0)
+    assert accounting_problems(store) == []
+
+
+def test_rounds_advance_with_reports(scheduler: Scheduler) -> None:
+    assert scheduler.current_round() == 0
+    lease = scheduler.acquire("w1", 10, 0).lease
+    scheduler.complete("w1", done(lease.id, 10, round_number=0))
+    assert scheduler.current_round() == 1
+    assert not scheduler.run_complete(4) and scheduler.run_complete(5)
+
+
+def test_accounting_detects_a_lost_range(scheduler: Scheduler, store) -> None:
+    scheduler.acquire("w1", 30, 0)
+    with store.begin() as session:
+        session.delete(session.scalars(select(TokenRange).where(TokenRange.state == "pool")).first())
+    assert accounting_problems(store) == ["shard a epoch 0: ranges end at 30, shard has 100"]
+
+
+def test_a_second_corpus_is_refused_by_the_same_database(store) -> None:
+    with pytest.raises(ValueError, match="fresh database"):
+        load_manifest(store, Manifest(1000, "t" * 64, [shard("c", 10)]))

@@ -1,0 +1,1 @@
+"""The worker agent: join, lease, train DiLoCo rounds with peers, report."""

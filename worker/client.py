@@ -1,0 +1,99 @@
+"""A signed, retrying client for the coordinator's gRPC service."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from protocol import essaim_pb2 as pb
+from protocol import essaim_pb2_grpc
+from protocol.auth import sign_request
+from protocol.identity import Identity
+from protocol.limits import GRPC_OPTIONS
+
+Reply = TypeVar("Reply", bound=Message)
+
+# Transient: the coordinator is restarting or the network hiccupped.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class CoordinatorUnreachable(Exception):
+    pass
+
+
+class CoordinatorRefused(Exception):
+    """The coordinator answered with an error: its message says what is wrong."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"coordinator refused {method} ({code.name}): {details}")
+        self.code = code
+        self.details = details
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, identity: Identity, retry_seconds: float = 60.0, call_timeout: float = 10.0):
+        self.address = address
+        self.identity = identity
+        self.retry_seconds = retry_seconds
+        self.call_timeout = call_timeout
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub = essaim_pb2_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def register(self, name: str, institution: str, device: str) -> pb.RegisterReply:
+        return self._call(
+            "Register",
+            lambda: pb.RegisterRequest(
+                public_key=self.identity.public_key, name=name, institution=institution, device=device
+            ),
+        )
+
+    def run_config(self) -> pb.RunConfig:
+        return self._call("GetRunConfig", pb.GetRunConfigRequest)
+
+    def heartbeat(self, round_number: int, loss: float, tokens_per_second: float) -> pb.HeartbeatReply:
+        return self._call(
+            "Heartbeat",
+            lambda: pb.HeartbeatRequest(round=round_number, loss=loss, tokens_per_second=tokens_per_second),
+        )
+
+    def acquire_lease(self, max_tokens: int, round_number: int) -> pb.AcquireLeaseReply:
+        return self._call("AcquireLease", lambda: pb.AcquireLeaseRequest(max_tokens=max_tokens, round=round_number))
+
+    def complete_lease(self, request: pb.CompleteLeaseRequest) -> pb.CompleteLeaseReply:
+        return self._call("CompleteLease", lambda: _copy(request))
+
+    def release_lease(self, lease_id: int, reason: str) -> pb.ReleaseLeaseReply:
+        return self._call("ReleaseLease", lambda: pb.ReleaseLeaseRequest(lease_id=lease_id, reason=reason))
+
+    def _call(self, method: str, make_request: Callable[[], Message]) -> Reply:
+        """Sign a fresh request per attempt (a retried request must not look like a replay)."""
+        rpc = getattr(self._stub, method)
+        give_up_at = time.monotonic() + self.retry_seconds
+        delay = 0.2
+        while True:
+            request = sign_request(method, make_request(), self.identity)
+            try:
+                return rpc(request, timeout=self.call_timeout)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code not in RETRYABLE:
+                    raise CoordinatorRefused(method, code, error.details()) from None
+                if time.monotonic() + delay > give_up_at:
+                    raise CoordinatorUnreachable(
+                        f"no coordinator answers at {self.address} (tried for {self.retry_seconds:.0f} s: "
+                        f"{error.details()}); check the address and that `essaim coordinator serve` is running"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _copy(message: Message) -> Message:
+    duplicate = type(message)()
+    duplicate.CopyFrom(message)
+    return duplicate
