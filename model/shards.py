@@ -1,0 +1,200 @@
+"""Token shards and the manifest that names them.
+
+A shard is an immutable flat file of little-endian token ids (no header, so any
+tool can read it as a raw array). The manifest records each shard's sha256, token
+count and provenance (language, source, licence); its root hash names the corpus
+in a run's genesis. A shard is verified against the manifest before training on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+# Explicit little-endian dtypes: shards move between machines.
+_NUMPY_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_FIX_HINT = "re-run `essaim data prepare` or restore the file"
+
+
+class ShardIntegrityError(Exception):
+    """A shard file is missing or does not match its manifest entry."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest shard dtype that holds every token id of the vocabulary."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def _numpy_dtype(dtype: str) -> np.dtype:
+    try:
+        return _NUMPY_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"unknown shard dtype {dtype!r}: use one of {', '.join(_NUMPY_DTYPES)}"
+        ) from None
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in chunks so large shards need little memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory then ``os.replace``: readers see
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_shard(tokens: np.ndarray, path: Path, dtype: str) -> str:
+    """Write ``tokens`` as a shard file and return its sha256."""
+    np_dtype = _numpy_dtype(dtype)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"a shard holds a flat array of token ids, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np_dtype).max):
+        raise ValueError(
+            f"token ids span [{tokens.min()}, {tokens.max()}], which does not fit {dtype}: "
+            "use token_dtype(vocab_size) to choose the dtype"
+        )
+    data = tokens.astype(np_dtype).tobytes()
+    _atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_shard(path: Path, expected_sha256: str, expected_tokens: int, dtype: str) -> None:
+    """Raise ``ShardIntegrityError`` unless the file has the expected size and sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardIntegrityError(f"shard file {path} is missing: {_FIX_HINT}")
+    expected_size = expected_tokens * _numpy_dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != expected_size:
+        raise ShardIntegrityError(
+            f"shard file {path} has {size} bytes, expected {expected_size} "
+            f"({expected_tokens} {dtype} tokens): it is truncated or replaced; {_FIX_HINT}"
+        )
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise ShardIntegrityError(
+            f"shard file {path} is corrupted: sha256 {actual}, expected {expected_sha256}; "
+            f"{_FIX_HINT}"
+        )
+
+
+def read_tokens(path: Path, dtype: str, start: int, end: int) -> np.ndarray:
+    """Tokens ``[start, end)`` of a shard as int64 (the dtype torch embeddings take)."""
+    np_dtype = _numpy_dtype(dtype)
+    n_tokens = Path(path).stat().st_size // np_dtype.itemsize
+    if not 0 <= start <= end <= n_tokens:
+        raise ValueError(
+            f"token range [{start}, {end}) is outside shard {path}, which holds {n_tokens} tokens"
+        )
+    with open(path, "rb") as f:
+        f.seek(start * np_dtype.itemsize)
+        tokens = np.fromfile(f, dtype=np_dtype, count=end - start)
+    return tokens.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard's manifest entry. ``file`` is relative to the manifest's directory."""
+
+    shard_id: str
+    file: str
+    sha256: str
+    tokens: int
+    dtype: str
+    language: str
+    source: str
+    licence: str
+
+
+@dataclass
+class Manifest:
+    """The catalog of a prepared corpus: tokenizer identity plus every shard."""
+
+    vocab_size: int
+    tokenizer_sha256: str
+    shards: list[ShardInfo]
+
+    def root_hash(self) -> str:
+        """sha256 naming the corpus: any change to a shard entry or the tokenizer changes it."""
+        entries = [asdict(s) for s in sorted(self.shards, key=lambda s: s.shard_id)]
+        canonical = json.dumps(
+            {"tokenizer_sha256": self.tokenizer_sha256, "shards": entries},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def save(self, path: Path) -> None:
+        document = {
+            "vocab_size": self.vocab_size,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            # For people comparing with a run's genesis; checked again on load.
+            "root_hash": self.root_hash(),
+            "shards": [asdict(s) for s in self.shards],
+        }
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        _atomic_write_bytes(path, text.encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        path = Path(path)
+        hint = "re-run `essaim data prepare` to write it"
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no corpus manifest at {path}: {hint}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corpus manifest {path} is not valid JSON ({e}): {hint}") from None
+        try:
+            shard_fields = {f.name for f in fields(ShardInfo)}
+            shards = []
+            for entry in document["shards"]:
+                if set(entry) != shard_fields:
+                    raise ValueError(f"shard entry has fields {sorted(entry)}")
+                shard = ShardInfo(**entry)
+                _numpy_dtype(shard.dtype)
+                shards.append(shard)
+            manifest = cls(
+                vocab_size=int(document["vocab_size"]),
+                tokenizer_sha256=str(document["tokenizer_sha256"]),
+                shards=shards,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"corpus manifest {path} is malformed ({type(e).__name__}: {e}): {hint}"
+            ) from None
+        ids = [s.shard_id for s in shards]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"corpus manifest {path} lists a shard id twice: {hint}")
+        stored = document.get("root_hash")
+        if stored is not None and stored != manifest.root_hash():
+            raise ValueError(
+                f"corpus manifest {path} was edited after it was written: its entries hash to "
+                f"{manifest.root_hash()}, not the recorded root_hash {stored}; {hint}"
+            )
+        return manifest

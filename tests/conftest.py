@@ -1,0 +1,71 @@
+"""Shared fixtures: a small prepared corpus and real coordinator processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from coordinator.store import open_engine, session_factory, sqlite_url
+from essaim.processes import kill_group, start_role, stop_group
+from model.corpus import load_corpus_config, prepare_corpus
+from model.sample_corpus import write_sample_corpus
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~40k tokens of French, English and code, 512-token vocabulary, 4k-token shards."""
+    root = tmp_path_factory.mktemp("corpus")
+    config = write_sample_corpus(root / "text", chars_per_language=40_000)
+    prepare_corpus(load_corpus_config(config), root / "data", vocab_size=512, shard_tokens=4096)
+    return root / "data"
+
+
+@dataclass
+class CoordinatorProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+    database_url: str
+    log: Path
+
+    def sessions(self):  # type: ignore[no-untyped-def]
+        return session_factory(open_engine(self.database_url))
+
+
+def wait_for_file(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{process.args} did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[..., CoordinatorProcess]]:
+    """Start `essaim coordinator serve` with run settings given as keyword arguments."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(**run_settings: object) -> CoordinatorProcess:
+        run_file = tmp_path / "run.toml"
+        run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_settings.items()))
+        database_url = sqlite_url(tmp_path / "coordinator.db")
+        ready, log = tmp_path / "ready.json", tmp_path / "coordinator.log"
+        process = start_role(
+            ["coordinator", "serve", "--data", str(corpus_dir), "--database", database_url, "--port", "0",
+             "--run", str(run_file), "--ready-file", str(ready)],
+            log,
+        )
+        started.append(process)
+        wait_for_file(ready, process, log)
+        return CoordinatorProcess(process, json.loads(ready.read_text())["address"], database_url, log)
+
+    yield start
+    for process in started:
+        stop_group(process)
+        if process.poll() is None:
+            kill_group(process)

@@ -1,0 +1,85 @@
+"""Refusals over real gRPC: a coordinator process, requests built by hand."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from coordinator.store import Lease, Worker
+from protocol import essaim_pb2 as pb
+from protocol import essaim_pb2_grpc
+from protocol.auth import sign_request
+from protocol.identity import Identity
+from worker.client import CoordinatorClient
+
+
+@pytest.fixture
+def coordinator(start_coordinator):
+    return start_coordinator(lease_seconds=30)
+
+
+def refusal(call, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=5)
+    return caught.value
+
+
+def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -> None:
+    channel = grpc.insecure_channel(coordinator.address)
+    stub = essaim_pb2_grpc.CoordinatorStub(channel)
+    honest = Identity.generate()
+    client = CoordinatorClient(coordinator.address, honest)
+    client.register("honest", "Inria", "cpu")
+    assert client.run_config().vocab_size == 512
+
+    unsigned = pb.AcquireLeaseRequest(max_tokens=100)
+    unsigned.auth.worker_id = honest.worker_id
+    error = refusal(stub.AcquireLease, unsigned)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "not signed" in error.details()
+
+    forged = sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=100), Identity.generate())
+    forged.auth.worker_id = honest.worker_id
+    error = refusal(stub.AcquireLease, forged)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "bad signature" in error.details()
+
+    stranger = sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=100), Identity.generate())
+    error = refusal(stub.AcquireLease, stranger)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "unknown worker" in error.details()
+
+    raw = channel.unary_unary("/essaim.v1.Coordinator/AcquireLease")
+    error = refusal(raw, b"\x0a\xff\xff\xff garbage")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed AcquireLeaseRequest" in error.details()
+
+    squatter = Identity.generate()
+    register = pb.RegisterRequest(public_key=honest.public_key, name="squatter")
+    sign_request("Register", register, squatter)
+    error = refusal(stub.Register, register)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    granted = sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=100), honest)
+    assert stub.AcquireLease(granted, timeout=5).status == pb.AcquireLeaseReply.GRANTED
+    error = refusal(stub.AcquireLease, granted)  # the same bytes again
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "replayed" in error.details()
+
+    other = Identity.generate()
+    CoordinatorClient(coordinator.address, other).register("other", "volunteer", "cpu")
+    steal = pb.CompleteLeaseRequest(lease_id=1, tokens_consumed=10, round=0)
+    with pytest.raises(Exception, match="belongs to another worker"):
+        CoordinatorClient(coordinator.address, other).complete_lease(steal)
+
+    # The server still serves, and only the honest calls left a trace.
+    assert client.heartbeat(0, 0.0, 0.0).live_workers == 2
+    with coordinator.sessions()() as session:
+        assert session.scalar(select(func.count(Lease.id))) == 1
+        assert session.get(Lease, 1).state == "granted"
+        assert {w.name for w in session.scalars(select(Worker))} == {"honest", "other"}
+    channel.close()
+
+
+def test_a_silent_address_gives_a_clear_error_quickly() -> None:
+    from worker.client import CoordinatorUnreachable
+
+    client = CoordinatorClient("127.0.0.1:9", Identity.generate(), retry_seconds=1.0, call_timeout=0.5)
+    with pytest.raises(CoordinatorUnreachable, match="no coordinator answers at 127.0.0.1:9"):
+        client.register("w", "i", "cpu")
