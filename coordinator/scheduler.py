@@ -179,10 +179,12 @@ class Scheduler:
         return lease
 
     def _next_pool_range(self, session: Session) -> TokenRange | None:
+        # Ordering by position before shard spreads consecutive leases over all shards,
+        # so every round mixes sources. (Configured mixtures come with the corpus pipeline.)
         return session.scalar(
             select(TokenRange)
             .where(TokenRange.state == "pool")
-            .order_by(TokenRange.epoch, TokenRange.shard_id, TokenRange.start)
+            .order_by(TokenRange.epoch, TokenRange.start, TokenRange.shard_id)
             .limit(1)
         )
 

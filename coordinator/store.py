@@ -63,7 +63,7 @@ class TokenRange(Base):
     start: Mapped[int]
     end: Mapped[int]
     state: Mapped[str] = mapped_column(String(16))  # pool | leased | trained
-    __table_args__ = (Index("ix_ranges_state_order", "state", "epoch", "shard_id", "start"),)
+    __table_args__ = (Index("ix_ranges_state_order", "state", "epoch", "start", "shard_id"),)
 
 
 class Lease(Base):

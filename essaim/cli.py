@@ -90,6 +90,7 @@ def worker_join(
     host: str = typer.Option("127.0.0.1", help="Address the hivemind peer listens on."),
     data: Path | None = typer.Option(None, "--data", help="Local copy of the shards (default: coordinator's)."),
     checkpoint_dir: Path | None = typer.Option(None, help="Save the final model here (Hugging Face format)."),
+    connect_seconds: float = typer.Option(15.0, help="Give up if the coordinator does not answer this long."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
@@ -100,7 +101,7 @@ def worker_join(
     _logging(verbose)
     options = WorkerOptions(
         coordinator=coordinator, identity_path=identity, name=name, institution=institution,
-        host=host, data_dir=data, checkpoint_dir=checkpoint_dir,
+        host=host, data_dir=data, checkpoint_dir=checkpoint_dir, connect_seconds=connect_seconds,
     )
     try:
         raise typer.Exit(code=run_worker(options))
@@ -112,7 +113,7 @@ def worker_join(
 def demo(
     workdir: Path = typer.Option(Path("essaim-demo"), help="Where the corpus, database, logs and checkpoint go."),
     workers: int = typer.Option(3, min=1, max=8),
-    rounds: int = typer.Option(6, min=1),
+    rounds: int = typer.Option(10, min=1),
 ) -> None:
     """Prepare a sample corpus, train the tiny model with a coordinator and workers on 127.0.0.1."""
     from essaim.demo import DemoSettings, run_demo

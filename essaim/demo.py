@@ -26,16 +26,17 @@ from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, read_tokens
 
 INSTITUTIONS = ["Université Paris-Saclay", "GENCI Jean Zay", "volunteer", "Inria", "volunteer"]
-EVAL_TOKENS = 16 * 128
+EVAL_ROWS_PER_LANGUAGE = 8
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     workdir: Path
     workers: int = 3
-    rounds: int = 6
+    rounds: int = 10
     vocab_size: int = 4096
-    inner_steps: int = 20
+    inner_steps: int = 30
+    chars_per_language: int = 1_000_000  # about a million tokens: one epoch outlasts the demo
     startup_timeout_seconds: float = 120.0
     run_timeout_seconds: float = 600.0
 
@@ -49,8 +50,8 @@ def run_settings_toml(settings: DemoSettings) -> str:
             f"inner_steps = {settings.inner_steps}",
             "batch_size = 8",
             "seq_len = 128",
-            "inner_lr = 0.002",
-            "matchmaking_seconds = 2.0",
+            "inner_lr = 0.003",
+            "matchmaking_seconds = 10.0",  # a straggler this late still joins its round
             "averaging_timeout_seconds = 60.0",
             "heartbeat_seconds = 2",
             "",
@@ -67,7 +68,7 @@ def run_demo(settings: DemoSettings) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
 
     with console.status("Preparing the sample corpus (French, English, code) and training a tokenizer..."):
-        corpus_toml = write_sample_corpus(workdir / "corpus-text")
+        corpus_toml = write_sample_corpus(workdir / "corpus-text", settings.chars_per_language)
         manifest = prepare_corpus(load_corpus_config(corpus_toml), workdir / "data", settings.vocab_size, 1 << 16)
     console.print(
         f"corpus {manifest.root_hash()[:16]}: {len(manifest.shards)} shards, "
@@ -90,7 +91,8 @@ def run_demo(settings: DemoSettings) -> int:
                     "--identity", str(workdir / "keys" / f"worker-{index}.key")]
             if index == 0:
                 args += ["--checkpoint-dir", str(workdir / "checkpoint")]
-            workers.append(start_role(args, workdir / "logs" / f"worker-{index}.log"))
+            # One thread each: several workers share this machine's cores.
+            workers.append(start_role(args, workdir / "logs" / f"worker-{index}.log", env={"OMP_NUM_THREADS": "1"}))
         sessions = session_factory(open_engine(sqlite_url(workdir / "data" / "coordinator.db")))
         _show_progress(console, sessions, workers, settings)
         failed = [i for i, w in enumerate(workers) if w.returncode != 0]
@@ -145,6 +147,7 @@ def _progress_view(sessions, settings: DemoSettings, elapsed: float) -> Group:  
 
 def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path, settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from model.evaluate import mean_loss
     from model.presets import build_model
@@ -161,6 +164,7 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     console.print("tokens by worker: " + ", ".join(f"{k} {v:,}" for k, v in per_worker.items()))
 
     checkpoint = workdir / "checkpoint"
+    transformers_logging.disable_progress_bar()
     trained = AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(checkpoint)  # proves the tokenizer was saved alongside
     initial = build_model("tiny", manifest.vocab_size, seed=0)
@@ -180,6 +184,6 @@ def _eval_sample(manifest: Manifest, data_dir: Path) -> torch.Tensor:
         if shard.language in seen:
             continue
         seen.add(shard.language)
-        end = min(shard.tokens, EVAL_TOKENS // 3 // 128 * 128)
+        end = min(shard.tokens, EVAL_ROWS_PER_LANGUAGE * 128)
         parts.append(torch.from_numpy(read_tokens(data_dir / shard.file, shard.dtype, 0, end)))
     return torch.cat(parts)

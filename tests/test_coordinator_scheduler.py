@@ -48,14 +48,12 @@ def done(lease_id: int, tokens: int, round_number: int = 0) -> Completion:
     return Completion(lease_id, tokens, loss=2.0, pseudo_gradient_digest="d" * 64, round=round_number, group_size=2)
 
 
-def test_leases_cut_ranges_in_shard_order_without_overlap(scheduler: Scheduler, store) -> None:
-    first = scheduler.acquire("w1", 40, 0).lease
-    second = scheduler.acquire("w2", 40, 0).lease
-    third = scheduler.acquire("w1", 40, 0).lease
-    fourth = scheduler.acquire("w2", 40, 0).lease
-    assert [(l.shard_id, l.start, l.end) for l in (first, second, third, fourth)] == [
-        ("a", 0, 40), ("a", 40, 80), ("a", 80, 100), ("b", 0, 40)
+def test_leases_cut_ranges_spread_over_shards_without_overlap(scheduler: Scheduler, store) -> None:
+    leases = [scheduler.acquire(worker, 40, 0).lease for worker in ("w1", "w2", "w1", "w2", "w1")]
+    assert [(lease.shard_id, lease.start, lease.end) for lease in leases] == [
+        ("a", 0, 40), ("b", 0, 40), ("a", 40, 80), ("b", 40, 50), ("a", 80, 100)
     ]
+    assert scheduler.acquire("w2", 40, 0) is None
     assert accounting_problems(store) == []
 
 
@@ -65,7 +63,9 @@ def test_completing_part_of_a_lease_returns_the_rest_to_the_pool(scheduler: Sche
     with store() as session:
         record = session.get(LineageRecord, lineage_id)
         assert (record.shard_id, record.start, record.end, record.institution) == ("a", 0, 25, "inst-w1")
+    other_shard = scheduler.acquire("w2", 1000, 1).lease
     follow_up = scheduler.acquire("w2", 1000, 1).lease
+    assert (other_shard.shard_id, other_shard.start) == ("b", 0)
     assert (follow_up.shard_id, follow_up.start, follow_up.end) == ("a", 25, 60)
     assert accounting_problems(store) == []
 
@@ -135,7 +135,7 @@ def test_rounds_advance_with_reports(scheduler: Scheduler) -> None:
 def test_accounting_detects_a_lost_range(scheduler: Scheduler, store) -> None:
     scheduler.acquire("w1", 30, 0)
     with store.begin() as session:
-        session.delete(session.scalars(select(TokenRange).where(TokenRange.state == "pool")).first())
+        session.delete(session.scalars(select(TokenRange).where(TokenRange.state == "pool", TokenRange.shard_id == "a")).one())
     assert accounting_problems(store) == ["shard a epoch 0: ranges end at 30, shard has 100"]
 
 

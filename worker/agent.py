@@ -49,6 +49,7 @@ class Worker:
         self.client = CoordinatorClient(options.coordinator, self.identity, retry_seconds=options.connect_seconds)
         self.last_loss = 0.0
         self.tokens_per_second = 0.0
+        self.live_workers = 1
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the rounds trained."""
@@ -62,6 +63,9 @@ class Worker:
         trainer: DiLoCoTrainer | None = None
         try:
             trainer = DiLoCoTrainer(model, _diloco_settings(config), swarm.dht)
+            if self.client.heartbeat(0, 0.0, 0.0).current_round > 0:
+                # Joining a run under way: start from the swarm's state, not from the seed.
+                trainer.load_state_from_peers()
             threading.Thread(target=self._heartbeat_loop, args=(config, trainer), daemon=True).start()
             try:
                 while not self.stop_requested.is_set() and self._train_one_round(config, trainer, reader):
@@ -114,6 +118,9 @@ class Worker:
             "round %d: loss %.3f, %.0f tokens/s, averaged with %d peer(s)",
             result.round, self.last_loss, self.tokens_per_second, result.group_size - 1,
         )
+        if result.group_size == 1 and self.live_workers > 1:
+            # Others are training but none averaged with us: our weights have drifted.
+            trainer.load_state_from_peers()
         return True
 
     def _release_quietly(self, lease_id: int, reason: str) -> None:
@@ -125,7 +132,8 @@ class Worker:
     def _heartbeat_loop(self, config: pb.RunConfig, trainer: DiLoCoTrainer) -> None:
         while not self.stop_requested.wait(config.heartbeat_seconds):
             try:
-                self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
+                reply = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
+                self.live_workers = reply.live_workers
             except Exception as error:
                 log.warning("heartbeat failed: %s", error)
 

@@ -1,0 +1,124 @@
+"""Workers that die, are stopped, or meet bad data: leases come back and nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from coordinator.accounting import accounting_problems
+from coordinator.store import Lease
+from essaim.processes import essaim_command, group_alive, group_members, kill_group, start_role
+from protocol.identity import Identity
+from worker.client import CoordinatorClient
+
+pytestmark = pytest.mark.e2e
+
+# Rounds long enough that the worker is surely mid-lease when the test strikes.
+SLOW_ROUND = dict(total_rounds=50, target_group_size=2, inner_steps=400, batch_size=4, seq_len=64,
+                  lease_seconds=5, heartbeat_seconds=1)
+
+
+def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def granted_lease(sessions) -> Lease | None:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return session.scalars(select(Lease).where(Lease.state == "granted")).first()
+
+
+def lease_state(sessions, lease_id: int) -> str:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return session.get(Lease, lease_id).state
+
+
+def start_worker(coordinator, tmp_path: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+    return start_role(
+        ["worker", "join", "--coordinator", coordinator.address, "--name", name,
+         "--identity", str(tmp_path / f"{name}.key"), *extra],
+        tmp_path / f"{name}.log",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_killed_worker_lease_expires_and_its_tokens_return_to_the_pool(start_coordinator, tmp_path: Path):
+    coordinator = start_coordinator(**SLOW_ROUND)
+    sessions = coordinator.sessions()
+    worker = start_worker(coordinator, tmp_path, "doomed")
+    try:
+        lease = wait_for(lambda: granted_lease(sessions), 90, "a lease")
+        os.kill(worker.pid, signal.SIGKILL)  # the agent only, as a crash would
+        worker.wait(timeout=10)
+        assert wait_for(lambda: lease_state(sessions, lease.id) == "expired", 30, "the lease to expire")
+        assert accounting_problems(sessions) == []
+
+        # The same range is leased again, to someone else.
+        client = CoordinatorClient(coordinator.address, Identity.generate())
+        client.register("rescuer", "volunteer", "cpu")
+        again = client.acquire_lease(lease.end - lease.start, 0).lease
+        assert (again.shard_id, again.start, again.end) == (lease.shard_id, lease.start, lease.end)
+        client.close()
+    finally:
+        kill_group(worker)
+    assert group_members(worker.pid) == []
+
+
+def test_sigterm_releases_the_lease_and_leaves_no_process(start_coordinator, tmp_path: Path):
+    coordinator = start_coordinator(**SLOW_ROUND)
+    sessions = coordinator.sessions()
+    worker = start_worker(coordinator, tmp_path, "preempted")
+    try:
+        lease = wait_for(lambda: granted_lease(sessions), 90, "a lease")
+        os.kill(worker.pid, signal.SIGTERM)  # what Slurm sends before the walltime
+        assert worker.wait(timeout=30) == 0, (tmp_path / "preempted.log").read_text()[-3000:]
+        assert lease_state(sessions, lease.id) == "released"
+        # hivemind's DHT, averager and p2pd go down with the agent, without help.
+        assert wait_for(lambda: not group_alive(worker.pid), 20, "the worker's processes to exit")
+        assert accounting_problems(sessions) == []
+    finally:
+        kill_group(worker)
+
+
+def test_corrupted_shard_is_refused_and_its_lease_released(start_coordinator, tmp_path: Path, corpus_dir: Path):
+    coordinator = start_coordinator(**SLOW_ROUND)
+    sessions = coordinator.sessions()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus_dir, damaged, ignore=shutil.ignore_patterns("*.db*"))
+    for shard in damaged.glob("*.bin"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    worker = start_worker(coordinator, tmp_path, "unlucky", "--data", str(damaged))
+    try:
+        assert worker.wait(timeout=90) == 2
+    finally:
+        kill_group(worker)
+    log = (tmp_path / "unlucky.log").read_text()
+    assert "sha256" in log and ".bin" in log
+    with sessions() as session:
+        states = [lease.state for lease in session.scalars(select(Lease))]
+    assert states == ["released"]
+    assert accounting_problems(sessions) == []
+
+
+def test_a_coordinator_that_does_not_answer_gives_a_clear_error(tmp_path: Path):
+    result = subprocess.run(
+        essaim_command("worker", "join", "--coordinator", "127.0.0.1:9", "--connect-seconds", "1",
+                       "--identity", str(tmp_path / "w.key")),
+        capture_output=True, text=True, timeout=120, start_new_session=True,
+    )
+    assert result.returncode == 2
+    assert "no coordinator answers at 127.0.0.1:9" in result.stderr
