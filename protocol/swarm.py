@@ -25,8 +25,10 @@ class Swarm:
         import hivemind
         from hivemind.p2p.p2p_daemon import P2P
 
-        # Short path: unix socket paths are limited to 108 bytes.
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="essaim-p2p-", dir="/tmp"))
+        # Short path: unix socket paths are limited to 108 bytes. A supervisor may choose the
+        # parent (ESSAIM_SOCKET_DIR) to clean up after a peer that was killed.
+        parent = os.environ.get("ESSAIM_SOCKET_DIR", "/tmp")
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="essaim-p2p-", dir=parent))
         P2P._UNIX_SOCKET_PREFIX = f"/unix{self.socket_dir}/hivemind-"
         self.dht: hivemind.DHT = hivemind.DHT(
             host_maddrs=[f"/ip4/{host}/tcp/0"],

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,19 +46,20 @@ def lease_state(sessions, lease_id: int) -> str:  # type: ignore[no-untyped-def]
         return session.get(Lease, lease_id).state
 
 
-def start_worker(coordinator, tmp_path: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+def start_worker(coordinator, tmp_path: Path, name: str, *extra: str, env=None) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
     return start_role(
         ["worker", "join", "--coordinator", coordinator.address, "--name", name,
          "--identity", str(tmp_path / f"{name}.key"), *extra],
         tmp_path / f"{name}.log",
-        env={"OMP_NUM_THREADS": "1"},
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 
 def test_killed_worker_lease_expires_and_its_tokens_return_to_the_pool(start_coordinator, tmp_path: Path):
     coordinator = start_coordinator(**SLOW_ROUND)
     sessions = coordinator.sessions()
-    worker = start_worker(coordinator, tmp_path, "doomed")
+    socket_parent = Path(tempfile.mkdtemp(prefix="ess-", dir="/tmp"))  # short: unix socket paths
+    worker = start_worker(coordinator, tmp_path, "doomed", env={"ESSAIM_SOCKET_DIR": str(socket_parent)})
     try:
         lease = wait_for(lambda: granted_lease(sessions), 90, "a lease")
         os.kill(worker.pid, signal.SIGKILL)  # the agent only, as a crash would
@@ -73,13 +75,15 @@ def test_killed_worker_lease_expires_and_its_tokens_return_to_the_pool(start_coo
         client.close()
     finally:
         kill_group(worker)
+        shutil.rmtree(socket_parent)  # a killed worker cannot remove its sockets itself
     assert group_members(worker.pid) == []
 
 
 def test_sigterm_releases_the_lease_and_leaves_no_process(start_coordinator, tmp_path: Path):
     coordinator = start_coordinator(**SLOW_ROUND)
     sessions = coordinator.sessions()
-    worker = start_worker(coordinator, tmp_path, "preempted")
+    socket_parent = Path(tempfile.mkdtemp(prefix="ess-", dir="/tmp"))
+    worker = start_worker(coordinator, tmp_path, "preempted", env={"ESSAIM_SOCKET_DIR": str(socket_parent)})
     try:
         lease = wait_for(lambda: granted_lease(sessions), 90, "a lease")
         os.kill(worker.pid, signal.SIGTERM)  # what Slurm sends before the walltime
@@ -87,9 +91,11 @@ def test_sigterm_releases_the_lease_and_leaves_no_process(start_coordinator, tmp
         assert lease_state(sessions, lease.id) == "released"
         # hivemind's DHT, averager and p2pd go down with the agent, without help.
         assert wait_for(lambda: not group_alive(worker.pid), 20, "the worker's processes to exit")
+        assert list(socket_parent.iterdir()) == [], "the worker left hivemind sockets behind"
         assert accounting_problems(sessions) == []
     finally:
         kill_group(worker)
+        shutil.rmtree(socket_parent)
 
 
 def test_corrupted_shard_is_refused_and_its_lease_released(start_coordinator, tmp_path: Path, corpus_dir: Path):

@@ -1,0 +1,43 @@
+"""`essaim demo`, small: it trains, saves a loadable checkpoint, and leaves nothing running."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from essaim.processes import essaim_command
+
+pytestmark = pytest.mark.e2e
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if entry.name.isdigit() and text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = subprocess.run(
+        essaim_command("demo", "--workdir", str(workdir), "--workers", "2", "--rounds", "2"),
+        capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = " ".join(result.stdout.split())  # rich wraps long lines
+    languages = re.search(r"tokens by language: (.*?) tokens by source", printed).group(1)
+    assert {part.split()[0] for part in languages.split(", ")} == {"code", "en", "fr"}
+    before, after = map(float, re.search(r"sample: ([\d.]+) before, ([\d.]+) after 2 rounds", printed).groups())
+    assert after < before
+    AutoModelForCausalLM.from_pretrained(workdir / "checkpoint")
+    AutoTokenizer.from_pretrained(workdir / "checkpoint")
+    assert processes_mentioning(str(workdir)) == []
