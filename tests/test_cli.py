@@ -1,0 +1,41 @@
+"""The `essaim` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from essaim.processes import essaim_command
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(essaim_command(*args), capture_output=True, text=True, timeout=120)
+
+
+def test_data_prepare_writes_shards_a_manifest_and_a_tokenizer(tmp_path: Path) -> None:
+    result = run("data", "prepare", str(EXAMPLES / "corpus.toml"), "--out", str(tmp_path), "--vocab-size", "300")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["root_hash"][:16] in result.stdout
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert all((tmp_path / shard["file"]).is_file() for shard in manifest["shards"])
+
+
+def test_data_prepare_refuses_a_source_without_licence(tmp_path: Path) -> None:
+    text = tmp_path / "a.txt"
+    text.write_text("bonjour")
+    config = tmp_path / "corpus.toml"
+    config.write_text(f'[[source]]\nname = "a"\nlanguage = "fr"\npaths = ["{text.name}"]\n')
+    result = run("data", "prepare", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "has no licence" in result.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_coordinator_refuses_a_directory_without_a_corpus(tmp_path: Path) -> None:
+    result = run("coordinator", "serve", "--data", str(tmp_path), "--port", "0")
+    assert result.returncode == 2
+    assert "manifest" in result.stderr and "essaim data prepare" in result.stderr
