@@ -57,7 +57,6 @@ class RunningCoordinator:
     swarm: Swarm
     address: str
     run_config: pb.RunConfig
-    scheduler: Scheduler
     _stop_expiry: threading.Event
 
     def stop(self) -> None:
@@ -90,7 +89,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     threading.Thread(
         target=_expire_leases_periodically, args=(scheduler, stop_expiry, settings.run.heartbeat_seconds), daemon=True
     ).start()
-    return RunningCoordinator(server, swarm, f"{settings.host}:{port}", run_config, scheduler, stop_expiry)
+    return RunningCoordinator(server, swarm, f"{settings.host}:{port}", run_config, stop_expiry)
 
 
 def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:

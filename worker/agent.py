@@ -52,7 +52,7 @@ class Worker:
         self.live_workers = 1
 
     def run(self) -> int:
-        """Train until the run is complete or a stop is requested; returns the rounds trained."""
+        """Train until the run is complete or a stop is requested; returns the round reached."""
         options = self.options
         self.client.register(options.name or self.identity.worker_id[:8], options.institution, device="cpu")
         config = self.client.run_config()
