@@ -11,6 +11,7 @@ from protocol import essaim_pb2 as pb
 from protocol import essaim_pb2_grpc
 from protocol.auth import sign_request
 from protocol.identity import Identity
+from protocol.limits import MAX_MESSAGE_BYTES
 from worker.client import CoordinatorClient
 
 
@@ -26,7 +27,8 @@ def refusal(call, request) -> grpc.RpcError:
 
 
 def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -> None:
-    channel = grpc.insecure_channel(coordinator.address)
+    # The client may send more than the server accepts, so the server's limit is what is tested.
+    channel = grpc.insecure_channel(coordinator.address, options=[("grpc.max_send_message_length", -1)])
     stub = essaim_pb2_grpc.CoordinatorStub(channel)
     honest = Identity.generate()
     client = CoordinatorClient(coordinator.address, honest)
@@ -50,6 +52,10 @@ def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -
     raw = channel.unary_unary("/essaim.v1.Coordinator/AcquireLease")
     error = refusal(raw, b"\x0a\xff\xff\xff garbage")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed AcquireLeaseRequest" in error.details()
+
+    oversized = b"\x00" * (MAX_MESSAGE_BYTES + 1)
+    error = refusal(raw, oversized)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     squatter = Identity.generate()
     register = pb.RegisterRequest(public_key=honest.public_key, name="squatter")
