@@ -58,7 +58,7 @@ def run_settings_toml(settings: DemoSettings) -> str:
             "outer_lr = 0.9",
             "outer_momentum = 0.3",
             "matchmaking_seconds = 10.0",  # a straggler this late still joins its round
-            "averaging_timeout_seconds = 60.0",
+            "averaging_timeout_seconds = 25.0",  # a worker left out of a group waits no longer
             "heartbeat_seconds = 2",
             "",
         ]
