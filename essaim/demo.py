@@ -6,7 +6,6 @@ process groups -> DiLoCo rounds shown live -> a Hugging Face checkpoint -> a sum
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -20,12 +19,13 @@ from rich.table import Table
 
 from coordinator import reports
 from coordinator.store import open_engine, session_factory, sqlite_url
-from essaim.processes import kill_group, start_role, stop_group
+from essaim.processes import start_role, stop_group, wait_for_ready_file
 from model.corpus import load_corpus_config, prepare_corpus
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, read_tokens
 
 INSTITUTIONS = ["Université Paris-Saclay", "GENCI Jean Zay", "volunteer", "Inria", "volunteer"]
+SEQ_LEN = 128
 EVAL_ROWS_PER_LANGUAGE = 8
 # One shard per source: leases then come in full rounds' worth, one from each source.
 SHARD_TOKENS = 1 << 20
@@ -51,7 +51,7 @@ def run_settings_toml(settings: DemoSettings) -> str:
             f"target_group_size = {settings.workers}",
             f"inner_steps = {settings.inner_steps}",
             "batch_size = 8",
-            "seq_len = 128",
+            f"seq_len = {SEQ_LEN}",
             # A 10-round run is short: a lighter outer momentum than DiLoCo's 0.9 (tuned for
             # long runs) overshoots less here (fixed-sample loss 8.33 -> 6.79 in a replay).
             "inner_lr = 0.002",
@@ -89,7 +89,10 @@ def run_demo(settings: DemoSettings) -> int:
     )
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        address = _wait_for_ready(coordinator, workdir, settings.startup_timeout_seconds)
+        ready = wait_for_ready_file(
+            coordinator, workdir / "ready.json", workdir / "logs" / "coordinator.log", settings.startup_timeout_seconds
+        )
+        address = ready["address"]
         console.print(f"coordinator on {address}; starting {settings.workers} workers")
         for index in range(settings.workers):
             args = ["worker", "join", "--coordinator", address, "--name", f"worker-{index}",
@@ -111,17 +114,6 @@ def run_demo(settings: DemoSettings) -> int:
         return 1
     _print_summary(console, sessions, manifest, workdir, settings)
     return 0
-
-
-def _wait_for_ready(coordinator: subprocess.Popen[bytes], workdir: Path, timeout: float) -> str:
-    ready, deadline = workdir / "ready.json", time.monotonic() + timeout
-    while not ready.exists():
-        if coordinator.poll() is not None or time.monotonic() > deadline:
-            kill_group(coordinator)
-            log = (workdir / "logs" / "coordinator.log").read_text()[-2000:]
-            raise RuntimeError(f"the coordinator did not start:\n{log}")
-        time.sleep(0.2)
-    return json.loads(ready.read_text())["address"]
 
 
 def _show_progress(console: Console, sessions, workers: list[subprocess.Popen[bytes]], settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
@@ -175,7 +167,7 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     AutoTokenizer.from_pretrained(checkpoint)  # proves the tokenizer was saved alongside
     initial = build_model("tiny", manifest.vocab_size, seed=0)
     sample = _eval_sample(manifest, workdir / "data")
-    before, after = mean_loss(initial, sample, 128), mean_loss(trained, sample, 128)
+    before, after = mean_loss(initial, sample, SEQ_LEN), mean_loss(trained, sample, SEQ_LEN)
     console.print(
         f"loss on a fixed corpus sample: {before:.3f} before, {after:.3f} after "
         f"{len(done)} rounds (mean training loss {done[0].mean_loss:.3f} -> {done[-1].mean_loss:.3f})"
@@ -190,6 +182,6 @@ def _eval_sample(manifest: Manifest, data_dir: Path) -> torch.Tensor:
         if shard.language in seen:
             continue
         seen.add(shard.language)
-        end = min(shard.tokens, EVAL_ROWS_PER_LANGUAGE * 128)
+        end = min(shard.tokens, EVAL_ROWS_PER_LANGUAGE * SEQ_LEN)
         parts.append(torch.from_numpy(read_tokens(data_dir / shard.file, shard.dtype, 0, end)))
     return torch.cat(parts)

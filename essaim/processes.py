@@ -6,6 +6,7 @@ averagers and p2pd outlive a killed parent, so a stop signals the whole group.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,17 @@ def start_role(args: Sequence[str], log_path: Path, env: dict[str, str] | None =
         )
     finally:
         log.close()  # the child holds its own descriptor
+
+
+def wait_for_ready_file(process: subprocess.Popen[bytes], path: Path, log_path: Path, timeout: float) -> dict:
+    """Wait until a role writes its ready file (JSON) and return it; fail early if the role dies."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            state = "exited" if process.poll() is not None else f"was not ready after {timeout:.0f} s"
+            raise RuntimeError(f"`{' '.join(process.args[3:])}` {state}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return json.loads(path.read_text())
 
 
 def group_members(pgid: int) -> list[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,7 +11,7 @@ from typing import Callable, Iterator
 import pytest
 
 from coordinator.store import open_engine, session_factory, sqlite_url
-from essaim.processes import kill_group, start_role, stop_group
+from essaim.processes import kill_group, start_role, stop_group, wait_for_ready_file
 from model.corpus import load_corpus_config, prepare_corpus
 from model.sample_corpus import write_sample_corpus
 
@@ -37,14 +36,6 @@ class CoordinatorProcess:
         return session_factory(open_engine(self.database_url))
 
 
-def wait_for_file(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{process.args} did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[..., CoordinatorProcess]]:
     """Start `essaim coordinator serve` with run settings given as keyword arguments."""
@@ -61,8 +52,8 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
             log,
         )
         started.append(process)
-        wait_for_file(ready, process, log)
-        return CoordinatorProcess(process, json.loads(ready.read_text())["address"], database_url, log)
+        address = wait_for_ready_file(process, ready, log, timeout=90)["address"]
+        return CoordinatorProcess(process, address, database_url, log)
 
     yield start
     for process in started:
