@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,7 +22,7 @@ class RunSettings(BaseModel):
     seed: int = 0
     seq_len: int = Field(128, ge=8)
     batch_size: int = Field(8, ge=1)
-    inner_steps: int = Field(20, ge=1)
+    inner_steps: int = Field(20, ge=1)  # per round; with round_seconds, the most a round may take
     inner_lr: float = Field(1e-3, gt=0)
     outer_lr: float = Field(0.7, gt=0)
     outer_momentum: float = Field(0.9, ge=0, lt=1)
@@ -31,10 +32,14 @@ class RunSettings(BaseModel):
     averaging_timeout_seconds: float = Field(60.0, gt=0)
     lease_seconds: int = Field(60, ge=5)
     heartbeat_seconds: int = Field(5, ge=1)
+    compression: Literal["none", "fp16", "8bit"] = "none"  # pseudo-gradients on the wire
+    error_feedback: bool = False       # carry what compression lost into the next round
+    round_seconds: float = Field(0.0, ge=0)  # > 0: rounds end on time, so fast and slow workers both fit
+    checkpoint_every_rounds: int = Field(0, ge=0)  # > 0: workers with --checkpoint-dir save every K rounds
 
     @property
     def tokens_per_round(self) -> int:
-        """Tokens one worker trains in one round: its lease size."""
+        """The most tokens one worker trains in one round."""
         return self.inner_steps * self.batch_size * self.seq_len
 
 

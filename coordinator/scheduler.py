@@ -14,7 +14,7 @@ from typing import Callable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Lease, LineageRecord, Round, Shard, TokenRange, Worker
+from coordinator.store import Contribution, Lease, LineageRecord, Round, Shard, TokenRange, Worker
 
 GENESIS_CONFIG_VERSION = "genesis"
 
@@ -30,13 +30,24 @@ class LeaseGrant:
 
 
 @dataclass(frozen=True)
-class Completion:
-    lease_id: int
-    tokens_consumed: int
+class RoundReport:
+    """A worker's finished round: the leases it trained on and how averaging went."""
+
+    round: int
+    leases: tuple[tuple[int, int], ...]  # (lease id, tokens consumed: a prefix of the lease's range)
     loss: float
     pseudo_gradient_digest: str
-    round: int
+    params_digest: str
     group_size: int
+    bytes_sent: int = 0
+    inner_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoundRecorded:
+    lineage_ids: list[int]  # one per lease, in report order
+    lineage_head: int       # the newest lineage record id
 
 
 class Scheduler:
@@ -92,35 +103,59 @@ class Scheduler:
             session.flush()
             return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id))
 
-    def complete(self, worker_id: str, completion: Completion) -> int:
-        """Record the trained prefix of a lease; the rest returns to the pool. Returns the lineage id."""
+    def complete_round(self, worker_id: str, report: RoundReport) -> RoundRecorded:
+        """Record a round: each lease's trained prefix (the rest returns to the pool), all or nothing."""
+        if not report.leases:
+            raise LeaseError("a round report needs at least one lease (release leases that trained nothing)")
+        lease_ids = [lease_id for lease_id, _ in report.leases]
+        if len(set(lease_ids)) != len(lease_ids):
+            raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
         with self._lock, self._sessions.begin() as session:
-            lease = self._own_granted_lease(session, worker_id, completion.lease_id)
-            size = lease.end - lease.start
-            if not 0 < completion.tokens_consumed <= size:
-                raise LeaseError(
-                    f"lease {lease.id} covers {size} tokens; tokens_consumed must be in 1..{size}, "
-                    f"got {completion.tokens_consumed} (release the lease if nothing was trained)"
-                )
             now = self._clock()
-            trained_end = lease.start + completion.tokens_consumed
-            self._return_tail_to_pool(session, lease, trained_end)
-            session.get(TokenRange, lease.range_id).state = "trained"
-            lease.state, lease.finished_at, lease.tokens_consumed = "completed", now, completion.tokens_consumed
             worker = session.get(Worker, worker_id)
-            record = LineageRecord(
-                round=completion.round, worker_id=worker_id, institution=worker.institution,
-                lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
-                start=lease.start, end=trained_end, loss=completion.loss,
-                pseudo_gradient_digest=completion.pseudo_gradient_digest,
-                config_version=GENESIS_CONFIG_VERSION, created_at=now,
+            records = [
+                self._record_lease(session, worker, report, lease_id, tokens, now) for lease_id, tokens in report.leases
+            ]
+            tokens = sum(tokens for _, tokens in report.leases)
+            session.add(
+                Contribution(
+                    round=report.round, worker_id=worker_id, tokens=tokens, loss=report.loss,
+                    group_size=report.group_size, bytes_sent=report.bytes_sent, inner_seconds=report.inner_seconds,
+                    wall_seconds=report.wall_seconds, params_digest=report.params_digest, created_at=now,
+                )
             )
-            session.add(record)
-            self._count_round(session, completion, now)
-            worker.last_round, worker.last_loss, worker.last_seen = completion.round, completion.loss, now
+            self._count_round(session, report, tokens, now)
+            worker.last_round, worker.last_loss, worker.last_seen = report.round, report.loss, now
             self._open_next_epoch_if_done(session)
             session.flush()
-            return record.id
+            return RoundRecorded(
+                lineage_ids=[record.id for record in records],
+                lineage_head=session.scalar(select(func.max(LineageRecord.id))),
+            )
+
+    def _record_lease(
+        self, session: Session, worker: Worker, report: RoundReport, lease_id: int, tokens_consumed: int, now: float
+    ) -> LineageRecord:
+        lease = self._own_granted_lease(session, worker.id, lease_id)
+        size = lease.end - lease.start
+        if not 0 < tokens_consumed <= size:
+            raise LeaseError(
+                f"lease {lease.id} covers {size} tokens; tokens_consumed must be in 1..{size}, "
+                f"got {tokens_consumed} (release the lease if nothing was trained)"
+            )
+        trained_end = lease.start + tokens_consumed
+        self._return_tail_to_pool(session, lease, trained_end)
+        session.get(TokenRange, lease.range_id).state = "trained"
+        lease.state, lease.finished_at, lease.tokens_consumed = "completed", now, tokens_consumed
+        record = LineageRecord(
+            round=report.round, worker_id=worker.id, institution=worker.institution,
+            lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
+            start=lease.start, end=trained_end, loss=report.loss,
+            pseudo_gradient_digest=report.pseudo_gradient_digest,
+            config_version=GENESIS_CONFIG_VERSION, created_at=now,
+        )
+        session.add(record)
+        return record
 
     def release(self, worker_id: str, lease_id: int) -> None:
         with self._lock, self._sessions.begin() as session:
@@ -207,15 +242,15 @@ class Scheduler:
             TokenRange(shard_id=lease.shard_id, epoch=lease.epoch, start=trained_end, end=lease.end, state="pool")
         )
 
-    def _count_round(self, session: Session, completion: Completion, now: float) -> None:
-        row = session.get(Round, completion.round)
+    def _count_round(self, session: Session, report: RoundReport, tokens: int, now: float) -> None:
+        row = session.get(Round, report.round)
         if row is None:
-            row = Round(number=completion.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0)
+            row = Round(number=report.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0)
             session.add(row)
         row.reports += 1
-        row.tokens += completion.tokens_consumed
-        row.loss_sum += completion.loss
-        row.max_group_size = max(row.max_group_size, completion.group_size)
+        row.tokens += tokens
+        row.loss_sum += report.loss
+        row.max_group_size = max(row.max_group_size, report.group_size)
 
     def _open_next_epoch_if_done(self, session: Session) -> None:
         """When every range of the newest epoch is trained, put every shard back in the pool."""

@@ -45,6 +45,8 @@ def build_run_config(settings: CoordinatorSettings, manifest: Manifest, peers: l
         total_rounds=run.total_rounds, target_group_size=run.target_group_size,
         matchmaking_seconds=run.matchmaking_seconds, averaging_timeout_seconds=run.averaging_timeout_seconds,
         lease_seconds=run.lease_seconds, heartbeat_seconds=run.heartbeat_seconds,
+        compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
+        checkpoint_every_rounds=run.checkpoint_every_rounds,
         initial_peers=peers, dht_prefix=f"essaim-{run_id}",
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.config import RunSettings
-from coordinator.scheduler import Completion, LeaseError, Scheduler
+from coordinator.scheduler import LeaseError, RoundReport, Scheduler
 from coordinator.store import Worker
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, RequestVerifier
@@ -51,7 +51,7 @@ class CoordinatorService:
             "GetRunConfig": (pb.GetRunConfigRequest, self.get_run_config),
             "Heartbeat": (pb.HeartbeatRequest, self.heartbeat),
             "AcquireLease": (pb.AcquireLeaseRequest, self.acquire_lease),
-            "CompleteLease": (pb.CompleteLeaseRequest, self.complete_lease),
+            "CompleteRound": (pb.CompleteRoundRequest, self.complete_round),
             "ReleaseLease": (pb.ReleaseLeaseRequest, self.release_lease),
         }
         handlers = {
@@ -152,16 +152,18 @@ class CoordinatorService:
             ),
         )
 
-    def complete_lease(self, request: pb.CompleteLeaseRequest) -> pb.CompleteLeaseReply:
-        lineage_id = self._scheduler.complete(
+    def complete_round(self, request: pb.CompleteRoundRequest) -> pb.CompleteRoundReply:
+        recorded = self._scheduler.complete_round(
             request.auth.worker_id,
-            Completion(
-                lease_id=request.lease_id, tokens_consumed=request.tokens_consumed, loss=request.loss,
-                pseudo_gradient_digest=request.pseudo_gradient_digest, round=request.round,
-                group_size=request.group_size,
+            RoundReport(
+                round=request.round,
+                leases=tuple((usage.lease_id, usage.tokens_consumed) for usage in request.leases),
+                loss=request.loss, pseudo_gradient_digest=request.pseudo_gradient_digest,
+                params_digest=request.params_digest, group_size=request.group_size, bytes_sent=request.bytes_sent,
+                inner_seconds=request.inner_seconds, wall_seconds=request.wall_seconds,
             ),
         )
-        return pb.CompleteLeaseReply(lineage_id=lineage_id)
+        return pb.CompleteRoundReply(lineage_ids=recorded.lineage_ids, lineage_head=recorded.lineage_head)
 
     def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
         self._scheduler.release(request.auth.worker_id, request.lease_id)

@@ -95,6 +95,23 @@ class Round(Base):
     max_group_size: Mapped[int] = mapped_column(default=0)
 
 
+class Contribution(Base):
+    """One worker's part in one round: what it trained and what averaging cost it."""
+
+    __tablename__ = "contributions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round: Mapped[int]
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
+    tokens: Mapped[int]
+    loss: Mapped[float]
+    group_size: Mapped[int]
+    bytes_sent: Mapped[int]
+    inner_seconds: Mapped[float]
+    wall_seconds: Mapped[float]
+    params_digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float]
+
+
 class LineageRecord(Base):
     """Which tokens were trained, by whom, in which round, under which config."""
 

@@ -89,13 +89,16 @@ def worker_join(
     institution: str = typer.Option("independent"),
     host: str = typer.Option("127.0.0.1", help="Address the hivemind peer listens on."),
     data: Path | None = typer.Option(None, "--data", help="Local copy of the shards (default: coordinator's)."),
-    checkpoint_dir: Path | None = typer.Option(None, help="Save the final model here (Hugging Face format)."),
+    checkpoint_dir: Path | None = typer.Option(
+        None, help="Save checkpoints here (Hugging Face format) and resume from the latest one."
+    ),
     connect_seconds: float = typer.Option(15.0, help="Give up if the coordinator does not answer this long."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
     from model.shards import ShardIntegrityError
     from worker.agent import WorkerOptions, run_worker
+    from worker.checkpoint import CheckpointError
     from worker.client import CoordinatorRefused, CoordinatorUnreachable
 
     _logging(verbose)
@@ -105,7 +108,7 @@ def worker_join(
     )
     try:
         raise typer.Exit(code=run_worker(options))
-    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, ValueError) as error:
+    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError) as error:
         _fail(str(error))
 
 

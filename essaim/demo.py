@@ -23,6 +23,7 @@ from essaim.processes import start_role, stop_group, wait_for_ready_file
 from model.corpus import load_corpus_config, prepare_corpus
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, read_tokens
+from worker.checkpoint import latest_checkpoint
 
 INSTITUTIONS = ["Université Paris-Saclay", "GENCI Jean Zay", "volunteer", "Inria", "volunteer"]
 SEQ_LEN = 128
@@ -161,7 +162,7 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     per_worker = {w.name: w.tokens_trained for w in reports.worker_progress(sessions)}
     console.print("tokens by worker: " + ", ".join(f"{k} {v:,}" for k, v in per_worker.items()))
 
-    checkpoint = workdir / "checkpoint"
+    checkpoint = latest_checkpoint(workdir / "checkpoint")
     transformers_logging.disable_progress_bar()
     trained = AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(checkpoint)  # proves the tokenizer was saved alongside

@@ -48,7 +48,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,10 @@ class RunConfig(_message.Message):
     TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
     CORPUS_ROOT_HASH_FIELD_NUMBER: _ClassVar[int]
     SHARD_DIR_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -93,7 +97,11 @@ class RunConfig(_message.Message):
     tokenizer_sha256: str
     corpus_root_hash: str
     shard_dir: str
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ...) -> None: ...
+    compression: str
+    error_feedback: bool
+    round_seconds: float
+    checkpoint_every_rounds: int
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("auth", "round", "loss", "tokens_per_second")
@@ -165,29 +173,45 @@ class AcquireLeaseReply(_message.Message):
     lease: Lease
     def __init__(self, status: _Optional[_Union[AcquireLeaseReply.Status, str]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
-class CompleteLeaseRequest(_message.Message):
-    __slots__ = ("auth", "lease_id", "tokens_consumed", "loss", "pseudo_gradient_digest", "round", "group_size")
-    AUTH_FIELD_NUMBER: _ClassVar[int]
+class LeaseUsage(_message.Message):
+    __slots__ = ("lease_id", "tokens_consumed")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
-    LOSS_FIELD_NUMBER: _ClassVar[int]
-    PSEUDO_GRADIENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
-    auth: RequestAuth
     lease_id: int
     tokens_consumed: int
+    def __init__(self, lease_id: _Optional[int] = ..., tokens_consumed: _Optional[int] = ...) -> None: ...
+
+class CompleteRoundRequest(_message.Message):
+    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_GRADIENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    INNER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    round: int
+    leases: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
     loss: float
     pseudo_gradient_digest: str
-    round: int
+    params_digest: str
     group_size: int
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., lease_id: _Optional[int] = ..., tokens_consumed: _Optional[int] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., round: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
+    bytes_sent: int
+    inner_seconds: float
+    wall_seconds: float
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
-class CompleteLeaseReply(_message.Message):
-    __slots__ = ("lineage_id",)
-    LINEAGE_ID_FIELD_NUMBER: _ClassVar[int]
-    lineage_id: int
-    def __init__(self, lineage_id: _Optional[int] = ...) -> None: ...
+class CompleteRoundReply(_message.Message):
+    __slots__ = ("lineage_ids", "lineage_head")
+    LINEAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_HEAD_FIELD_NUMBER: _ClassVar[int]
+    lineage_ids: _containers.RepeatedScalarFieldContainer[int]
+    lineage_head: int
+    def __init__(self, lineage_ids: _Optional[_Iterable[int]] = ..., lineage_head: _Optional[int] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("auth", "lease_id", "reason")

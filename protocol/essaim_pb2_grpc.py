@@ -54,10 +54,10 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_essaim__pb2.AcquireLeaseRequest.SerializeToString,
                 response_deserializer=protocol_dot_essaim__pb2.AcquireLeaseReply.FromString,
                 _registered_method=True)
-        self.CompleteLease = channel.unary_unary(
-                '/essaim.v1.Coordinator/CompleteLease',
-                request_serializer=protocol_dot_essaim__pb2.CompleteLeaseRequest.SerializeToString,
-                response_deserializer=protocol_dot_essaim__pb2.CompleteLeaseReply.FromString,
+        self.CompleteRound = channel.unary_unary(
+                '/essaim.v1.Coordinator/CompleteRound',
+                request_serializer=protocol_dot_essaim__pb2.CompleteRoundRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.CompleteRoundReply.FromString,
                 _registered_method=True)
         self.ReleaseLease = channel.unary_unary(
                 '/essaim.v1.Coordinator/ReleaseLease',
@@ -97,8 +97,8 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CompleteLease(self, request, context):
-        """Report the tokens trained on, the loss and the pseudo-gradient digest.
+    def CompleteRound(self, request, context):
+        """Report a finished round: the tokens trained under each of its leases and how averaging went.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,10 +134,10 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=protocol_dot_essaim__pb2.AcquireLeaseRequest.FromString,
                     response_serializer=protocol_dot_essaim__pb2.AcquireLeaseReply.SerializeToString,
             ),
-            'CompleteLease': grpc.unary_unary_rpc_method_handler(
-                    servicer.CompleteLease,
-                    request_deserializer=protocol_dot_essaim__pb2.CompleteLeaseRequest.FromString,
-                    response_serializer=protocol_dot_essaim__pb2.CompleteLeaseReply.SerializeToString,
+            'CompleteRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteRound,
+                    request_deserializer=protocol_dot_essaim__pb2.CompleteRoundRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.CompleteRoundReply.SerializeToString,
             ),
             'ReleaseLease': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseLease,
@@ -264,7 +264,7 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
-    def CompleteLease(request,
+    def CompleteRound(request,
             target,
             options=(),
             channel_credentials=None,
@@ -277,9 +277,9 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/essaim.v1.Coordinator/CompleteLease',
-            protocol_dot_essaim__pb2.CompleteLeaseRequest.SerializeToString,
-            protocol_dot_essaim__pb2.CompleteLeaseReply.FromString,
+            '/essaim.v1.Coordinator/CompleteRound',
+            protocol_dot_essaim__pb2.CompleteRoundRequest.SerializeToString,
+            protocol_dot_essaim__pb2.CompleteRoundReply.FromString,
             options,
             channel_credentials,
             insecure,

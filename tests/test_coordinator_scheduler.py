@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
-from coordinator.scheduler import Completion, LeaseError, Scheduler
-from coordinator.store import Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url
+from coordinator.scheduler import LeaseError, RoundReport, Scheduler
+from coordinator.store import Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url
 from model.shards import Manifest, ShardInfo
 
 
@@ -44,8 +44,16 @@ def scheduler(store, clock: Clock) -> Scheduler:
     return Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock)
 
 
-def done(lease_id: int, tokens: int, round_number: int = 0) -> Completion:
-    return Completion(lease_id, tokens, loss=2.0, pseudo_gradient_digest="d" * 64, round=round_number, group_size=2)
+def done(lease_id: int, tokens: int, round_number: int = 0) -> RoundReport:
+    """A round trained on one lease."""
+    return report((lease_id, tokens), round_number=round_number)
+
+
+def report(*leases: tuple[int, int], round_number: int = 0) -> RoundReport:
+    return RoundReport(
+        round=round_number, leases=leases, loss=2.0, pseudo_gradient_digest="d" * 64, params_digest="p" * 64,
+        group_size=2, bytes_sent=1000, inner_seconds=9.0, wall_seconds=10.0,
+    )
 
 
 def test_leases_cut_ranges_spread_over_shards_without_overlap(scheduler: Scheduler, store) -> None:
@@ -59,7 +67,7 @@ def test_leases_cut_ranges_spread_over_shards_without_overlap(scheduler: Schedul
 
 def test_completing_part_of_a_lease_returns_the_rest_to_the_pool(scheduler: Scheduler, store) -> None:
     lease = scheduler.acquire("w1", 60, 0).lease
-    lineage_id = scheduler.complete("w1", done(lease.id, 25))
+    [lineage_id] = scheduler.complete_round("w1", done(lease.id, 25)).lineage_ids
     with store() as session:
         record = session.get(LineageRecord, lineage_id)
         assert (record.shard_id, record.start, record.end, record.institution) == ("a", 0, 25, "inst-w1")
@@ -77,7 +85,7 @@ def test_an_expired_lease_goes_back_to_the_pool_and_is_reissued(scheduler: Sched
     again = scheduler.acquire("w2", 30, 0).lease
     assert (again.start, again.end, again.attempt) == (lease.start, lease.end, 2)
     with pytest.raises(LeaseError, match="expired"):
-        scheduler.complete("w1", done(lease.id, 30))
+        scheduler.complete_round("w1", done(lease.id, 30))
     assert accounting_problems(store) == []
 
 
@@ -87,7 +95,7 @@ def test_heartbeats_keep_a_lease_alive(scheduler: Scheduler, clock: Clock) -> No
         clock.now += 20
         scheduler.heartbeat("w1", 0, 2.0, 100.0)
     assert scheduler.expire_overdue() == 0
-    scheduler.complete("w1", done(lease.id, 30))
+    scheduler.complete_round("w1", done(lease.id, 30))
 
 
 def test_released_lease_is_reissued_whole(scheduler: Scheduler, store) -> None:
@@ -103,11 +111,11 @@ def test_refused_completions_change_nothing(scheduler: Scheduler, store) -> None
     with store() as session:
         before = [(r.start, r.end, r.state) for r in session.scalars(select(TokenRange).order_by(TokenRange.id))]
     with pytest.raises(LeaseError, match="another worker"):
-        scheduler.complete("w2", done(lease.id, 30))
+        scheduler.complete_round("w2", done(lease.id, 30))
     with pytest.raises(LeaseError, match="tokens_consumed must be in 1..30"):
-        scheduler.complete("w1", done(lease.id, 31))
+        scheduler.complete_round("w1", done(lease.id, 31))
     with pytest.raises(LeaseError, match="no lease 999"):
-        scheduler.complete("w1", done(999, 1))
+        scheduler.complete_round("w1", done(999, 1))
     with store() as session:
         after = [(r.start, r.end, r.state) for r in session.scalars(select(TokenRange).order_by(TokenRange.id))]
         assert session.scalars(select(LineageRecord)).all() == []
@@ -115,10 +123,36 @@ def test_refused_completions_change_nothing(scheduler: Scheduler, store) -> None
     assert after == before
 
 
+def test_a_round_on_several_leases_is_recorded_once_with_its_costs(scheduler: Scheduler, store) -> None:
+    first, second = scheduler.acquire("w1", 40, 0).lease, scheduler.acquire("w1", 40, 0).lease
+    recorded = scheduler.complete_round("w1", report((first.id, 40), (second.id, 15)))
+    assert len(recorded.lineage_ids) == 2 and recorded.lineage_head == max(recorded.lineage_ids)
+    with store() as session:
+        [contribution] = session.scalars(select(Contribution)).all()
+        assert (contribution.round, contribution.tokens, contribution.bytes_sent) == (0, 55, 1000)
+    assert scheduler.current_round() == 1
+    assert accounting_problems(store) == []
+
+
+def test_a_round_report_with_one_bad_lease_records_nothing(scheduler: Scheduler, store) -> None:
+    good, stolen = scheduler.acquire("w1", 40, 0).lease, scheduler.acquire("w2", 40, 0).lease
+    with pytest.raises(LeaseError, match="another worker"):
+        scheduler.complete_round("w1", report((good.id, 40), (stolen.id, 40)))
+    with pytest.raises(LeaseError, match="repeat"):
+        scheduler.complete_round("w1", report((good.id, 20), (good.id, 20)))
+    with pytest.raises(LeaseError, match="at least one lease"):
+        scheduler.complete_round("w1", report())
+    with store() as session:
+        assert session.scalars(select(LineageRecord)).all() == []
+        assert session.scalars(select(Contribution)).all() == []
+        assert session.get(Lease, good.id).state == "granted"
+    assert accounting_problems(store) == []
+
+
 def test_a_fully_trained_epoch_opens_the_next(scheduler: Scheduler, store) -> None:
     for _ in range(2):
         lease = scheduler.acquire("w1", 1000, 0).lease
-        scheduler.complete("w1", done(lease.id, lease.end - lease.start))
+        scheduler.complete_round("w1", done(lease.id, lease.end - lease.start))
     nxt = scheduler.acquire("w1", 1000, 1).lease
     assert (nxt.epoch, nxt.shard_id, nxt.start) == (1, "a", 0)
     assert accounting_problems(store) == []
@@ -127,7 +161,7 @@ def test_a_fully_trained_epoch_opens_the_next(scheduler: Scheduler, store) -> No
 def test_rounds_advance_with_reports(scheduler: Scheduler) -> None:
     assert scheduler.current_round() == 0
     lease = scheduler.acquire("w1", 10, 0).lease
-    scheduler.complete("w1", done(lease.id, 10, round_number=0))
+    scheduler.complete_round("w1", done(lease.id, 10, round_number=0))
     assert scheduler.current_round() == 1
     assert not scheduler.run_complete(4) and scheduler.run_complete(5)
 

@@ -70,9 +70,9 @@ def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -
 
     other = Identity.generate()
     CoordinatorClient(coordinator.address, other).register("other", "volunteer", "cpu")
-    steal = pb.CompleteLeaseRequest(lease_id=1, tokens_consumed=10, round=0)
+    steal = pb.CompleteRoundRequest(round=0, leases=[pb.LeaseUsage(lease_id=1, tokens_consumed=10)])
     with pytest.raises(Exception, match="belongs to another worker"):
-        CoordinatorClient(coordinator.address, other).complete_lease(steal)
+        CoordinatorClient(coordinator.address, other).complete_round(steal)
 
     # The server still serves, and only the honest calls left a trace.
     assert client.heartbeat(0, 0.0, 0.0).live_workers == 2

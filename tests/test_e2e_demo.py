@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from essaim.processes import essaim_command
+from worker.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +39,7 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert {part.split()[0] for part in languages.split(", ")} == {"code", "en", "fr"}
     before, after = map(float, re.search(r"sample: ([\d.]+) before, ([\d.]+) after 2 rounds", printed).groups())
     assert after < before
-    AutoModelForCausalLM.from_pretrained(workdir / "checkpoint")
-    AutoTokenizer.from_pretrained(workdir / "checkpoint")
+    checkpoint = latest_checkpoint(workdir / "checkpoint")
+    AutoModelForCausalLM.from_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(checkpoint)
     assert processes_mentioning(str(workdir)) == []

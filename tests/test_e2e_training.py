@@ -12,11 +12,12 @@ from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.accounting import accounting_problems
-from coordinator.store import LineageRecord, Round
+from coordinator.store import Contribution, LineageRecord, Round
 from essaim.processes import group_alive, start_role
 from model.evaluate import mean_loss
 from model.presets import build_model
 from model.shards import Manifest, read_tokens
+from worker.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -37,10 +38,12 @@ def fixed_sample(corpus_dir: Path) -> torch.Tensor:
     )
 
 
-def test_two_workers_train_rounds_together_and_end_identical(start_coordinator, tmp_path: Path, corpus_dir: Path):
+def test_two_workers_train_compressed_rounds_together_and_end_identical(
+    start_coordinator, tmp_path: Path, corpus_dir: Path
+):
     coordinator = start_coordinator(
         total_rounds=ROUNDS, target_group_size=2, inner_steps=10, batch_size=4, seq_len=64,
-        inner_lr=0.003, matchmaking_seconds=5.0, heartbeat_seconds=1,
+        inner_lr=0.003, matchmaking_seconds=5.0, heartbeat_seconds=1, compression="8bit", error_feedback=True,
     )
     workers = [
         start_role(
@@ -65,14 +68,19 @@ def test_two_workers_train_rounds_together_and_end_identical(start_coordinator, 
             digests = {r.pseudo_gradient_digest for r in session.scalars(
                 select(LineageRecord).where(LineageRecord.round == number))}
             assert len(digests) == 1, f"round {number}: workers applied different averages"
+            contributions = session.scalars(select(Contribution).where(Contribution.round == number)).all()
+            assert len({c.params_digest for c in contributions}) == 1, f"round {number}: parameters differ"
+            assert all(c.bytes_sent > 0 and 0 < c.inner_seconds < c.wall_seconds for c in contributions)
     assert accounting_problems(sessions) == []
 
-    first, second = (load_file(tmp_path / f"ckpt{i}" / "model.safetensors") for i in range(2))
+    checkpoints = [latest_checkpoint(tmp_path / f"ckpt{i}") for i in range(2)]
+    assert [c.name for c in checkpoints] == [f"round-{ROUNDS - 1:06d}"] * 2
+    first, second = (load_file(c / "model.safetensors") for c in checkpoints)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
 
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt0")
-    AutoTokenizer.from_pretrained(tmp_path / "ckpt0")
+    trained = AutoModelForCausalLM.from_pretrained(checkpoints[0])
+    AutoTokenizer.from_pretrained(checkpoints[0])
     initial = build_model("tiny", Manifest.load(corpus_dir / "manifest.json").vocab_size, seed=0)
     sample = fixed_sample(corpus_dir)
     assert mean_loss(trained, sample, 64) < mean_loss(initial, sample, 64) - 0.1

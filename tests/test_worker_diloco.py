@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -46,3 +47,63 @@ def test_a_late_peer_downloads_round_parameters_and_momentum(two_peers) -> None:
     assert all(torch.equal(a, b) for a, b in zip(newcomer.global_params, veteran.global_params))
     assert all(torch.equal(a, b) for a, b in zip(newcomer.momentum, veteran.momentum))
     assert all(torch.equal(p, g) for p, g in zip(newcomer.model.parameters(), veteran.global_params))
+
+
+def _train_apart(trainers: list[DiLoCoTrainer], vocab: int) -> None:
+    """Different data per peer, so their pseudo-gradients differ."""
+    for index, trainer in enumerate(trainers):
+        batch = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(100 + index))
+        trainer.inner_step(batch)
+
+
+def _outer_steps_together(trainers: list[DiLoCoTrainer], tokens: list[int]) -> list:
+    results: list = [None] * len(trainers)
+
+    def step(index: int) -> None:
+        results[index] = trainers[index].outer_step(tokens_trained=tokens[index], cancel=threading.Event())
+
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(trainers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
+def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compression: str) -> None:
+    swarms = [Swarm("127.0.0.1")]
+    swarms += [Swarm("127.0.0.1", initial_peers=swarms[0].visible_addresses()) for _ in range(2)]
+    settings = dataclasses.replace(
+        SETTINGS, target_group_size=3, matchmaking_seconds=2.0, averaging_timeout_seconds=20.0,
+        compression=compression, error_feedback=True,
+    )
+    trainers = [DiLoCoTrainer(build_model("tiny", 300, seed=0), settings, swarm.dht) for swarm in swarms]
+    try:
+        payload_bytes = sum(p.numel() * 4 for p in trainers[0].global_params)
+        tokens = [64, 128, 192]
+        for round_number in range(2):
+            _train_apart(trainers, 300)
+            start = [torch.cat([g.flatten() for g in t.global_params]) for t in trainers]
+            local = [torch.cat([p.detach().flatten() for p in t.model.parameters()]) for t in trainers]
+            expected = sum(w * (g - p) for w, g, p in zip(tokens, start, local)) / sum(tokens)
+            results = _outer_steps_together(trainers, tokens=tokens)
+            assert [r.group_size for r in results] == [3, 3, 3], f"round {round_number}: {results}"
+            assert len({r.params_digest for r in results}) == 1, "peers disagree after averaging"
+            assert len({r.pseudo_gradient_digest for r in results}) == 1
+            if round_number == 0:  # zero momentum: the step was outer_lr * (1 + momentum) * average
+                after = torch.cat([g.flatten() for g in trainers[0].global_params])
+                applied = (start[0] - after) / (settings.outer_lr * (1 + settings.outer_momentum))
+                error = float((applied - expected).norm() / expected.norm())
+                assert error < {"none": 1e-5, "fp16": 1e-3, "8bit": 0.05}[compression], error
+            # Each peer sends about 2(N-1)/N of the payload, at the compression's width.
+            sent = sum(r.bytes_sent for r in results) / 3
+            width = {"none": 1.0, "fp16": 0.5, "8bit": 0.25}[compression]
+            assert 0.9 * width < sent / (payload_bytes * 4 / 3) < 1.2 * width, (compression, sent, payload_bytes)
+        residual = sum(float(r.abs().sum()) for r in trainers[0].averager.residuals)
+        assert (residual == 0.0) == (compression == "none")
+    finally:
+        for trainer in trainers:
+            trainer.shutdown()
+        for swarm in swarms:
+            swarm.close()

@@ -2,24 +2,28 @@
 
 The worker makes itself a process-group leader so that its supervisor (the demo,
 Slurm, a test) can stop the agent and every hivemind child with one signal. On
-SIGTERM or SIGINT it gives its lease back and shuts hivemind down before exiting.
+SIGTERM or SIGINT it gives its leases back, saves a checkpoint if it keeps any,
+and shuts hivemind down before exiting.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.presets import build_model
-from model.tokenizer import tokenizer_from_json
 from protocol import essaim_pb2 as pb
 from protocol.identity import Identity
 from protocol.swarm import Swarm
+from worker.checkpoint import (
+    Checkpoint, CheckpointError, latest_checkpoint, load_model, read_checkpoint, restore_outer_state, save_checkpoint,
+)
 from worker.client import CoordinatorClient
 from worker.data import ShardReader, batches
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
@@ -41,6 +45,20 @@ class WorkerOptions:
     connect_seconds: float = 15.0
 
 
+@dataclass
+class RoundProgress:
+    """What one round has trained so far."""
+
+    leases: list[pb.Lease] = field(default_factory=list)
+    consumed: dict[int, int] = field(default_factory=dict)  # lease id -> tokens trained (a prefix)
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    inner_seconds: float = 0.0
+
+    def unused_leases(self) -> list[pb.Lease]:
+        return [lease for lease in self.leases if lease.lease_id not in self.consumed]
+
+
 class Worker:
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
@@ -50,6 +68,9 @@ class Worker:
         self.last_loss = 0.0
         self.tokens_per_second = 0.0
         self.live_workers = 1
+        self._round_clock = time.perf_counter()
+        self._checkpointed_round = -1
+        self._lineage_head = 0  # the newest lineage record the coordinator reported back
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -58,22 +79,33 @@ class Worker:
         config = self.client.run_config()
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
         reader = ShardReader(options.data_dir or Path(config.shard_dir))
-        model = build_model(config.model_preset, config.vocab_size, config.seed)
+        checkpoint = self._checkpoint_to_resume(config)
+        model = load_model(checkpoint) if checkpoint else build_model(config.model_preset, config.vocab_size, config.seed)
         swarm = Swarm(options.host, initial_peers=list(config.initial_peers))
         trainer: DiLoCoTrainer | None = None
         try:
             trainer = DiLoCoTrainer(model, _diloco_settings(config), swarm.dht)
-            if self.client.heartbeat(0, 0.0, 0.0).current_round > 0:
-                # Joining a run under way: start from the swarm's state, not from the seed.
-                trainer.load_state_from_peers()
+            if checkpoint is not None:
+                restore_outer_state(trainer, checkpoint, round_started_at=time.time())
+                self._checkpointed_round = trainer.round
+                log.info("resumed from %s at round %d", checkpoint.path, trainer.round)
+            status = self.client.heartbeat(trainer.round, 0.0, 0.0)
+            self.live_workers = status.live_workers
+            if status.current_round > trainer.round and not trainer.load_state_from_peers():
+                log.warning(
+                    "the run is at round %d but no peer shared its state: training from round %d",
+                    status.current_round, trainer.round,
+                )
             threading.Thread(target=self._heartbeat_loop, args=(config, trainer), daemon=True).start()
+            self._round_clock = time.perf_counter()
             try:
                 while not self.stop_requested.is_set() and self._train_one_round(config, trainer, reader):
                     pass
             except AveragingCancelled as stopped:
-                log.info("%s; the lease was released", stopped)
-            if options.checkpoint_dir is not None and not self.stop_requested.is_set():
-                save_checkpoint(model, config, options.checkpoint_dir)
+                log.info("%s; the round's leases were released", stopped)
+            if options.checkpoint_dir is not None and trainer.round > max(self._checkpointed_round, 0):
+                trainer.discard_local_progress()  # a stop mid-round: keep the last outer step's state
+                self._save_checkpoint(trainer, config, self._lineage_head)
             return trainer.round
         finally:
             self.stop_requested.set()
@@ -84,44 +116,104 @@ class Worker:
 
     def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
-        tokens_per_round = config.inner_steps * config.batch_size * config.seq_len
-        reply = self.client.acquire_lease(tokens_per_round, trainer.round)
-        if reply.status == pb.AcquireLeaseReply.RUN_COMPLETE:
-            log.info("run complete after %d rounds", trainer.round)
-            return False
-        if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
-            self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
-            return True
-        lease = reply.lease
+        progress = RoundProgress()
         try:
-            tokens = reader.tokens(lease)
-            started, losses = time.perf_counter(), []
-            for batch in batches(tokens, config.batch_size, config.seq_len):
-                if self.stop_requested.is_set():
-                    raise AveragingCancelled("stop requested during inner steps")
-                if batch.shape[1] > 1:
-                    losses.append(trainer.inner_step(batch))
-            self.tokens_per_second = tokens.numel() / max(time.perf_counter() - started, 1e-9)
-            self.last_loss = sum(losses) / max(len(losses), 1)
-            result = trainer.outer_step(tokens.numel(), cancel=self.stop_requested)
+            if not self._train_inner_steps(config, trainer, reader, progress):
+                return False
+            for lease in progress.unused_leases():
+                self._release_quietly(lease.lease_id, "the round ended before training on it")
+            self.tokens_per_second = progress.tokens / max(progress.inner_seconds, 1e-9)
+            self.last_loss = sum(progress.losses) / max(len(progress.losses), 1)
+            trainer.expect_peers(self.live_workers)
+            result = trainer.outer_step(
+                progress.tokens, cancel=self.stop_requested, apply_alone=self.live_workers <= 1
+            )
         except BaseException:
-            self._release_quietly(lease.lease_id, "worker stopped or failed before reporting")
+            for lease in progress.leases:
+                self._release_quietly(lease.lease_id, "worker stopped or failed before reporting")
             raise
-        self.client.complete_lease(
-            pb.CompleteLeaseRequest(
-                lease_id=lease.lease_id, tokens_consumed=tokens.numel(), loss=self.last_loss,
-                pseudo_gradient_digest=result.pseudo_gradient_digest, round=result.round,
-                group_size=result.group_size,
+        wall_seconds = time.perf_counter() - self._round_clock
+        self._round_clock = time.perf_counter()
+        if result is None:
+            # Peers are training but none averaged with us: give the tokens back and catch up.
+            for lease_id in progress.consumed:
+                self._release_quietly(lease_id, "averaging failed; the tokens go back to the pool")
+            log.warning("round %d: no averaging group; adopting the swarm's state", trainer.round)
+            trainer.load_state_from_peers()
+            return True
+        reply = self.client.complete_round(
+            pb.CompleteRoundRequest(
+                round=result.round,
+                leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
+                loss=self.last_loss, pseudo_gradient_digest=result.pseudo_gradient_digest,
+                params_digest=result.params_digest, group_size=result.group_size, bytes_sent=result.bytes_sent,
+                inner_seconds=progress.inner_seconds, wall_seconds=wall_seconds,
             )
         )
+        self._lineage_head = reply.lineage_head
         log.info(
-            "round %d: loss %.3f, %.0f tokens/s, averaged with %d peer(s)",
-            result.round, self.last_loss, self.tokens_per_second, result.group_size - 1,
+            "round %d: loss %.3f, %.0f tokens/s, averaged with %d peer(s), sent %d bytes",
+            result.round, self.last_loss, self.tokens_per_second, result.group_size - 1, result.bytes_sent,
         )
-        if result.group_size == 1 and self.live_workers > 1:
-            # Others are training but none averaged with us: our weights have drifted.
-            trainer.load_state_from_peers()
+        every = config.checkpoint_every_rounds
+        if self.options.checkpoint_dir is not None and every > 0 and (result.round + 1) % every == 0:
+            self._save_checkpoint(trainer, config, reply.lineage_head)
         return True
+
+    def _train_inner_steps(
+        self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader, progress: RoundProgress
+    ) -> bool:
+        """Inner steps on as many leases as the round's token or time budget takes. False: run complete."""
+        budget = config.inner_steps * config.batch_size * config.seq_len
+        deadline = trainer.round_started_at + config.round_seconds if config.round_seconds > 0 else math.inf
+        while progress.tokens < budget and (time.time() < deadline or progress.tokens == 0):
+            reply = self.client.acquire_lease(budget - progress.tokens, trainer.round)
+            if reply.status == pb.AcquireLeaseReply.RUN_COMPLETE:
+                log.info("run complete after %d rounds", trainer.round)
+                return False
+            if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
+                if progress.tokens:
+                    break  # average what this round has
+                if self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS):
+                    raise AveragingCancelled("stop requested while waiting for tokens")
+                continue
+            lease = reply.lease
+            progress.leases.append(lease)
+            consumed = 0
+            for batch in batches(reader.tokens(lease), config.batch_size, config.seq_len):
+                if self.stop_requested.is_set():
+                    raise AveragingCancelled("stop requested during inner steps")
+                if time.time() >= deadline and progress.tokens + consumed > 0:
+                    break
+                started = time.perf_counter()
+                if batch.shape[1] > 1:
+                    progress.losses.append(trainer.inner_step(batch))
+                progress.inner_seconds += time.perf_counter() - started
+                consumed += batch.numel()
+            if consumed:
+                progress.consumed[lease.lease_id] = consumed
+                progress.tokens += consumed
+        return True
+
+    def _save_checkpoint(self, trainer: DiLoCoTrainer, config: pb.RunConfig, lineage_head: int) -> None:
+        assert self.options.checkpoint_dir is not None
+        path = save_checkpoint(self.options.checkpoint_dir, trainer, config, lineage_head)
+        self._checkpointed_round = trainer.round
+        log.info("checkpoint of round %d saved to %s", trainer.round - 1, path)
+
+    def _checkpoint_to_resume(self, config: pb.RunConfig) -> Checkpoint | None:
+        if self.options.checkpoint_dir is None:
+            return None
+        path = latest_checkpoint(self.options.checkpoint_dir)
+        if path is None:
+            return None
+        checkpoint = read_checkpoint(path)
+        if checkpoint.run_id != config.run_id:
+            raise CheckpointError(
+                f"{path} belongs to run {checkpoint.run_id}, but the coordinator serves run {config.run_id}: "
+                "use another --checkpoint-dir for this run"
+            )
+        return checkpoint
 
     def _release_quietly(self, lease_id: int, reason: str) -> None:
         try:
@@ -143,14 +235,8 @@ def _diloco_settings(config: pb.RunConfig) -> DiLoCoSettings:
         inner_lr=config.inner_lr, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
         dht_prefix=config.dht_prefix, target_group_size=config.target_group_size,
         matchmaking_seconds=config.matchmaking_seconds, averaging_timeout_seconds=config.averaging_timeout_seconds,
+        compression=config.compression or "none", error_feedback=config.error_feedback,
     )
-
-
-def save_checkpoint(model, config: pb.RunConfig, directory: Path) -> None:  # type: ignore[no-untyped-def]
-    """Hugging Face format: AutoModelForCausalLM and AutoTokenizer load it offline."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer_from_json(config.tokenizer_json).save_pretrained(directory)
 
 
 def run_worker(options: WorkerOptions) -> int:

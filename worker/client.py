@@ -65,8 +65,8 @@ class CoordinatorClient:
     def acquire_lease(self, max_tokens: int, round_number: int) -> pb.AcquireLeaseReply:
         return self._call("AcquireLease", lambda: pb.AcquireLeaseRequest(max_tokens=max_tokens, round=round_number))
 
-    def complete_lease(self, request: pb.CompleteLeaseRequest) -> pb.CompleteLeaseReply:
-        return self._call("CompleteLease", lambda: _copy(request))
+    def complete_round(self, request: pb.CompleteRoundRequest) -> pb.CompleteRoundReply:
+        return self._call("CompleteRound", lambda: _copy(request))
 
     def release_lease(self, lease_id: int, reason: str) -> pb.ReleaseLeaseReply:
         return self._call("ReleaseLease", lambda: pb.ReleaseLeaseRequest(lease_id=lease_id, reason=reason))

@@ -1,12 +1,13 @@
 """DiLoCo over hivemind: inner AdamW steps, then an outer Nesterov step on the averaged pseudo-gradient.
 
 The pseudo-gradient is (global parameters - local parameters) after the inner steps.
-Peers average it with hivemind's DecentralizedAverager, weighted by tokens trained,
-and every peer applies the same outer SGD(nesterov) step to the same global
-parameters, so peers that averaged together end the round with identical weights.
-Groups are keyed by round number, so peers at different rounds never average
-together; a peer that fell behind downloads the swarm's state (round, global
-parameters, outer momentum) from a peer instead.
+Peers average it, weighted by tokens trained, with worker/allreduce.py (compressed
+as the run says, and bit-identical on every peer of a group), and every peer
+applies the same outer SGD(nesterov) step to the same global parameters, so peers
+that averaged together end the round with identical weights. Groups are keyed by
+round number, so peers at different rounds never average together; a peer that
+fell behind downloads the swarm's state (round, global parameters, outer
+momentum) from a peer instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from hivemind import DHT
-from hivemind.averaging import DecentralizedAverager
+
+from worker.allreduce import COMPRESSIONS, ExactAverager
 
 log = logging.getLogger("essaim.worker.diloco")
 
@@ -33,6 +35,8 @@ class DiLoCoSettings:
     target_group_size: int
     matchmaking_seconds: float
     averaging_timeout_seconds: float
+    compression: str = "none"     # a key of worker.allreduce.COMPRESSIONS
+    error_feedback: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class RoundResult:
     round: int               # the round whose outer step was just taken
     group_size: int          # peers averaged with, this one included (1: alone)
     pseudo_gradient_digest: str
+    params_digest: str       # of the global parameters after the outer step
+    bytes_sent: int          # averaging bytes this peer sent this round
 
 
 class AveragingCancelled(Exception):
@@ -49,10 +55,10 @@ class AveragingCancelled(Exception):
 ROUND_BITS = 16  # rounds are told apart modulo 2**16 in group keys
 
 
-class _StateSharingAverager(DecentralizedAverager):
+class _StateSharingAverager(ExactAverager):
     """An averager whose peers can download the trainer's outer state."""
 
-    def __init__(self, trainer: "DiLoCoTrainer", *args: object, **kwargs: object) -> None:
+    def __init__(self, trainer: DiLoCoTrainer, *args: object, **kwargs: object) -> None:
         self._trainer = trainer
         super().__init__(*args, **kwargs)
 
@@ -62,9 +68,12 @@ class _StateSharingAverager(DecentralizedAverager):
 
 class DiLoCoTrainer:
     def __init__(self, model: torch.nn.Module, settings: DiLoCoSettings, dht: DHT) -> None:
+        if settings.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {settings.compression!r}: use one of {sorted(COMPRESSIONS)}")
         self.model = model
         self.settings = settings
         self.round = 0
+        self.round_started_at = time.time()  # wall clock, shared with peers that download our state
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.inner_optimizer = torch.optim.AdamW(self._params, lr=settings.inner_lr)
         self.global_params = [p.detach().clone() for p in self._params]
@@ -78,16 +87,15 @@ class DiLoCoTrainer:
         self._outer_lock = threading.Lock()  # peers read the outer state from another thread
         self.averager = _StateSharingAverager(
             self,
-            # float64 on the wire: hivemind hands each peer (average - own part) to add to its
-            # own part, which in float32 leaves peers a few ulps apart. In float64, rounding the
-            # result back to float32 gives every peer the same bits (0 mismatches in 3e7 trials).
-            [torch.zeros_like(p, dtype=torch.float64) for p in self._params],
+            [torch.zeros_like(p) for p in self._params],
             dht,
             prefix=f"{settings.dht_prefix}_pseudo_gradients",  # hivemind forbids "." in prefixes
             target_group_size=settings.target_group_size,
             min_matchmaking_time=settings.matchmaking_seconds,
             request_timeout=max(1.0, settings.matchmaking_seconds / 2),
             allreduce_timeout=settings.averaging_timeout_seconds,
+            compression=COMPRESSIONS[settings.compression](),
+            error_feedback=settings.error_feedback,
             start=True,
         )
 
@@ -100,27 +108,70 @@ class DiLoCoTrainer:
         self.inner_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def outer_step(self, tokens_trained: int, cancel: threading.Event) -> RoundResult:
-        """Average pseudo-gradients with the peers that are ready, then take the outer step."""
+    def expect_peers(self, live_workers: int) -> None:
+        """Size averaging groups from the live membership: a full group starts at once."""
+        self.averager.set_target_group_size(min(live_workers, self.settings.target_group_size))
+
+    def outer_step(self, tokens_trained: int, cancel: threading.Event, apply_alone: bool = True) -> RoundResult | None:
+        """Average pseudo-gradients with the peers that are ready, then take the outer step.
+
+        If no group forms, the worker applies its own pseudo-gradient when it is
+        alone (apply_alone); otherwise it takes no step, drops its inner progress
+        and returns None, so that it can adopt the swarm's state instead.
+        """
         pseudo_gradients = [g - p.detach() for g, p in zip(self.global_params, self._params)]
+        residuals = self.averager.residuals
+        if residuals is not None:  # error feedback: resend what compression dropped last round
+            for gradient, residual in zip(pseudo_gradients, residuals):
+                gradient.add_(residual)
+                residual.zero_()
+        bytes_before = self.averager.bytes_sent
         group_size = self._average(pseudo_gradients, weight=float(max(tokens_trained, 1)), cancel=cancel)
-        digest = hashlib.sha256()
+        if group_size == 1 and residuals is not None:
+            for residual in residuals:  # not sent compressed: nothing to carry
+                residual.zero_()
+        if group_size == 1 and not apply_alone:
+            self.discard_local_progress()
+            return None
         with self._outer_lock:
             for global_param, averaged in zip(self.global_params, pseudo_gradients):
-                digest.update(averaged.numpy().tobytes())
                 global_param.grad = averaged
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
             self._reset_local_params()
-            result = RoundResult(round=self.round, group_size=group_size, pseudo_gradient_digest=digest.hexdigest())
+            result = RoundResult(
+                round=self.round, group_size=group_size, pseudo_gradient_digest=tensors_digest(pseudo_gradients),
+                params_digest=tensors_digest(self.global_params), bytes_sent=self.averager.bytes_sent - bytes_before,
+            )
             self.round += 1
+            self.round_started_at = time.time()
+        self.averager.state_sharing_priority = self.round  # late joiners download the newest state first
         return result
+
+    def discard_local_progress(self) -> None:
+        """Back to the global parameters: the inner steps since the last outer step are dropped."""
+        with self._outer_lock:
+            self._reset_local_params()
 
     def outer_state(self) -> tuple[dict, list[torch.Tensor], None]:
         """(metadata, tensors, compression infos) as hivemind's state download expects."""
         with self._outer_lock:
             tensors = [t.detach().clone() for t in (*self.global_params, *self.momentum)]
-            return {"round": self.round}, tensors, None
+            return {"round": self.round, "round_started_at": self.round_started_at}, tensors, None
+
+    def load_outer_state(self, round_number: int, tensors: list[torch.Tensor], round_started_at: float) -> None:
+        """Adopt global parameters and outer momentum (from a peer or a checkpoint) at a round."""
+        expected = len(self.global_params) + len(self.momentum)
+        if len(tensors) != expected:
+            raise ValueError(f"an outer state with {len(tensors)} tensors; this model needs {expected}")
+        with self._outer_lock, torch.no_grad():
+            for target, source in zip((*self.global_params, *self.momentum), tensors):
+                if target.shape != source.shape:
+                    raise ValueError(f"an outer state tensor of shape {tuple(source.shape)}, not {tuple(target.shape)}")
+                target.copy_(source)
+            self._reset_local_params()
+            self.round, self.round_started_at = round_number, round_started_at
+        self.averager.state_sharing_priority = self.round
 
     def load_state_from_peers(self, timeout: float = 30.0) -> bool:
         """Adopt a peer's round, global parameters and outer momentum; False if no peer answered."""
@@ -128,17 +179,17 @@ class DiLoCoTrainer:
         if loaded is None:
             return False
         metadata, tensors = loaded
-        expected = len(self.global_params) + len(self.momentum)
-        if not isinstance(metadata, dict) or len(tensors) != expected:
-            log.warning("ignoring a peer state with %d tensors (expected %d)", len(tensors), expected)
+        try:
+            self.load_outer_state(int(metadata["round"]), list(tensors), float(metadata["round_started_at"]))
+        except (TypeError, KeyError, ValueError) as error:
+            log.warning("ignoring a peer's state that does not fit this run (%s)", error)
             return False
-        with self._outer_lock, torch.no_grad():
-            for target, source in zip((*self.global_params, *self.momentum), tensors):
-                target.copy_(source)
-            self._reset_local_params()
-            self.round = int(metadata["round"])
         log.info("loaded the swarm state of round %d from a peer", self.round)
         return True
+
+    def params_digest(self) -> str:
+        with self._outer_lock:
+            return tensors_digest(self.global_params)
 
     def _reset_local_params(self) -> None:
         with torch.no_grad():
@@ -166,7 +217,7 @@ class DiLoCoTrainer:
         try:
             gathered = control.result()
         except Exception as error:  # hivemind raises several kinds; all mean "no average this round"
-            log.warning("round %d: averaging failed (%s); applying this worker's own pseudo-gradient", self.round, error)
+            log.warning("round %d: no averaging group (%s)", self.round, error)
             return 1
         rounds = set(gathered.values())
         if rounds != {self.round}:  # same key modulo 2**16 but another round: do not mix
@@ -179,3 +230,10 @@ class DiLoCoTrainer:
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+def tensors_digest(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,186 @@
+"""hivemind's all-reduce, changed so that every peer of a group ends with the same bits.
+
+hivemind's reducer for a slice of the tensors sends each sender (average - what
+that sender sent), compressed, and the sender adds it to its own slice. With
+lossy compression (fp16, 8-bit), and even in float32, peers then end a little
+apart, and DiLoCo peers that differ by a few ulps drift apart round after round.
+
+Here the reducer compresses the average of its slice once and every peer,
+the reducer included, decompresses those same bytes and copies them in. Bytes
+on the wire are the same as hivemind's (each slice goes up once per sender and
+comes back once per sender). Three more things happen on the way:
+- the averager counts the bytes it really sends (the serialized messages);
+- with error feedback, it records what compression lost from each slice it sent,
+  so the trainer can add that residual to the next round's pseudo-gradient;
+- if a reducer drops out mid-average, the attempt fails as a whole (peers would
+  otherwise keep their own values for that slice and disagree), so hivemind
+  retries with the peers that are left, from the untouched inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import multiprocessing as mp
+from collections.abc import AsyncIterator, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import (
+    AllreduceException,
+    AllReduceRunner,
+    BannedException,
+)
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    Uniform8BitQuantization,
+    deserialize_torch_tensor,
+)
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import amap_in_executor
+
+COMPRESSIONS: dict[str, type[CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "8bit": Uniform8BitQuantization,  # 256 buckets over +-3 sigma; no bitsandbytes needed
+}
+
+
+class ExactAllReduceRunner(AllReduceRunner):
+    def __init__(self, *, bytes_sent: mp.sharedctypes.Synchronized[int], residuals: Sequence[torch.Tensor] | None,
+                 **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._bytes_sent = bytes_sent
+        self._residuals = residuals
+        self._compression = self.tensor_part_container.compression
+        self._averaged_parts: dict[int, asyncio.Future[runtime_pb2.Tensor]] = {}
+        if residuals is not None:
+            for residual in residuals:  # a retried attempt must not keep an earlier attempt's residuals
+                residual.zero_()
+
+    def _count(self, message: averaging_pb2.AveragingData) -> None:
+        with self._bytes_sent.get_lock():
+            self._bytes_sent.value += message.ByteSize()
+
+    async def _averaged_part(self, part_index: int, average: torch.Tensor) -> runtime_pb2.Tensor:
+        """The slice's average, compressed once: every peer decompresses these same bytes."""
+        if part_index not in self._averaged_parts:
+            self._averaged_parts[part_index] = asyncio.get_running_loop().run_in_executor(
+                None, lambda: self._compression.compress(average, CompressionInfo.from_tensor(average))
+            )
+        return await self._averaged_parts[part_index]
+
+    async def _communicate_with_peer(self, peer_id) -> None:  # type: ignore[no-untyped-def]
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        # Our own slice: reduce it, then take the same decompressed average the others receive.
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            average = await self.tensor_part_reducer.accumulate_part(
+                sender_index, part_index, tensor_part, weight=self.weight
+            )
+            serialized = await self._averaged_part(part_index, average)
+            self.tensor_part_container.register_processed_part(
+                peer_index, part_index, deserialize_torch_tensor(serialized)
+            )
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        raw_parts = [part for part, _info in self.tensor_part_container._input_parts_by_peer[peer_index]]
+        sent = 0
+        async for message in super()._generate_input_for_peer(peer_index):
+            self._count(message)
+            if self._residuals is not None:
+                raw = raw_parts[sent]
+                self._residual_slice(raw).copy_(raw - deserialize_torch_tensor(message.tensor_part))
+            sent += 1
+            yield message
+
+    def _residual_slice(self, part: torch.Tensor) -> torch.Tensor:
+        """The residual elements matching `part`, a flat view into one of the averaged tensors."""
+        assert self._residuals is not None
+        for tensor, residual in zip(self.tensor_part_container.local_tensors, self._residuals):
+            if part.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                start = part.storage_offset() - tensor.storage_offset()
+                return residual.view(-1)[start : start + part.numel()]
+        raise AssertionError("a tensor part that belongs to no averaged tensor")
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):  # type: ignore[no-untyped-def]
+        # hivemind's reducer loop, answering with the compressed average instead of a delta.
+        part_index = 0
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    average = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                except BannedException:
+                    break  # the sender was banned: its data is no longer aggregated
+                serialized = await self._averaged_part(part_index, average)
+                part_index += 1
+                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                self._count(reply)
+                yield reply
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class ExactAverager(DecentralizedAverager):
+    """A DecentralizedAverager on ExactAllReduceRunner, with a group size that can follow membership.
+
+    The counters and residual buffers live in shared memory, created before
+    hivemind forks its background process, so the trainer reads what that process wrote.
+    """
+
+    def __init__(self, averaged_tensors: Sequence[torch.Tensor], *args: object, error_feedback: bool,
+                 target_group_size: int, **kwargs: object) -> None:
+        self._bytes_sent = mp.Value(ctypes.c_int64, 0)
+        self._live_target_group_size = mp.Value(ctypes.c_int32, target_group_size)
+        self.residuals: list[torch.Tensor] | None = None
+        if error_feedback:
+            self.residuals = [torch.zeros_like(t).share_memory_() for t in averaged_tensors]
+        super().__init__(averaged_tensors, *args, target_group_size=target_group_size, **kwargs)
+
+    @property
+    def bytes_sent(self) -> int:
+        """All bytes of averaging messages this peer has sent so far."""
+        return int(self._bytes_sent.value)
+
+    def set_target_group_size(self, size: int) -> None:
+        """Form groups of up to `size` peers: a group that reaches it starts without waiting."""
+        self._live_target_group_size.value = max(2, size)
+
+    async def _step(self, **kwargs: object) -> None:  # runs in hivemind's background process
+        size = int(self._live_target_group_size.value)
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        await super()._step(**kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):  # type: ignore[no-untyped-def]
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ExactAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, bytes_sent=self._bytes_sent, residuals=self.residuals, **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        averages = [average async for average in runner]  # inputs stay untouched until every slice is in
+        container = runner.tensor_part_container
+        if container.failed_size:
+            raise AllreduceException(
+                f"{container.failed_size} of {container.total_size} values came back from no reducer "
+                "(a peer left mid-average); retrying with the peers that are left"
+            )
+        for tensor, average in zip(tensors, averages):
+            tensor.copy_(average)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
