@@ -46,8 +46,10 @@ class RoundReport:
 
 @dataclass(frozen=True)
 class RoundRecorded:
-    lineage_ids: list[int]  # one per lease, in report order
-    lineage_head: int       # the newest lineage record id
+    accepted: bool           # False: the round already has other parameters; nothing was recorded
+    round_params_digest: str  # the parameters every accepted report of this round agrees on
+    lineage_ids: list[int]   # one per lease, in report order
+    lineage_head: int        # the newest lineage record id
 
 
 class Scheduler:
@@ -67,13 +69,13 @@ class Scheduler:
     # -- leases --------------------------------------------------------------------------
 
     def acquire(self, worker_id: str, max_tokens: int, round_number: int) -> LeaseGrant | None:
-        """Lease the oldest pool range (cut to max_tokens), or None when every range is leased."""
+        """Lease the oldest pool range (cut to max_tokens); None only for a corpus without tokens."""
         if max_tokens <= 0:
             raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
         with self._lock, self._sessions.begin() as session:
             now = self._clock()
             self._expire(session, now)
-            token_range = self._next_pool_range(session)
+            token_range = self._next_pool_range(session) or self._open_next_epoch(session)
             if token_range is None:
                 return None
             if token_range.end - token_range.start > max_tokens:
@@ -112,6 +114,13 @@ class Scheduler:
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
         with self._lock, self._sessions.begin() as session:
             now = self._clock()
+            round_row = session.get(Round, report.round)
+            if round_row is not None and round_row.params_digest != report.params_digest:
+                # Another group finished this round first, on other parameters. One model per
+                # round: this report's tokens go back to the pool and its worker re-syncs.
+                for lease_id, _ in report.leases:
+                    self._own_granted_lease(session, worker_id, lease_id)
+                return RoundRecorded(False, round_row.params_digest, [], self._lineage_head(session))
             worker = session.get(Worker, worker_id)
             records = [
                 self._record_lease(session, worker, report, lease_id, tokens, now) for lease_id, tokens in report.leases
@@ -126,12 +135,12 @@ class Scheduler:
             )
             self._count_round(session, report, tokens, now)
             worker.last_round, worker.last_loss, worker.last_seen = report.round, report.loss, now
-            self._open_next_epoch_if_done(session)
             session.flush()
-            return RoundRecorded(
-                lineage_ids=[record.id for record in records],
-                lineage_head=session.scalar(select(func.max(LineageRecord.id))),
-            )
+            return RoundRecorded(True, report.params_digest, [r.id for r in records], self._lineage_head(session))
+
+    @staticmethod
+    def _lineage_head(session: Session) -> int:
+        return session.scalar(select(func.max(LineageRecord.id))) or 0
 
     def _record_lease(
         self, session: Session, worker: Worker, report: RoundReport, lease_id: int, tokens_consumed: int, now: float
@@ -245,21 +254,27 @@ class Scheduler:
     def _count_round(self, session: Session, report: RoundReport, tokens: int, now: float) -> None:
         row = session.get(Round, report.round)
         if row is None:
-            row = Round(number=report.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0)
+            row = Round(
+                number=report.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0,
+                params_digest=report.params_digest,
+            )
             session.add(row)
         row.reports += 1
         row.tokens += tokens
         row.loss_sum += report.loss
         row.max_group_size = max(row.max_group_size, report.group_size)
 
-    def _open_next_epoch_if_done(self, session: Session) -> None:
-        """When every range of the newest epoch is trained, put every shard back in the pool."""
-        session.flush()
+    def _open_next_epoch(self, session: Session) -> TokenRange | None:
+        """Put every shard back in the pool as the next epoch, once the newest one has nothing left to lease.
+
+        Ranges of the older epoch may still be out on lease (or come back on expiry):
+        each epoch keeps its own tiling, so no worker idles waiting for stragglers.
+        """
         epoch = session.scalar(select(func.max(TokenRange.epoch)))
-        untrained = session.scalar(
-            select(func.count(TokenRange.id)).where(TokenRange.epoch == epoch, TokenRange.state != "trained")
-        )
-        if untrained:
-            return
+        if epoch is None:
+            return None
         for shard in session.scalars(select(Shard)).all():
-            session.add(TokenRange(shard_id=shard.id, epoch=epoch + 1, start=0, end=shard.tokens, state="pool"))
+            if shard.tokens:
+                session.add(TokenRange(shard_id=shard.id, epoch=epoch + 1, start=0, end=shard.tokens, state="pool"))
+        session.flush()
+        return self._next_pool_range(session)

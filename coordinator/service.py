@@ -163,7 +163,10 @@ class CoordinatorService:
                 inner_seconds=request.inner_seconds, wall_seconds=request.wall_seconds,
             ),
         )
-        return pb.CompleteRoundReply(lineage_ids=recorded.lineage_ids, lineage_head=recorded.lineage_head)
+        return pb.CompleteRoundReply(
+            accepted=recorded.accepted, round_params_digest=recorded.round_params_digest,
+            lineage_ids=recorded.lineage_ids, lineage_head=recorded.lineage_head,
+        )
 
     def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
         self._scheduler.release(request.auth.worker_id, request.lease_id)

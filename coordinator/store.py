@@ -93,6 +93,7 @@ class Round(Base):
     tokens: Mapped[int] = mapped_column(default=0)
     loss_sum: Mapped[float] = mapped_column(default=0.0)
     max_group_size: Mapped[int] = mapped_column(default=0)
+    params_digest: Mapped[str] = mapped_column(String(64))  # what every accepted report of the round agrees on
 
 
 class Contribution(Base):

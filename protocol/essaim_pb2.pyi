@@ -206,12 +206,16 @@ class CompleteRoundRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
 class CompleteRoundReply(_message.Message):
-    __slots__ = ("lineage_ids", "lineage_head")
+    __slots__ = ("lineage_ids", "lineage_head", "accepted", "round_params_digest")
     LINEAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_HEAD_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     lineage_ids: _containers.RepeatedScalarFieldContainer[int]
     lineage_head: int
-    def __init__(self, lineage_ids: _Optional[_Iterable[int]] = ..., lineage_head: _Optional[int] = ...) -> None: ...
+    accepted: bool
+    round_params_digest: str
+    def __init__(self, lineage_ids: _Optional[_Iterable[int]] = ..., lineage_head: _Optional[int] = ..., accepted: _Optional[bool] = ..., round_params_digest: _Optional[str] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("auth", "lease_id", "reason")

@@ -38,7 +38,7 @@ class CoordinatorProcess:
 
 @pytest.fixture
 def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[..., CoordinatorProcess]]:
-    """Start `essaim coordinator serve` with run settings given as keyword arguments."""
+    """Start `essaim coordinator serve` with run settings given as keyword arguments (again: a restart)."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(**run_settings: object) -> CoordinatorProcess:
@@ -46,6 +46,7 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
         run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_settings.items()))
         database_url = sqlite_url(tmp_path / "coordinator.db")
         ready, log = tmp_path / "ready.json", tmp_path / "coordinator.log"
+        ready.unlink(missing_ok=True)  # a restart must not read the previous run's address
         process = start_role(
             ["coordinator", "serve", "--data", str(corpus_dir), "--database", database_url, "--port", "0",
              "--run", str(run_file), "--ready-file", str(ready)],

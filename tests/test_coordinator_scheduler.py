@@ -1,5 +1,6 @@
 """Leases, rounds and the accounting invariant, on a real SQLite store."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,9 @@ from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
 from coordinator.scheduler import LeaseError, RoundReport, Scheduler
-from coordinator.store import Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url
+from coordinator.store import (
+    Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url,
+)
 from model.shards import Manifest, ShardInfo
 
 
@@ -61,7 +64,16 @@ def test_leases_cut_ranges_spread_over_shards_without_overlap(scheduler: Schedul
     assert [(lease.shard_id, lease.start, lease.end) for lease in leases] == [
         ("a", 0, 40), ("b", 0, 40), ("a", 40, 80), ("b", 40, 50), ("a", 80, 100)
     ]
-    assert scheduler.acquire("w2", 40, 0) is None
+    assert accounting_problems(store) == []
+
+
+def test_when_every_range_is_out_on_lease_the_next_epoch_opens(scheduler: Scheduler, store) -> None:
+    straggler = scheduler.acquire("w1", 1000, 0).lease
+    scheduler.acquire("w2", 1000, 0)
+    following = scheduler.acquire("w2", 1000, 1).lease  # no worker idles waiting for the straggler
+    assert (following.epoch, following.shard_id, following.start) == (1, "a", 0)
+    scheduler.release("w1", straggler.id)
+    assert (scheduler.acquire("w2", 1000, 1).lease.epoch, straggler.epoch) == (0, 0)  # older epoch first
     assert accounting_problems(store) == []
 
 
@@ -131,6 +143,19 @@ def test_a_round_on_several_leases_is_recorded_once_with_its_costs(scheduler: Sc
         [contribution] = session.scalars(select(Contribution)).all()
         assert (contribution.round, contribution.tokens, contribution.bytes_sent) == (0, 55, 1000)
     assert scheduler.current_round() == 1
+    assert accounting_problems(store) == []
+
+
+def test_a_report_with_other_parameters_than_the_rounds_is_not_recorded(scheduler: Scheduler, store) -> None:
+    first, second = scheduler.acquire("w1", 40, 0).lease, scheduler.acquire("w2", 40, 0).lease
+    assert scheduler.complete_round("w1", report((first.id, 40))).accepted
+    diverged = dataclasses.replace(report((second.id, 40)), params_digest="q" * 64)
+    recorded = scheduler.complete_round("w2", diverged)
+    assert (recorded.accepted, recorded.round_params_digest, recorded.lineage_ids) == (False, "p" * 64, [])
+    with store() as session:
+        assert session.get(Lease, second.id).state == "granted"  # the worker releases it
+        assert len(session.scalars(select(Contribution)).all()) == 1
+    scheduler.release("w2", second.id)
     assert accounting_problems(store) == []
 
 

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
 from coordinator.store import Lease
-from essaim.processes import essaim_command, group_alive, group_members, kill_group, start_role
+from essaim.processes import essaim_command, group_alive, group_members, kill_group
 from protocol.identity import Identity
+from support import start_worker, wait_for
 from worker.client import CoordinatorClient
 
 pytestmark = pytest.mark.e2e
@@ -24,16 +24,6 @@ pytestmark = pytest.mark.e2e
 # Rounds long enough that the worker is surely mid-lease when the test strikes.
 SLOW_ROUND = dict(total_rounds=50, target_group_size=2, inner_steps=400, batch_size=4, seq_len=64,
                   lease_seconds=5, heartbeat_seconds=1)
-
-
-def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def granted_lease(sessions) -> Lease | None:  # type: ignore[no-untyped-def]
@@ -44,15 +34,6 @@ def granted_lease(sessions) -> Lease | None:  # type: ignore[no-untyped-def]
 def lease_state(sessions, lease_id: int) -> str:  # type: ignore[no-untyped-def]
     with sessions() as session:
         return session.get(Lease, lease_id).state
-
-
-def start_worker(coordinator, tmp_path: Path, name: str, *extra: str, env=None) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    return start_role(
-        ["worker", "join", "--coordinator", coordinator.address, "--name", name,
-         "--identity", str(tmp_path / f"{name}.key"), *extra],
-        tmp_path / f"{name}.log",
-        env={"OMP_NUM_THREADS": "1", **(env or {})},
-    )
 
 
 def test_killed_worker_lease_expires_and_its_tokens_return_to_the_pool(start_coordinator, tmp_path: Path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,12 @@ from essaim.processes import group_alive, start_role
 from model.evaluate import mean_loss
 from model.presets import build_model
 from model.shards import Manifest, read_tokens
+from support import wait_all
 from worker.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 3
-
-
-def wait_all(processes, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in processes):
-        assert time.monotonic() < deadline, "workers did not finish in time"
-        time.sleep(0.5)
 
 
 def fixed_sample(corpus_dir: Path) -> torch.Tensor:

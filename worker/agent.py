@@ -24,7 +24,7 @@ from protocol.swarm import Swarm
 from worker.checkpoint import (
     Checkpoint, CheckpointError, latest_checkpoint, load_model, read_checkpoint, restore_outer_state, save_checkpoint,
 )
-from worker.client import CoordinatorClient
+from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import ShardReader, batches
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
 
@@ -126,7 +126,7 @@ class Worker:
             self.last_loss = sum(progress.losses) / max(len(progress.losses), 1)
             trainer.expect_peers(self.live_workers)
             result = trainer.outer_step(
-                progress.tokens, cancel=self.stop_requested, apply_alone=self.live_workers <= 1
+                progress.tokens, cancel=self.stop_requested, apply_alone=lambda: self._nobody_finished(trainer.round)
             )
         except BaseException:
             for lease in progress.leases:
@@ -135,11 +135,7 @@ class Worker:
         wall_seconds = time.perf_counter() - self._round_clock
         self._round_clock = time.perf_counter()
         if result is None:
-            # Peers are training but none averaged with us: give the tokens back and catch up.
-            for lease_id in progress.consumed:
-                self._release_quietly(lease_id, "averaging failed; the tokens go back to the pool")
-            log.warning("round %d: no averaging group; adopting the swarm's state", trainer.round)
-            trainer.load_state_from_peers()
+            self._catch_up(trainer, progress, f"round {trainer.round}: others finished it without this worker")
             return True
         reply = self.client.complete_round(
             pb.CompleteRoundRequest(
@@ -150,6 +146,13 @@ class Worker:
                 inner_seconds=progress.inner_seconds, wall_seconds=wall_seconds,
             )
         )
+        if not reply.accepted:
+            self._catch_up(
+                trainer, progress,
+                f"round {result.round}: another group's parameters ({reply.round_params_digest[:12]}) were "
+                f"recorded first; these ({result.params_digest[:12]}) are dropped",
+            )
+            return True
         self._lineage_head = reply.lineage_head
         log.info(
             "round %d: loss %.3f, %.0f tokens/s, averaged with %d peer(s), sent %d bytes",
@@ -159,6 +162,24 @@ class Worker:
         if self.options.checkpoint_dir is not None and every > 0 and (result.round + 1) % every == 0:
             self._save_checkpoint(trainer, config, reply.lineage_head)
         return True
+
+    def _nobody_finished(self, round_number: int) -> bool:
+        """No group formed: go on alone only if no other worker has finished this round."""
+        if self.live_workers <= 1:
+            return True
+        try:
+            return self.client.heartbeat(round_number, self.last_loss, self.tokens_per_second).current_round <= round_number
+        except (CoordinatorUnreachable, CoordinatorRefused):
+            return False
+
+    def _catch_up(self, trainer: DiLoCoTrainer, progress: RoundProgress, why: str) -> None:
+        """Give the round's tokens back and adopt the swarm's state: one model per round."""
+        for lease_id in progress.consumed:
+            self._release_quietly(lease_id, "not part of the swarm's model; back to the pool")
+        log.warning("%s; adopting the swarm's state", why)
+        trainer.stop_sharing_state()
+        if not trainer.load_state_from_peers():
+            log.warning("no peer shared its state; retrying in the next round")
 
     def _train_inner_steps(
         self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader, progress: RoundProgress

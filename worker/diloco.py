@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from hivemind import DHT
@@ -112,12 +113,14 @@ class DiLoCoTrainer:
         """Size averaging groups from the live membership: a full group starts at once."""
         self.averager.set_target_group_size(min(live_workers, self.settings.target_group_size))
 
-    def outer_step(self, tokens_trained: int, cancel: threading.Event, apply_alone: bool = True) -> RoundResult | None:
+    def outer_step(
+        self, tokens_trained: int, cancel: threading.Event, apply_alone: Callable[[], bool] = lambda: True
+    ) -> RoundResult | None:
         """Average pseudo-gradients with the peers that are ready, then take the outer step.
 
-        If no group forms, the worker applies its own pseudo-gradient when it is
-        alone (apply_alone); otherwise it takes no step, drops its inner progress
-        and returns None, so that it can adopt the swarm's state instead.
+        If no group forms, the worker applies its own pseudo-gradient if
+        apply_alone() says so; otherwise it takes no step, drops its inner
+        progress and returns None, so that it can adopt the swarm's state instead.
         """
         pseudo_gradients = [g - p.detach() for g, p in zip(self.global_params, self._params)]
         residuals = self.averager.residuals
@@ -130,7 +133,7 @@ class DiLoCoTrainer:
         if group_size == 1 and residuals is not None:
             for residual in residuals:  # not sent compressed: nothing to carry
                 residual.zero_()
-        if group_size == 1 and not apply_alone:
+        if group_size == 1 and not apply_alone():
             self.discard_local_progress()
             return None
         with self._outer_lock:
@@ -147,6 +150,10 @@ class DiLoCoTrainer:
             self.round_started_at = time.time()
         self.averager.state_sharing_priority = self.round  # late joiners download the newest state first
         return result
+
+    def stop_sharing_state(self) -> None:
+        """Let peers download state from others: ours is about to be replaced."""
+        self.averager.state_sharing_priority = 0
 
     def discard_local_progress(self) -> None:
         """Back to the global parameters: the inner steps since the last outer step are dropped."""
