@@ -77,7 +77,7 @@ class Lease(Base):
     end: Mapped[int]
     round: Mapped[int]
     attempt: Mapped[int]  # how many times this range's start was leased before, plus one
-    state: Mapped[str] = mapped_column(String(16))  # granted | completed | released | expired
+    state: Mapped[str] = mapped_column(String(16))  # granted | completed | released | expired | rewound
     deadline: Mapped[float]
     granted_at: Mapped[float]
     finished_at: Mapped[float | None] = mapped_column(default=None)
@@ -130,6 +130,7 @@ class LineageRecord(Base):
     pseudo_gradient_digest: Mapped[str] = mapped_column(String(64))
     config_version: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float]
+    rewound_at: Mapped[float | None] = mapped_column(default=None)  # set: no model holds these tokens any more
 
 
 def sqlite_url(path: Path) -> str:

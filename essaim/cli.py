@@ -81,6 +81,23 @@ def coordinator_serve(
         _fail(str(error))
 
 
+@coordinator_app.command("rewind")
+def coordinator_rewind(
+    data: Path = typer.Option(..., "--data", help="The run's prepared corpus directory."),
+    database: str = typer.Option("", help="SQLAlchemy URL; default: SQLite file coordinator.db in --data."),
+    to_round: int = typer.Option(..., help="The checkpoint's next_round (its checkpoint.json)."),
+) -> None:
+    """After a crash: forget rounds from TO_ROUND on, so the run resumes from a checkpoint."""
+    from coordinator.rewind import RewindRefused, rewind
+    from coordinator.store import open_engine, session_factory, sqlite_url
+
+    try:
+        done = rewind(session_factory(open_engine(database or sqlite_url(data / "coordinator.db"))), to_round)
+    except RewindRefused as error:
+        _fail(str(error))
+    typer.echo(f"rewound {done.rounds} round(s): {done.leases} lease(s), {done.tokens} tokens back in the pool")
+
+
 @worker_app.command("join")
 def worker_join(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),

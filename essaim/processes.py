@@ -70,10 +70,14 @@ def group_alive(pgid: int) -> bool:
 
 
 def stop_group(process: subprocess.Popen[bytes], grace_seconds: float = 20.0) -> None:
-    """SIGTERM the child's process group, wait, then SIGKILL whatever is left of it."""
+    """SIGTERM the child, wait for it and its group to exit, then SIGKILL whatever is left of the group.
+
+    Only the leader gets SIGTERM: it shuts its own children down (hivemind's DHT and
+    p2pd), which fails if they are terminated under it at the same moment.
+    """
     pgid = process.pid  # session leader: its pid is the group id
     if process.poll() is None:
-        _signal_group(pgid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
         if process.poll() is not None and not group_alive(pgid):

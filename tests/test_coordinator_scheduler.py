@@ -7,6 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
+from coordinator.rewind import RewindRefused, rewind
 from coordinator.scheduler import LeaseError, RoundReport, Scheduler
 from coordinator.store import (
     Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url,
@@ -201,3 +202,24 @@ def test_accounting_detects_a_lost_range(scheduler: Scheduler, store) -> None:
 def test_a_second_corpus_is_refused_by_the_same_database(store) -> None:
     with pytest.raises(ValueError, match="fresh database"):
         load_manifest(store, Manifest(1000, "t" * 64, [shard("c", 10)]))
+
+
+def test_a_rewind_returns_later_rounds_tokens_to_the_pool_once(scheduler: Scheduler, store, clock: Clock) -> None:
+    for round_number in range(3):
+        lease = scheduler.acquire("w1", 30, round_number).lease
+        scheduler.complete_round("w1", done(lease.id, 30, round_number=round_number))
+    live = scheduler.acquire("w2", 30, 3).lease
+    with pytest.raises(RewindRefused, match="1 lease"):
+        rewind(store, to_round=1, now=clock.now)
+    clock.now += 31  # the live lease's deadline passes: the coordinator is down
+    rewound = rewind(store, to_round=1, now=clock.now)
+    assert (rewound.rounds, rewound.leases, rewound.tokens) == (2, 2, 60)
+    assert scheduler.current_round() == 1
+    assert accounting_problems(store) == []
+    with store() as session:
+        kept = session.scalars(select(LineageRecord).where(LineageRecord.rewound_at.is_(None))).all()
+        assert [(r.round, r.start, r.end) for r in kept] == [(0, 0, 30)]
+    # The rewound ranges (rounds 1 and 2) and the expired one are leased again.
+    again = [scheduler.acquire("w1", 30, 1).lease for _ in range(3)]
+    assert sorted((lease.shard_id, lease.start) for lease in again) == [("a", 30), ("b", 0), (live.shard_id, live.start)]
+    assert accounting_problems(store) == []
