@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import LineageRecord, Round, Shard, Worker
+from coordinator.store import Contribution, LineageRecord, Round, Shard, Worker
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class WorkerProgress:
     loss: float | None
     tokens_per_second: float
     tokens_trained: int
+    bytes_sent: int          # averaging traffic, all rounds
+    compute_share: float     # time in inner steps / wall time, over its rounds (0 before the first)
 
 
 @dataclass(frozen=True)
@@ -32,18 +34,32 @@ class RoundSummary:
 def worker_progress(sessions: sessionmaker[Session]) -> list[WorkerProgress]:
     trained = (
         select(LineageRecord.worker_id, func.sum(LineageRecord.end - LineageRecord.start).label("tokens"))
+        .where(LineageRecord.rewound_at.is_(None))
         .group_by(LineageRecord.worker_id)
+        .subquery()
+    )
+    costs = (
+        select(
+            Contribution.worker_id,
+            func.sum(Contribution.bytes_sent).label("bytes"),
+            func.sum(Contribution.inner_seconds).label("inner"),
+            func.sum(Contribution.wall_seconds).label("wall"),
+        )
+        .group_by(Contribution.worker_id)
         .subquery()
     )
     with sessions() as session:
         rows = session.execute(
-            select(Worker, func.coalesce(trained.c.tokens, 0))
+            select(Worker, func.coalesce(trained.c.tokens, 0), func.coalesce(costs.c.bytes, 0),
+                   func.coalesce(costs.c.inner, 0.0), func.coalesce(costs.c.wall, 0.0))
             .outerjoin(trained, trained.c.worker_id == Worker.id)
+            .outerjoin(costs, costs.c.worker_id == Worker.id)
             .order_by(Worker.name)
         ).all()
     return [
-        WorkerProgress(w.name, w.institution, w.last_round, w.last_loss, w.tokens_per_second, int(tokens))
-        for w, tokens in rows
+        WorkerProgress(w.name, w.institution, w.last_round, w.last_loss, w.tokens_per_second, int(tokens),
+                       int(sent), inner / wall if wall else 0.0)
+        for w, tokens, sent, inner, wall in rows
     ]
 
 
@@ -62,6 +78,7 @@ def tokens_by_shard_field(sessions: sessionmaker[Session], field: str) -> dict[s
         rows = session.execute(
             select(column, func.sum(LineageRecord.end - LineageRecord.start))
             .join(Shard, Shard.id == LineageRecord.shard_id)
+            .where(LineageRecord.rewound_at.is_(None))
             .group_by(column)
             .order_by(column)
         ).all()

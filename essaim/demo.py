@@ -61,6 +61,9 @@ def run_settings_toml(settings: DemoSettings) -> str:
             "matchmaking_seconds = 10.0",  # a straggler this late still joins its round
             "averaging_timeout_seconds = 25.0",  # a worker left out of a group waits no longer
             "heartbeat_seconds = 2",
+            'compression = "8bit"',  # a quarter of fp32's bytes; error feedback resends what it drops
+            "error_feedback = true",
+            "checkpoint_every_rounds = 5",
             "",
         ]
     )
@@ -136,11 +139,12 @@ def _progress_view(sessions, settings: DemoSettings, elapsed: float) -> Group:  
         f"[bold]DiLoCo round {len(done)}/{settings.rounds}[/bold]  elapsed {elapsed:5.1f} s  "
         + (f"last round: loss {last.mean_loss:.3f}, {last.max_group_size} peers averaged" if last else "warming up")
     )
-    table = Table("worker", "institution", "round", "loss", "tokens/s", "tokens trained")
+    table = Table("worker", "institution", "round", "loss", "tokens/s", "tokens trained", "MB sent", "computing")
     for worker in reports.worker_progress(sessions):
         loss = f"{worker.loss:.3f}" if worker.loss is not None else "-"
         table.add_row(worker.name, worker.institution, str(worker.round), loss,
-                      f"{worker.tokens_per_second:,.0f}", f"{worker.tokens_trained:,}")
+                      f"{worker.tokens_per_second:,.0f}", f"{worker.tokens_trained:,}",
+                      f"{worker.bytes_sent / 1e6:.2f}", f"{worker.compute_share:.0%}")
     return Group(header, table)
 
 
@@ -159,8 +163,13 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     for field in ("language", "source", "licence"):
         by = reports.tokens_by_shard_field(sessions, field)
         console.print(f"tokens by {field}: " + ", ".join(f"{k} {v:,}" for k, v in by.items()))
-    per_worker = {w.name: w.tokens_trained for w in reports.worker_progress(sessions)}
-    console.print("tokens by worker: " + ", ".join(f"{k} {v:,}" for k, v in per_worker.items()))
+    workers = reports.worker_progress(sessions)
+    console.print("tokens by worker: " + ", ".join(f"{w.name} {w.tokens_trained:,}" for w in workers))
+    console.print(
+        "averaging traffic (8-bit pseudo-gradients): "
+        + ", ".join(f"{w.name} {w.bytes_sent / 1e6:.2f} MB" for w in workers)
+        + f"; time in inner steps: {sum(w.compute_share for w in workers) / max(len(workers), 1):.0%} of wall time"
+    )
 
     checkpoint = latest_checkpoint(workdir / "checkpoint")
     transformers_logging.disable_progress_bar()
