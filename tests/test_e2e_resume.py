@@ -47,6 +47,17 @@ def start_workers(coordinator, tmp_path: Path, socket_dir: Path) -> list[subproc
     ]
 
 
+def restart_and_finish(start_coordinator, tmp_path: Path, socket_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The coordinator again on the same database, the workers on the same checkpoint directories."""
+    workers = start_workers(start_coordinator(**RUN), tmp_path, socket_dir)
+    try:
+        wait_all(workers, timeout=180)
+    finally:
+        for worker in workers:
+            kill_group(worker)
+    assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, *NAMES)
+
+
 def rounds_reported_by_both(sessions) -> int:  # type: ignore[no-untyped-def]
     return sum(1 for rows in contributions_by_round(sessions).values() if len(rows) == 2)
 
@@ -95,14 +106,7 @@ def test_a_stopped_run_resumes_from_its_checkpoints(
     assert [c.next_round for c in checkpoints] == [stopped_at + 1] * 2
     assert {c.params_digest for c in checkpoints} == {contributions_by_round(sessions)[stopped_at][0].params_digest}
 
-    coordinator = start_coordinator(**RUN)  # same database
-    workers = start_workers(coordinator, tmp_path, socket_dir)
-    try:
-        wait_all(workers, timeout=180)
-    finally:
-        for worker in workers:
-            kill_group(worker)
-    assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, *NAMES)
+    restart_and_finish(start_coordinator, tmp_path, socket_dir)
     assert all(f"resumed from {tmp_path}" in (tmp_path / f"{n}.log").read_text() for n in NAMES)
     assert_whole_run(sessions, tmp_path)
     # Training carried on from the stop: on a fixed sample, initial > at the stop > at the end.
@@ -145,12 +149,5 @@ def test_a_crashed_run_rewinds_to_its_last_checkpoint_and_resumes(
     assert rewound >= 2 * (recorded + 1 - checkpoint.next_round)  # a round's tokens may span several leases
     assert accounting_problems(sessions) == []
 
-    coordinator = start_coordinator(**RUN)
-    workers = start_workers(coordinator, tmp_path, socket_dir)
-    try:
-        wait_all(workers, timeout=180)
-    finally:
-        for worker in workers:
-            kill_group(worker)
-    assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, *NAMES)
+    restart_and_finish(start_coordinator, tmp_path, socket_dir)
     assert_whole_run(sessions, tmp_path)

@@ -22,20 +22,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import multiprocessing as mp
-from collections.abc import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import (
-    AllreduceException,
-    AllReduceRunner,
-    BannedException,
-)
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, BannedException
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
     Float16Compression,
     NoCompression,
+    SizeAdaptiveCompression,
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
@@ -43,10 +40,15 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import amap_in_executor
 
-COMPRESSIONS: dict[str, type[CompressionBase]] = {
+# 8-bit sends a 256-entry float32 codebook with every tensor part: on a small tensor (norm
+# gains) that costs more than fp16 would, so parts under 4096 values go as fp16.
+SMALL_PART_VALUES = 4096
+COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
     "none": NoCompression,
     "fp16": Float16Compression,
-    "8bit": Uniform8BitQuantization,  # 256 buckets over +-3 sigma; no bitsandbytes needed
+    "8bit": lambda: SizeAdaptiveCompression(  # 256 buckets over +-3 sigma; no bitsandbytes needed
+        SMALL_PART_VALUES, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+    ),
 }
 
 
