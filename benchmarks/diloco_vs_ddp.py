@@ -68,6 +68,7 @@ class Settings:
     outer_lr: float = 0.9
     outer_momentum: float = 0.3  # short runs overshoot with DiLoCo's usual 0.9 (see essaim/demo.py)
     error_feedback: bool = False
+    leases_per_round: int = 4   # each DiLoCo worker's round mixes this many leases (see RunSettings)
 
     @property
     def rounds(self) -> int:
@@ -75,8 +76,8 @@ class Settings:
 
     @property
     def lease_tokens(self) -> int:
-        """Tokens one worker trains per round: one lease (round_seconds = 0)."""
-        return self.inner_steps * self.batch * self.seq_len
+        """Tokens of one lease: a worker trains leases_per_round of them per round (round_seconds = 0)."""
+        return self.inner_steps * self.batch * self.seq_len // self.leases_per_round
 
 
 @dataclass
@@ -109,7 +110,7 @@ def prepare_data(root: Path, settings: Settings) -> torch.Tensor:
     manifest = prepare_corpus(load_corpus_config(config), data, settings.vocab, shard_tokens=1 << 26)
     held_out = EVAL_ROWS_PER_SHARD * settings.seq_len
     leases = {s.shard_id: max(0, (s.tokens - held_out) // settings.lease_tokens) for s in manifest.shards}
-    for _ in range(sum(leases.values()) % settings.workers):
+    for _ in range(sum(leases.values()) % (settings.workers * settings.leases_per_round)):
         leases[max(leases, key=leases.__getitem__)] -= 1
     if sum(leases.values()) == 0:
         raise SystemExit(f"the sample corpus has no {settings.workers} leases of {settings.lease_tokens} tokens: "
@@ -276,11 +277,16 @@ def ddp_rank(rank: int, job_path: Path) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.inner_lr)
         started = time.perf_counter()
         for round_number in range(settings.rounds):
-            # One of this round's N DiLoCo leases: the same rows. (Which worker gets which is a race there;
-            # DDP, averaging every step, does not care which rank trains which.)
-            shard, start = order[(round_number * settings.workers + rank) % len(order)]
-            tokens = torch.from_numpy(read_tokens(data / shard.file, shard.dtype, start, start + settings.lease_tokens))
-            for rows in batches(tokens, settings.batch, settings.seq_len):
+            # This round's N x L DiLoCo leases: the same rows, L per rank, a batch from each in turn, as a
+            # DiLoCo worker trains them. (Which worker gets which lease is a race there; DDP, averaging
+            # every step, does not care which rank trains which.)
+            per_round = settings.workers * settings.leases_per_round
+            mine = [order[(round_number * per_round + rank + settings.workers * j) % len(order)]
+                    for j in range(settings.leases_per_round)]
+            streams = [batches(torch.from_numpy(read_tokens(data / shard.file, shard.dtype, start,
+                                                            start + settings.lease_tokens)),
+                               settings.batch, settings.seq_len) for shard, start in mine]
+            for rows in (rows for turn in zip(*streams) for rows in turn):
                 ddp(input_ids=rows, labels=rows).loss.backward()
                 meter.end_backward()
                 optimizer.step()
@@ -333,9 +339,10 @@ def run_toml(settings: Settings, compression: str) -> str:
         "model_preset": settings.preset, "seed": settings.seed, "seq_len": settings.seq_len,
         "batch_size": settings.batch, "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr,
         "outer_lr": settings.outer_lr, "outer_momentum": settings.outer_momentum, "total_rounds": settings.rounds,
-        "target_group_size": settings.workers, "matchmaking_seconds": 5.0, "averaging_timeout_seconds": 60.0,
+        "target_group_size": settings.workers, "matchmaking_seconds": 20.0, "averaging_timeout_seconds": 60.0,
         "heartbeat_seconds": 2, "compression": compression, "error_feedback": settings.error_feedback,
         "round_seconds": 0.0,  # every worker trains exactly inner_steps steps per round, like a DDP rank
+        "leases_per_round": settings.leases_per_round,
     }
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 

@@ -36,11 +36,19 @@ class RunSettings(BaseModel):
     error_feedback: bool = False       # carry what compression lost into the next round
     round_seconds: float = Field(0.0, ge=0)  # > 0: rounds end on time, so fast and slow workers both fit
     checkpoint_every_rounds: int = Field(0, ge=0)  # > 0: workers with --checkpoint-dir save every K rounds
+    # A worker trains a round on this many leases at once, a batch from each in turn, so its
+    # pseudo-gradient mixes shards (sources) like its peers' do: averaging non-IID workers hurts.
+    leases_per_round: int = Field(4, ge=1)
 
     @property
     def tokens_per_round(self) -> int:
         """The most tokens one worker trains in one round."""
         return self.inner_steps * self.batch_size * self.seq_len
+
+    @property
+    def lease_tokens(self) -> int:
+        """The most tokens of one lease: a share of a round, at least one row."""
+        return max(self.seq_len, self.tokens_per_round // self.leases_per_round)
 
 
 class CoordinatorSettings(BaseModel):

@@ -46,7 +46,7 @@ def build_run_config(settings: CoordinatorSettings, manifest: Manifest, peers: l
         matchmaking_seconds=run.matchmaking_seconds, averaging_timeout_seconds=run.averaging_timeout_seconds,
         lease_seconds=run.lease_seconds, heartbeat_seconds=run.heartbeat_seconds,
         compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
-        checkpoint_every_rounds=run.checkpoint_every_rounds,
+        checkpoint_every_rounds=run.checkpoint_every_rounds, leases_per_round=run.leases_per_round,
         initial_peers=peers, dht_prefix=f"essaim-{run_id}",
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),

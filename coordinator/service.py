@@ -138,7 +138,7 @@ class CoordinatorService:
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
         if self._scheduler.run_complete(request.round):
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.RUN_COMPLETE)
-        max_tokens = min(request.max_tokens, self._run.tokens_per_round)
+        max_tokens = min(request.max_tokens, self._run.lease_tokens)
         grant = self._scheduler.acquire(request.auth.worker_id, max_tokens, request.round)
         if grant is None:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.POOL_EMPTY)

@@ -14,8 +14,12 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from model.presets import build_model
 from protocol import essaim_pb2 as pb
@@ -68,6 +72,7 @@ class Worker:
         self.last_loss = 0.0
         self.tokens_per_second = 0.0
         self.live_workers = 1
+        self.swarm_round = 0  # the coordinator's current round, as of the last heartbeat
         self._round_clock = time.perf_counter()
         self._checkpointed_round = -1
         self._lineage_head = 0  # the newest lineage record the coordinator reported back
@@ -90,7 +95,7 @@ class Worker:
                 self._checkpointed_round = trainer.round
                 log.info("resumed from %s at round %d", checkpoint.path, trainer.round)
             status = self.client.heartbeat(trainer.round, 0.0, 0.0)
-            self.live_workers = status.live_workers
+            self.live_workers, self.swarm_round = status.live_workers, status.current_round
             if status.current_round > trainer.round and not trainer.load_state_from_peers():
                 log.warning(
                     "the run is at round %d but no peer shared its state: training from round %d",
@@ -126,7 +131,9 @@ class Worker:
             self.last_loss = sum(progress.losses) / max(len(progress.losses), 1)
             trainer.expect_peers(self.live_workers)
             result = trainer.outer_step(
-                progress.tokens, cancel=self.stop_requested, apply_alone=lambda: self._nobody_finished(trainer.round)
+                progress.tokens, cancel=self.stop_requested,
+                apply_alone=lambda: self._nobody_finished(trainer.round),
+                give_up=lambda: self.swarm_round > trainer.round,
             )
         except BaseException:
             for lease in progress.leases:
@@ -184,36 +191,48 @@ class Worker:
     def _train_inner_steps(
         self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader, progress: RoundProgress
     ) -> bool:
-        """Inner steps on as many leases as the round's token or time budget takes. False: run complete."""
+        """Inner steps until the round's token or time budget is spent. False: the run is complete.
+
+        The round trains on up to leases_per_round leases at once, a batch from each in
+        turn (each lease is still consumed as a prefix of its range), so that every
+        worker's pseudo-gradient mixes shards and sources, as its peers' do.
+        """
         budget = config.inner_steps * config.batch_size * config.seq_len
         deadline = trainer.round_started_at + config.round_seconds if config.round_seconds > 0 else math.inf
+        streams: deque[tuple[pb.Lease, Iterator[torch.Tensor]]] = deque()
+        leased = 0
         while progress.tokens < budget and (time.time() < deadline or progress.tokens == 0):
-            reply = self.client.acquire_lease(budget - progress.tokens, trainer.round)
-            if reply.status == pb.AcquireLeaseReply.RUN_COMPLETE:
-                log.info("run complete after %d rounds", trainer.round)
-                return False
-            if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
+            while len(streams) < max(config.leases_per_round, 1) and leased < budget:
+                reply = self.client.acquire_lease(budget - leased, trainer.round)
+                if reply.status == pb.AcquireLeaseReply.RUN_COMPLETE:
+                    log.info("run complete after %d rounds", trainer.round)
+                    for lease in progress.leases:
+                        self._release_quietly(lease.lease_id, "the run is complete")
+                    return False
+                if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
+                    break
+                progress.leases.append(reply.lease)
+                streams.append((reply.lease, batches(reader.tokens(reply.lease), config.batch_size, config.seq_len)))
+                leased += reply.lease.end - reply.lease.start
+            if not streams:
                 if progress.tokens:
-                    break  # average what this round has
+                    break  # nothing left to lease: average what this round has
                 if self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS):
                     raise AveragingCancelled("stop requested while waiting for tokens")
                 continue
-            lease = reply.lease
-            progress.leases.append(lease)
-            consumed = 0
-            for batch in batches(reader.tokens(lease), config.batch_size, config.seq_len):
-                if self.stop_requested.is_set():
-                    raise AveragingCancelled("stop requested during inner steps")
-                if time.time() >= deadline and progress.tokens + consumed > 0:
-                    break
-                started = time.perf_counter()
-                if batch.shape[1] > 1:
-                    progress.losses.append(trainer.inner_step(batch))
-                progress.inner_seconds += time.perf_counter() - started
-                consumed += batch.numel()
-            if consumed:
-                progress.consumed[lease.lease_id] = consumed
-                progress.tokens += consumed
+            lease, stream = streams.popleft()
+            batch = next(stream, None)
+            if batch is None:
+                continue  # this lease is spent
+            if self.stop_requested.is_set():
+                raise AveragingCancelled("stop requested during inner steps")
+            started = time.perf_counter()
+            if batch.shape[1] > 1:
+                progress.losses.append(trainer.inner_step(batch))
+            progress.inner_seconds += time.perf_counter() - started
+            progress.consumed[lease.lease_id] = progress.consumed.get(lease.lease_id, 0) + batch.numel()
+            progress.tokens += batch.numel()
+            streams.append((lease, stream))
         return True
 
     def _save_checkpoint(self, trainer: DiLoCoTrainer, config: pb.RunConfig, lineage_head: int) -> None:
@@ -246,7 +265,7 @@ class Worker:
         while not self.stop_requested.wait(config.heartbeat_seconds):
             try:
                 reply = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
-                self.live_workers = reply.live_workers
+                self.live_workers, self.swarm_round = reply.live_workers, reply.current_round
             except Exception as error:
                 log.warning("heartbeat failed: %s", error)
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 from hivemind import DHT
+from hivemind.averaging.control import AveragingStage
 
 from worker.allreduce import COMPRESSIONS, ExactAverager
 
@@ -114,13 +115,18 @@ class DiLoCoTrainer:
         self.averager.set_target_group_size(min(live_workers, self.settings.target_group_size))
 
     def outer_step(
-        self, tokens_trained: int, cancel: threading.Event, apply_alone: Callable[[], bool] = lambda: True
+        self,
+        tokens_trained: int,
+        cancel: threading.Event,
+        apply_alone: Callable[[], bool] = lambda: True,
+        give_up: Callable[[], bool] = lambda: False,
     ) -> RoundResult | None:
         """Average pseudo-gradients with the peers that are ready, then take the outer step.
 
-        If no group forms, the worker applies its own pseudo-gradient if
-        apply_alone() says so; otherwise it takes no step, drops its inner
-        progress and returns None, so that it can adopt the swarm's state instead.
+        If no group forms (or give_up() turns true while still looking for one), the
+        worker applies its own pseudo-gradient if apply_alone() says so; otherwise it
+        takes no step, drops its inner progress and returns None, so that it can
+        adopt the swarm's state instead.
         """
         pseudo_gradients = [g - p.detach() for g, p in zip(self.global_params, self._params)]
         residuals = self.averager.residuals
@@ -129,7 +135,7 @@ class DiLoCoTrainer:
                 gradient.add_(residual)
                 residual.zero_()
         bytes_before = self.averager.bytes_sent
-        group_size = self._average(pseudo_gradients, weight=float(max(tokens_trained, 1)), cancel=cancel)
+        group_size = self._average(pseudo_gradients, float(max(tokens_trained, 1)), cancel, give_up)
         if group_size == 1 and residuals is not None:
             for residual in residuals:  # not sent compressed: nothing to carry
                 residual.zero_()
@@ -203,7 +209,9 @@ class DiLoCoTrainer:
             for param, global_param in zip(self._params, self.global_params):
                 param.copy_(global_param)
 
-    def _average(self, tensors: list[torch.Tensor], weight: float, cancel: threading.Event) -> int:
+    def _average(
+        self, tensors: list[torch.Tensor], weight: float, cancel: threading.Event, give_up: Callable[[], bool]
+    ) -> int:
         """Replace `tensors` by the group's weighted average in place; returns the group size.
 
         When no group forms in time the worker keeps its own pseudo-gradient
@@ -220,6 +228,10 @@ class DiLoCoTrainer:
             if cancel.is_set():
                 control.cancel()
                 raise AveragingCancelled("stopped while averaging")
+            if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
+                control.cancel()  # the others averaged without us: waiting longer gains nothing
+                log.warning("round %d: peers finished this round without this worker", self.round)
+                return 1
             time.sleep(0.05)
         try:
             gathered = control.result()
