@@ -39,8 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coordinator.mixture import mixture_order
 from essaim.processes import stop_group, wait_for_ready_file
-from model.corpus import load_corpus_config, prepare_corpus
+from model.corpus import prepare_corpus
+from model.corpus_config import load_corpus_config
 from model.evaluate import mean_loss
 from model.presets import build_model
 from model.sample_corpus import write_sample_corpus
@@ -107,7 +109,7 @@ def prepare_data(root: Path, settings: Settings) -> torch.Tensor:
     """
     config = write_sample_corpus(root / "text", CHARS_PER_LANGUAGE)
     data = root / "data"
-    manifest = prepare_corpus(load_corpus_config(config), data, settings.vocab, shard_tokens=1 << 26)
+    manifest, _ = prepare_corpus(load_corpus_config(config), data, vocab_size=settings.vocab, shard_tokens=1 << 26)
     held_out = EVAL_ROWS_PER_SHARD * settings.seq_len
     leases = {s.shard_id: max(0, (s.tokens - held_out) // settings.lease_tokens) for s in manifest.shards}
     for _ in range(sum(leases.values()) % (settings.workers * settings.leases_per_round)):
@@ -124,14 +126,29 @@ def prepare_data(root: Path, settings: Settings) -> torch.Tensor:
         if leases[shard.shard_id]:
             train = tokens[: leases[shard.shard_id] * settings.lease_tokens]
             shards.append(replace(shard, sha256=write_shard(train, data / shard.file, shard.dtype), tokens=len(train)))
-    Manifest(manifest.vocab_size, manifest.tokenizer_sha256, shards).save(data / "manifest.json")
+    # Weights equal to the sources' sizes: the mixture reads every lease once, no source repeats.
+    sizes = {s.name: sum(shard.tokens for shard in shards if shard.source == s.name) for s in manifest.sources}
+    sources = [replace(s, weight=float(sizes[s.name])) for s in manifest.sources]
+    Manifest(manifest.vocab_size, manifest.tokenizer_sha256, sources, shards).save(data / "manifest.json")
     return torch.cat(eval_parts)
 
 
 def lease_order(manifest: Manifest, lease_tokens: int) -> list[tuple[ShardInfo, int]]:
-    """(shard, start) of an epoch's leases in the coordinator's order: by start, then shard id."""
-    leases = [(start, s.shard_id, s) for s in manifest.shards for start in range(0, s.tokens, lease_tokens)]
-    return [(shard, start) for start, _, shard in sorted(leases)]
+    """(shard, start) of an epoch's leases in the coordinator's order (coordinator.mixture, oldest first)."""
+    pending = {
+        source.name: [(shard, start) for shard in sorted((s for s in manifest.shards if s.source == source.name),
+                                                         key=lambda s: (s.date_from, s.shard_id))
+                      for start in range(0, shard.tokens, lease_tokens)]
+        for source in manifest.sources
+    }
+    weights = {s.name: s.weight for s in manifest.sources if pending[s.name]}
+    assigned: dict[str, int] = {}
+    order = []
+    while any(pending.values()):
+        source = mixture_order(weights, assigned)[0]
+        order.append(pending[source].pop(0))
+        assigned[source] = assigned.get(source, 0) + lease_tokens
+    return order
 
 
 def digest(model: torch.nn.Module) -> str:

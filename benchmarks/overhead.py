@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from model.corpus import load_corpus_config, prepare_corpus
+from model.corpus import prepare_corpus
+from model.corpus_config import load_corpus_config
 from model.presets import build_model
 from model.sample_corpus import write_sample_corpus
 from protocol import essaim_pb2 as pb
@@ -58,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="essaim-bench-") as tmp:
         root = Path(tmp)
         config = write_sample_corpus(root / "text", chars_per_language=1_000_000)
-        manifest = prepare_corpus(load_corpus_config(config), root / "data", vocab, shard_tokens=1 << 20)
+        manifest, _ = prepare_corpus(load_corpus_config(config), root / "data", vocab_size=vocab, shard_tokens=1 << 20)
         tokens_per_step = args.batch_size * args.seq_len
         shard = max(manifest.shards, key=lambda s: s.tokens)
         steps = min(args.steps, shard.tokens // tokens_per_step)

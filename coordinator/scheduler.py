@@ -14,7 +14,8 @@ from typing import Callable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Contribution, Lease, LineageRecord, Round, Shard, TokenRange, Worker
+from coordinator.mixture import mixture_order
+from coordinator.store import Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker
 
 GENESIS_CONFIG_VERSION = "genesis"
 
@@ -69,13 +70,13 @@ class Scheduler:
     # -- leases --------------------------------------------------------------------------
 
     def acquire(self, worker_id: str, max_tokens: int, round_number: int) -> LeaseGrant | None:
-        """Lease the oldest pool range (cut to max_tokens); None only for a corpus without tokens."""
+        """Lease a pool range (cut to max_tokens) as the mixture asks; None only for a corpus without tokens."""
         if max_tokens <= 0:
             raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
         with self._lock, self._sessions.begin() as session:
             now = self._clock()
             self._expire(session, now)
-            token_range = self._next_pool_range(session) or self._open_next_epoch(session)
+            token_range = self._next_pool_range(session)
             if token_range is None:
                 return None
             if token_range.end - token_range.start > max_tokens:
@@ -223,12 +224,43 @@ class Scheduler:
         return lease
 
     def _next_pool_range(self, session: Session) -> TokenRange | None:
-        # Ordering by position before shard spreads consecutive leases over all shards,
-        # so every round mixes sources. (Configured mixtures come with the corpus pipeline.)
+        """The oldest pool range of the source furthest below its share of leased tokens.
+
+        A source whose ranges are all out opens its next epoch, so each source is
+        repeated or left partly unread as its weight asks, whatever its size.
+        """
+        for source in mixture_order(self._weights(session), self._assigned_tokens(session)):
+            token_range = self._oldest_pool_range(session, source) or self._open_next_epoch(session, source)
+            if token_range is not None:
+                return token_range
+        return None
+
+    @staticmethod
+    def _weights(session: Session) -> dict[str, float]:
+        """Weights of the sources that have tokens to lease."""
+        rows = session.execute(
+            select(Source.name, Source.weight).where(Source.name.in_(select(Shard.source).where(Shard.tokens > 0)))
+        ).all()
+        return {name: weight for name, weight in rows}
+
+    @staticmethod
+    def _assigned_tokens(session: Session) -> dict[str, int]:
+        """Tokens out on lease or trained, per source, over all epochs."""
+        rows = session.execute(
+            select(Shard.source, func.sum(TokenRange.end - TokenRange.start))
+            .join(Shard, Shard.id == TokenRange.shard_id)
+            .where(TokenRange.state.in_(("leased", "trained")))
+            .group_by(Shard.source)
+        ).all()
+        return {source: int(tokens) for source, tokens in rows}
+
+    @staticmethod
+    def _oldest_pool_range(session: Session, source: str) -> TokenRange | None:
         return session.scalar(
             select(TokenRange)
-            .where(TokenRange.state == "pool")
-            .order_by(TokenRange.epoch, TokenRange.start, TokenRange.shard_id)
+            .join(Shard, Shard.id == TokenRange.shard_id)
+            .where(TokenRange.state == "pool", Shard.source == source)
+            .order_by(TokenRange.epoch, Shard.date_from, TokenRange.shard_id, TokenRange.start)
             .limit(1)
         )
 
@@ -264,17 +296,19 @@ class Scheduler:
         row.loss_sum += report.loss
         row.max_group_size = max(row.max_group_size, report.group_size)
 
-    def _open_next_epoch(self, session: Session) -> TokenRange | None:
-        """Put every shard back in the pool as the next epoch, once the newest one has nothing left to lease.
+    def _open_next_epoch(self, session: Session, source: str) -> TokenRange | None:
+        """Put the source's shards back in the pool as its next epoch (none of its ranges is in the pool).
 
         Ranges of the older epoch may still be out on lease (or come back on expiry):
         each epoch keeps its own tiling, so no worker idles waiting for stragglers.
         """
-        epoch = session.scalar(select(func.max(TokenRange.epoch)))
+        shards = session.scalars(select(Shard).where(Shard.source == source, Shard.tokens > 0)).all()
+        epoch = session.scalar(
+            select(func.max(TokenRange.epoch)).where(TokenRange.shard_id.in_([shard.id for shard in shards]))
+        )
         if epoch is None:
             return None
-        for shard in session.scalars(select(Shard)).all():
-            if shard.tokens:
-                session.add(TokenRange(shard_id=shard.id, epoch=epoch + 1, start=0, end=shard.tokens, state="pool"))
+        for shard in shards:
+            session.add(TokenRange(shard_id=shard.id, epoch=epoch + 1, start=0, end=shard.tokens, state="pool"))
         session.flush()
-        return self._next_pool_range(session)
+        return self._oldest_pool_range(session, source)

@@ -43,6 +43,18 @@ class Worker(Base):
     tokens_per_second: Mapped[float] = mapped_column(default=0.0)
 
 
+class Source(Base):
+    """A corpus source; ``weight`` sets its share of leased tokens (see scheduler)."""
+
+    __tablename__ = "sources"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    language: Mapped[str] = mapped_column(String(32))
+    licence: Mapped[str] = mapped_column(String(256))
+    weight: Mapped[float]
+    date_from: Mapped[str] = mapped_column(String(10))
+    date_to: Mapped[str] = mapped_column(String(10))
+
+
 class Shard(Base):
     __tablename__ = "shards"
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -51,8 +63,11 @@ class Shard(Base):
     tokens: Mapped[int]
     dtype: Mapped[str] = mapped_column(String(16))
     language: Mapped[str] = mapped_column(String(32))
-    source: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(ForeignKey("sources.name"))
     licence: Mapped[str] = mapped_column(String(256))
+    date_from: Mapped[str] = mapped_column(String(10))  # ISO dates: leases go oldest first within a source
+    date_to: Mapped[str] = mapped_column(String(10))
+    __table_args__ = (Index("ix_shards_source_date", "source", "date_from"),)
 
 
 class TokenRange(Base):
@@ -172,11 +187,20 @@ def load_manifest(sessions: sessionmaker[Session], manifest: Manifest) -> None:
             return
         session.add(Meta(key="corpus_root_hash", value=root))
         session.add(Meta(key="created_at", value=str(time.time())))
+        for source in manifest.sources:
+            session.add(
+                Source(
+                    name=source.name, language=source.language, licence=source.licence, weight=source.weight,
+                    date_from=source.date_from, date_to=source.date_to,
+                )
+            )
+        session.flush()  # sources before the shards that refer to them
         for info in manifest.shards:
             session.add(
                 Shard(
                     id=info.shard_id, file=info.file, sha256=info.sha256, tokens=info.tokens,
                     dtype=info.dtype, language=info.language, source=info.source, licence=info.licence,
+                    date_from=info.date_from, date_to=info.date_to,
                 )
             )
             session.add(TokenRange(shard_id=info.shard_id, epoch=0, start=0, end=info.tokens, state="pool"))

@@ -34,20 +34,29 @@ def _fail(message: str) -> None:
 
 @data_app.command("prepare")
 def data_prepare(
-    corpus: Path = typer.Argument(..., help="Corpus TOML: [[source]] name, language, licence, paths."),
-    out: Path = typer.Option(..., "--out", help="Directory for shards, manifest.json and tokenizer/."),
-    vocab_size: int = typer.Option(4096, help="BPE vocabulary size."),
-    shard_tokens: int = typer.Option(1 << 20, help="Most tokens per shard."),
+    corpus: Path = typer.Argument(..., help="Corpus TOML: [corpus], [filters], [dedup] and [[source]] tables."),
+    out: Path = typer.Option(..., "--out", help="Directory for shards, manifest.json, tokenizer/ and the report."),
+    vocab_size: int | None = typer.Option(None, help="BPE vocabulary size (default: the config's, else 4096)."),
+    shard_tokens: int | None = typer.Option(None, help="Most tokens per shard (default: the config's, else 2^20)."),
 ) -> None:
-    """Train a tokenizer and turn text into token shards with a manifest."""
-    from model.corpus import load_corpus_config, prepare_corpus
+    """Filter, deduplicate and tokenize a corpus into dated token shards with a manifest and a report."""
+    from model.corpus import REPORT_FILE, prepare_corpus
+    from model.corpus_config import load_corpus_config
+    from model.prepare_report import print_report
 
     try:
-        manifest = prepare_corpus(load_corpus_config(corpus), out, vocab_size, shard_tokens)
+        manifest, report = prepare_corpus(
+            load_corpus_config(corpus), out, vocab_size=vocab_size, shard_tokens=shard_tokens,
+            log=lambda step: typer.echo(f"... {step}", err=True),
+        )
     except (ValueError, OSError) as error:
         _fail(str(error))
+    print_report(report)
     total = sum(shard.tokens for shard in manifest.shards)
-    typer.echo(f"{len(manifest.shards)} shards, {total} tokens, corpus {manifest.root_hash()[:16]} in {out}")
+    typer.echo(
+        f"{len(manifest.shards)} shards, {total:,} tokens, corpus {manifest.root_hash()[:16]} in {out} "
+        f"(report: {out / REPORT_FILE})"
+    )
 
 
 @coordinator_app.command("serve")

@@ -20,7 +20,8 @@ from rich.table import Table
 from coordinator import reports
 from coordinator.store import open_engine, session_factory, sqlite_url
 from essaim.processes import start_role, stop_group, wait_for_ready_file
-from model.corpus import load_corpus_config, prepare_corpus
+from model.corpus import prepare_corpus
+from model.corpus_config import load_corpus_config
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, read_tokens
 from worker.checkpoint import latest_checkpoint
@@ -79,7 +80,9 @@ def run_demo(settings: DemoSettings) -> int:
 
     with console.status("Preparing the sample corpus (French, English, code) and training a tokenizer..."):
         corpus_toml = write_sample_corpus(workdir / "corpus-text", settings.chars_per_language)
-        manifest = prepare_corpus(load_corpus_config(corpus_toml), workdir / "data", settings.vocab_size, SHARD_TOKENS)
+        manifest, _ = prepare_corpus(
+            load_corpus_config(corpus_toml), workdir / "data", vocab_size=settings.vocab_size, shard_tokens=SHARD_TOKENS
+        )
     console.print(
         f"corpus {manifest.root_hash()[:16]}: {len(manifest.shards)} shards, "
         f"{sum(s.tokens for s in manifest.shards):,} tokens"

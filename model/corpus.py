@@ -1,204 +1,318 @@
-"""Corpus preparation: text files with their provenance -> tokenizer + token shards.
+"""`essaim data prepare`: sources -> filtered, deduplicated text -> tokenizer -> dated token shards.
 
-The corpus config is a TOML file of sources, each with the language and licence of
-its text, so that every shard (and later every checkpoint's model card) can say
-what it was trained on:
+Three passes, each streaming:
+1. read every source (model.ingest), drop bad records and what the filters and the
+   deduplicator reject, and spool the kept documents to disk, one file per source
+   and date bucket (a year by default);
+2. train the byte-level BPE on a sample of the spools drawn by source weight, and an
+   English-only one beside it to show what the mixture gains in other languages;
+3. encode each source's spools, oldest bucket first, into shards that never mix
+   sources or buckets, so each shard's language, licence and dates are exact.
 
-    [[source]]
-    name = "wiki-fr"                 # letters, digits, '.', '_', '-' (names shard files)
-    language = "fr"
-    licence = "CC-BY-SA-4.0"
-    paths = ["wiki/fr/part1.txt", "wiki/fr/part2.txt"]   # relative to this file
-
-Each text file (UTF-8) is one document: documents are tokenized one at a time and
-each is followed by "</s>". Split a large collection into many files.
+Everything is written into a staging directory next to the output and renamed into
+place at the end: a run that fails or stops leaves no half-written shard behind.
 """
 
 from __future__ import annotations
 
-import re
-import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import datetime as dt
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from model.shards import Manifest, ShardInfo, token_dtype, write_shard
+from model.corpus_config import Corpus, CorpusSettings, Source
+from model.dedup import Deduplicator
+from model.filters import QualityFilter, SourceReport
+from model.ingest import BadRecord, read_source
+from model.shards import Manifest, ShardInfo, SourceInfo, token_dtype, write_shard
 from model.tokenizer import EOS_ID, tokenizer_sha256, train_tokenizer
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REQUIRED = {
-    "name": 'name = "wiki-fr"',
-    "language": 'language = "fr" (or "en", "code", ...)',
-    "licence": 'licence = "CC-BY-SA-4.0" (an SPDX identifier, or the terms in words)',
-    "paths": 'paths = ["texts/part1.txt"] (relative to the config file)',
-}
+REPORT_FILE = "prepare-report.json"
+HELD_OUT_EVERY = 10  # every 10th kept document is left out of tokenizer training to measure fertility
+_ENCODE_BATCH = 256
+
+
+class PrepareStopped(ValueError):
+    """A bad record with ``on_bad_record = "stop"``: preparation ended and wrote nothing."""
 
 
 @dataclass
-class CorpusSource:
-    """Text files sharing one origin, language and licence."""
+class PrepareReport:
+    sources: dict[str, SourceReport]
+    fertility: dict[str, dict[str, float]] = field(default_factory=dict)  # language -> figures
+    tokenizer: dict[str, object] = field(default_factory=dict)
 
-    name: str
-    language: str
-    licence: str
-    paths: list[Path]
-
-
-def load_corpus_config(path: Path) -> list[CorpusSource]:
-    """Read and validate a corpus TOML; errors name the source and what to write."""
-    path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no corpus config at {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"corpus config {path} is not valid TOML: {e}") from None
-    entries = document.get("source")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(
-            f"corpus config {path} has no [[source]] tables: add one per source, with "
-            + ", ".join(_REQUIRED)
-        )
-    sources = [_parse_source(entry, i, path) for i, entry in enumerate(entries, start=1)]
-    _check_unique_names(sources, where=f"corpus config {path}")
-    return sources
-
-
-def _parse_source(entry: dict, index: int, config: Path) -> CorpusSource:
-    label = f"source #{index}" + (f" ({entry['name']!r})" if "name" in entry else "")
-    where = f"corpus config {config}, {label}"
-    unknown = sorted(set(entry) - set(_REQUIRED))
-    if unknown:
-        hint = " (the field is spelled 'licence')" if "license" in unknown else ""
-        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}{hint}")
-    for field, example in _REQUIRED.items():
-        value = entry.get(field)
-        if value in (None, "", []):
-            raise ValueError(f"{where} has no {field}: add {example}")
-    if not all(isinstance(entry[f], str) for f in ("name", "language", "licence")):
-        raise ValueError(f"{where}: name, language and licence must be strings")
-    if not _NAME_RE.match(entry["name"]):
-        raise ValueError(
-            f"{where}: the name may hold only letters, digits, '.', '_' and '-' "
-            "(it names the shard files)"
-        )
-    if not isinstance(entry["paths"], list) or not all(isinstance(p, str) for p in entry["paths"]):
-        raise ValueError(f"{where}: paths must be a list of strings, e.g. {_REQUIRED['paths']}")
-    paths = [config.parent / p for p in entry["paths"]]
-    for p in paths:
-        if not p.is_file():
-            raise ValueError(f"{where}: text file {p} does not exist; fix the path or remove it")
-    return CorpusSource(entry["name"], entry["language"], entry["licence"], paths)
-
-
-def _check_unique_names(sources: list[CorpusSource], where: str) -> None:
-    seen: set[str] = set()
-    for source in sources:
-        if source.name in seen:
-            raise ValueError(f"{where}: two sources are named {source.name!r}; rename one")
-        seen.add(source.name)
-
-
-def _documents(source: CorpusSource) -> Iterator[str]:
-    """The source's documents, one file at a time (empty files skipped)."""
-    for path in source.paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"source {source.name!r}: {path} is not UTF-8 ({e}); convert it "
-                "(e.g. `iconv -t UTF-8`) before preparing the corpus"
-            ) from None
-        if text:
-            yield text
+    def to_json(self) -> dict:
+        return {"sources": {n: asdict(r) for n, r in self.sources.items()},
+                "fertility": self.fertility, "tokenizer": self.tokenizer}
 
 
 def prepare_corpus(
-    sources: list[CorpusSource], out_dir: Path, vocab_size: int, shard_tokens: int
-) -> Manifest:
-    """Train a tokenizer on all sources, then write each source's tokens as shards.
+    corpus: Corpus,
+    out_dir: Path,
+    *,
+    vocab_size: int | None = None,
+    shard_tokens: int | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[Manifest, PrepareReport]:
+    """Prepare ``corpus`` into ``out_dir`` (new, empty, or an earlier preparation to replace).
 
-    Writes ``out_dir/tokenizer/``, ``out_dir/<source>-<index>.bin`` and
-    ``out_dir/manifest.json`` (written last, so its presence means the rest is there).
-    A shard holds tokens of one source only, so its language and licence are exact;
-    documents may continue from one shard of a source into the next. Files are read
-    one at a time, twice (tokenizer training, then encoding), so the corpus never has
-    to fit in memory.
+    ``vocab_size`` and ``shard_tokens``, when given, override the config's [corpus] values.
     """
-    if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    if not sources:
-        raise ValueError("no corpus sources given: describe at least one in the corpus config")
-    _check_unique_names(sources, where="corpus sources")
+    overrides = {k: v for k, v in (("vocab_size", vocab_size), ("shard_tokens", shard_tokens)) if v is not None}
+    corpus = replace(corpus, settings=CorpusSettings(**{**corpus.settings.model_dump(), **overrides}))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        report = PrepareReport({s.name: SourceReport() for s in corpus.sources})
+        spools = _filter_to_spools(corpus, staging / "spool", report, log)
+        log("training the tokenizer on the weighted mixture")
+        settings = corpus.settings
+        tokenizer = train_tokenizer(
+            _weighted_sample(corpus.sources, spools, report, settings.tokenizer_chars), settings.vocab_size,
+            staging / "tokenizer",
+        )
+        english = [s for s in corpus.sources if s.language == "en"]
+        english_tokenizer = None
+        if english:
+            log("training an English-only tokenizer for comparison")
+            english_tokenizer = train_tokenizer(
+                _weighted_sample(english, spools, report, settings.tokenizer_chars), settings.vocab_size,
+                staging / "spool" / "english-tokenizer",
+            )
+        report.tokenizer = {"vocab_size": len(tokenizer), "sha256": tokenizer_sha256(staging / "tokenizer")}
+        report.fertility = _fertility(corpus.sources, spools, tokenizer, english_tokenizer, settings.fertility_chars)
+        log("encoding shards")
+        shards = _write_shards(corpus, spools, tokenizer, staging, report)
+        manifest = Manifest(settings.vocab_size, tokenizer_sha256(staging / "tokenizer"), _source_infos(corpus), shards)
+        shutil.rmtree(staging / "spool")
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+        manifest.save(staging / "manifest.json")
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest, report
 
-    tokenizer_dir = out_dir / "tokenizer"
-    all_documents = (doc for source in sources for doc in _documents(source))
-    tokenizer = train_tokenizer(all_documents, vocab_size, tokenizer_dir)
-    encoder = tokenizer.backend_tokenizer  # the raw `tokenizers` object: no HF overhead
-    dtype = token_dtype(vocab_size)
 
-    shards: list[ShardInfo] = []
+def _check_out_dir(out_dir: Path) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: give a directory for the prepared corpus")
+    if (out_dir / "coordinator.db").exists():
+        raise ValueError(f"{out_dir} holds a run's database (coordinator.db): prepare into a new directory")
+    if any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
+        raise ValueError(f"{out_dir} is not empty and holds no prepared corpus: choose a new or empty directory")
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Swap the finished staging directory in; an earlier preparation is removed only after."""
+    previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(previous)
+    staging.rename(out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# -- pass 1: filter and spool ----------------------------------------------------------------
+
+
+def _bucket(day: dt.date, granularity: str) -> str:
+    return f"{day.year:04d}" if granularity == "year" else f"{day.year:04d}-{day.month:02d}"
+
+
+def _filter_to_spools(
+    corpus: Corpus, spool_dir: Path, report: PrepareReport, log: Callable[[str], None]
+) -> dict[str, dict[str, Path]]:
+    """Kept documents as JSON lines {text, date}, per source and date bucket."""
+    deduplicator = Deduplicator(corpus.dedup)
+    spools: dict[str, dict[str, Path]] = {}
+    for source in corpus.sources:
+        log(f"reading {source.name}")
+        quality = QualityFilter(source)
+        counts = report.sources[source.name]
+        files: dict[str, object] = {}
+        spools[source.name] = {}
+        try:
+            for item in read_source(source):
+                if isinstance(item, BadRecord):
+                    if corpus.settings.on_bad_record == "stop":
+                        raise PrepareStopped(
+                            f"{item}. Stopped, as the corpus config says (on_bad_record = \"stop\"); nothing was "
+                            "written. Fix the record, or set on_bad_record = \"skip\" to leave such records out"
+                        )
+                    counts.bad(str(item))
+                    continue
+                counts.records += 1
+                reason = quality.reason(item) or deduplicator.reason(item.text)
+                if reason:
+                    counts.remove(reason, len(item.text))
+                    continue
+                counts.keep(len(item.text))
+                bucket = _bucket(item.date, corpus.settings.date_bucket)
+                if bucket not in files:
+                    path = spool_dir / source.name / f"{bucket}.jsonl"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    files[bucket] = open(path, "w", encoding="utf-8")
+                    spools[source.name][bucket] = path
+                files[bucket].write(json.dumps({"text": item.text, "date": item.date.isoformat()}, ensure_ascii=False) + "\n")
+        finally:
+            for handle in files.values():
+                handle.close()
+    return spools
+
+
+def _spooled(spools: dict[str, Path]) -> Iterator[tuple[str, dt.date]]:
+    """A source's kept documents, oldest bucket first."""
+    for bucket in sorted(spools):
+        with open(spools[bucket], encoding="utf-8") as lines:
+            for line in lines:
+                record = json.loads(line)
+                yield record["text"], dt.date.fromisoformat(record["date"])
+
+
+# -- pass 2: tokenizer -----------------------------------------------------------------------
+
+
+def _weighted_sample(
+    sources: list[Source], spools: dict[str, dict[str, Path]], report: PrepareReport, budget_chars: int
+) -> Iterator[str]:
+    """About ``budget_chars`` of training text, each source contributing in proportion to its weight.
+
+    A source with more weight than text is repeated (whole documents, so BPE counts scale),
+    one with less is sampled. Held-out documents are skipped: fertility is measured on them.
+    """
+    weighted = [s for s in sources if s.weight > 0 and report.sources[s.name].kept_chars]
+    total_weight = sum(s.weight for s in weighted)
+    budget = min(budget_chars, sum(report.sources[s.name].kept_chars for s in weighted))
+    for source in weighted:
+        rate = budget * source.weight / total_weight / report.sources[source.name].kept_chars
+        rng = random.Random(f"tokenizer-sample-{source.name}")
+        for index, (text, _) in enumerate(_spooled(spools[source.name])):
+            if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
+                continue
+            for _ in range(int(rate) + (rng.random() < rate - int(rate))):
+                yield text
+
+
+def _fertility(sources, spools, tokenizer, english_tokenizer, budget_chars: int) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Tokens per word on each language's held-out documents, for both tokenizers."""
+    figures: dict[str, dict[str, float]] = {}
+    for language in sorted({s.language for s in sources}):
+        chosen = [s for s in sources if s.language == language]
+        texts = _text_sample(chosen, spools, budget_chars, held_out_only=True)
+        held_out = bool(texts)
+        if not held_out:  # too few documents to hold any out: measure on what there is
+            texts = _text_sample(chosen, spools, budget_chars, held_out_only=False)
+        words = sum(len(t.split()) for t in texts)
+        if not words:
+            continue
+        entry: dict[str, float] = {"documents": len(texts), "words": words, "held_out": held_out,
+                                   "tokens_per_word": _count_tokens(tokenizer, texts) / words}
+        if english_tokenizer is not None:
+            entry["english_only_tokens_per_word"] = _count_tokens(english_tokenizer, texts) / words
+        figures[language] = entry
+    return figures
+
+
+def _text_sample(sources: list[Source], spools, budget_chars: int, held_out_only: bool) -> list[str]:  # type: ignore[no-untyped-def]
+    texts: list[str] = []
+    used = 0
     for source in sources:
-        writer = _SourceShardWriter(source, out_dir, dtype, shard_tokens)
-        for document in _documents(source):
-            ids = encoder.encode(document, add_special_tokens=False).ids
-            ids.append(EOS_ID)
-            writer.add(np.asarray(ids, dtype=np.int64))
-        source_shards = writer.finish()
-        if not source_shards:
-            raise ValueError(f"source {source.name!r} has no text: its files are all empty")
-        shards.extend(source_shards)
-
-    manifest = Manifest(vocab_size, tokenizer_sha256(tokenizer_dir), shards)
-    manifest.save(out_dir / "manifest.json")
-    return manifest
+        for index, (text, _) in enumerate(_spooled(spools[source.name])):
+            if held_out_only and index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1:
+                continue
+            texts.append(text[: budget_chars - used])
+            used += len(texts[-1])
+            if used >= budget_chars:
+                return texts
+    return texts
 
 
-class _SourceShardWriter:
-    """Buffers one source's tokens and writes a shard each time ``shard_tokens`` are ready."""
+def _count_tokens(tokenizer, texts: list[str]) -> int:  # type: ignore[no-untyped-def]
+    encoder = tokenizer.backend_tokenizer
+    return sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False))
 
-    def __init__(self, source: CorpusSource, out_dir: Path, dtype: str, shard_tokens: int):
-        self.source, self.out_dir, self.dtype = source, out_dir, dtype
-        self.shard_tokens = shard_tokens
-        self.pending: list[np.ndarray] = []
-        self.pending_count = 0
+
+# -- pass 3: shards --------------------------------------------------------------------------
+
+
+def _write_shards(corpus: Corpus, spools, tokenizer, out_dir: Path, report: PrepareReport) -> list[ShardInfo]:  # type: ignore[no-untyped-def]
+    encoder = tokenizer.backend_tokenizer  # the raw `tokenizers` object: batch encoding runs on every core
+    dtype = token_dtype(corpus.settings.vocab_size)
+    shards: list[ShardInfo] = []
+    for source in corpus.sources:
+        writer = _ShardWriter(source, out_dir, dtype, corpus.settings.shard_tokens)
+        for bucket in sorted(spools[source.name]):
+            batch: list[tuple[str, dt.date]] = []
+            for document in _spooled({bucket: spools[source.name][bucket]}):
+                batch.append(document)
+                if len(batch) == _ENCODE_BATCH:
+                    writer.add_batch(encoder, batch)
+                    batch = []
+            writer.add_batch(encoder, batch)
+            writer.flush()  # a shard never spans two date buckets
+        report.sources[source.name].tokens = sum(s.tokens for s in writer.written)
+        shards.extend(writer.written)
+    return shards
+
+
+class _ShardWriter:
+    """Cuts one source's token stream into shards of ``shard_tokens``, noting their documents' dates."""
+
+    def __init__(self, source: Source, out_dir: Path, dtype: str, shard_tokens: int) -> None:
+        self.source, self.out_dir, self.dtype, self.shard_tokens = source, out_dir, dtype, shard_tokens
+        self.parts: list[np.ndarray] = []
+        self.dates: list[dt.date] = []
+        self.count = 0
         self.written: list[ShardInfo] = []
 
-    def add(self, tokens: np.ndarray) -> None:
-        self.pending.append(tokens)
-        self.pending_count += len(tokens)
-        if self.pending_count < self.shard_tokens:
+    def add_batch(self, encoder, documents: list[tuple[str, dt.date]]) -> None:  # type: ignore[no-untyped-def]
+        if not documents:
             return
-        buffer = np.concatenate(self.pending)
-        full = len(buffer) - len(buffer) % self.shard_tokens
-        for start in range(0, full, self.shard_tokens):
-            self._write(buffer[start : start + self.shard_tokens])
-        rest = buffer[full:]
-        self.pending, self.pending_count = [rest], len(rest)
+        encodings = encoder.encode_batch([text for text, _ in documents], add_special_tokens=False)
+        for encoding, (_, day) in zip(encodings, documents):
+            self._add(np.asarray([*encoding.ids, EOS_ID], dtype=np.int64), day)
 
-    def finish(self) -> list[ShardInfo]:
-        if self.pending_count:
-            self._write(np.concatenate(self.pending))
-        self.pending, self.pending_count = [], 0
-        return self.written
+    def _add(self, tokens: np.ndarray, day: dt.date) -> None:
+        offset = 0
+        while offset < len(tokens):
+            take = min(self.shard_tokens - self.count, len(tokens) - offset)
+            self.parts.append(tokens[offset : offset + take])
+            self.dates.append(day)
+            self.count += take
+            offset += take
+            if self.count == self.shard_tokens:
+                self.flush()
 
-    def _write(self, tokens: np.ndarray) -> None:
+    def flush(self) -> None:
+        if not self.count:
+            return
         shard_id = f"{self.source.name}-{len(self.written):05d}"
         file = f"{shard_id}.bin"
-        sha256 = write_shard(tokens, self.out_dir / file, self.dtype)
+        sha256 = write_shard(np.concatenate(self.parts), self.out_dir / file, self.dtype)
         self.written.append(
             ShardInfo(
-                shard_id=shard_id,
-                file=file,
-                sha256=sha256,
-                tokens=len(tokens),
-                dtype=self.dtype,
-                language=self.source.language,
-                source=self.source.name,
-                licence=self.source.licence,
+                shard_id=shard_id, file=file, sha256=sha256, tokens=self.count, dtype=self.dtype,
+                language=self.source.language, source=self.source.name, licence=self.source.licence,
+                date_from=min(self.dates).isoformat(), date_to=max(self.dates).isoformat(),
             )
         )
+        self.parts, self.dates, self.count = [], [], 0
+
+
+def _source_infos(corpus: Corpus) -> list[SourceInfo]:
+    return [
+        SourceInfo(s.name, s.language, s.licence, s.weight, s.date_from.isoformat(), s.date_to.isoformat())
+        for s in corpus.sources
+    ]

@@ -9,6 +9,7 @@ in for the missing French/English text, so the demo still runs.
 
 from __future__ import annotations
 
+import datetime as dt
 import gettext
 import json
 import random
@@ -18,6 +19,9 @@ from pathlib import Path
 LOCALE_DIR = Path("/usr/share/locale")
 DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
 CODE_MODULES = ("json", "email", "asyncio")
+# The sample's mixture, by language (Lucie's recipe has English 33 %, French 32.4 %, code 15 %).
+LANGUAGE_WEIGHTS = {"fr": 40.0, "en": 40.0, "code": 20.0}
+GENERATED_DATE = dt.date(2026, 1, 1)
 GETTEXT_LICENCE = (
     "GPL-2.0-or-later and others (per Debian package; "
     "see /usr/share/doc/<package>/copyright)"
@@ -34,13 +38,16 @@ class _Part:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     chars: int = 0
+    dates: list[dt.date] = field(default_factory=list)
 
-    def add(self, out_dir: Path, relative: str, text: str, note: str = "") -> None:
+    def add(self, out_dir: Path, relative: str, text: str, note: str = "", origin: Path | None = None) -> None:
+        """Write one document; its date is the modification day of the file it came from."""
         path = out_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         self.files.append(relative)
         self.chars += len(text)
+        self.dates.append(dt.date.fromtimestamp(origin.stat().st_mtime) if origin else GENERATED_DATE)
         if note:
             self.notes.append(f"{relative} <- {note}")
 
@@ -104,7 +111,7 @@ def _add_gettext(out_dir: Path, fr: _Part, en: _Part, budget: int) -> None:
         for part, index in ((fr, 0), (en, 1)):
             text = _take("\n".join(p[index] for p in pairs) + "\n", budget - part.chars)
             if text.strip():
-                part.add(out_dir, f"{part.language}/{catalog.stem}.txt", text, note)
+                part.add(out_dir, f"{part.language}/{catalog.stem}.txt", text, note, catalog)
 
 
 def _debian_packages(files: list[Path]) -> dict[Path, str]:
@@ -129,7 +136,7 @@ def _code_part(out_dir: Path, budget: int) -> _Part:
                 return part
             text = _take(source.read_text(encoding="utf-8"), budget - part.chars)
             relative = source.relative_to(module_dir.parent).as_posix()
-            part.add(out_dir, f"code/{relative}.txt", text, str(source))
+            part.add(out_dir, f"code/{relative}.txt", text, str(source), source)
     return part
 
 
@@ -179,19 +186,27 @@ def _generated(out_dir: Path, language: str, chars: int) -> _Part:
 
 
 def _toml(parts: list[_Part]) -> str:
+    language_chars = {p.language: sum(q.chars for q in parts if q.language == p.language) for p in parts}
     lines = ["# Sample corpus written by model.sample_corpus.write_sample_corpus.", ""]
     for part in parts:
+        # A language's weight is shared among its sources by size.
+        weight = LANGUAGE_WEIGHTS[part.language] * part.chars / language_chars[part.language]
         lines += [f"# {note}" for note in part.notes]
         lines += [
             "[[source]]",
             f"name = {_quote(part.name)}",
             f"language = {_quote(part.language)}",
             f"licence = {_quote(part.licence)}",
+            f"weight = {weight:.4f}",
+            f"date_from = {min(part.dates).isoformat()}",
+            f"date_to = {max(part.dates).isoformat()}",
             "paths = [",
             *(f"  {_quote(f)}," for f in part.files),
             "]",
-            "",
         ]
+        if part.language == "code":
+            lines += ["[source.filters]", "min_alpha_ratio = 0.3  # code has more symbols than prose"]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 A shard is an immutable flat file of little-endian token ids (no header, so any
 tool can read it as a raw array). The manifest records each shard's sha256, token
-count and provenance (language, source, licence); its root hash names the corpus
-in a run's genesis. A shard is verified against the manifest before training on it.
+count and provenance (language, source, licence, dates of its documents), and each
+source's mixture weight; its root hash names the corpus in a run's genesis. A shard
+is verified against the manifest before training on it.
 """
 
 from __future__ import annotations
@@ -128,21 +129,37 @@ class ShardInfo:
     language: str
     source: str
     licence: str
+    date_from: str  # ISO dates of the oldest and newest document with tokens in the shard
+    date_to: str
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A source as the coordinator mixes it: ``weight`` sets its share of trained tokens."""
+
+    name: str
+    language: str
+    licence: str
+    weight: float
+    date_from: str
+    date_to: str
 
 
 @dataclass
 class Manifest:
-    """The catalog of a prepared corpus: tokenizer identity plus every shard."""
+    """The catalog of a prepared corpus: tokenizer identity, sources and every shard."""
 
     vocab_size: int
     tokenizer_sha256: str
+    sources: list[SourceInfo]
     shards: list[ShardInfo]
 
     def root_hash(self) -> str:
-        """sha256 naming the corpus: any change to a shard entry or the tokenizer changes it."""
+        """sha256 naming the corpus: any change to a shard, a source or the tokenizer changes it."""
         entries = [asdict(s) for s in sorted(self.shards, key=lambda s: s.shard_id)]
+        sources = [asdict(s) for s in sorted(self.sources, key=lambda s: s.name)]
         canonical = json.dumps(
-            {"tokenizer_sha256": self.tokenizer_sha256, "shards": entries},
+            {"tokenizer_sha256": self.tokenizer_sha256, "sources": sources, "shards": entries},
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -155,6 +172,7 @@ class Manifest:
             "tokenizer_sha256": self.tokenizer_sha256,
             # For people comparing with a run's genesis; checked again on load.
             "root_hash": self.root_hash(),
+            "sources": [asdict(s) for s in self.sources],
             "shards": [asdict(s) for s in self.shards],
         }
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
@@ -171,17 +189,13 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corpus manifest {path} is not valid JSON ({e}): {hint}") from None
         try:
-            shard_fields = {f.name for f in fields(ShardInfo)}
-            shards = []
-            for entry in document["shards"]:
-                if set(entry) != shard_fields:
-                    raise ValueError(f"shard entry has fields {sorted(entry)}")
-                shard = ShardInfo(**entry)
+            shards = [_entry(ShardInfo, entry) for entry in document["shards"]]
+            for shard in shards:
                 _numpy_dtype(shard.dtype)
-                shards.append(shard)
             manifest = cls(
                 vocab_size=int(document["vocab_size"]),
                 tokenizer_sha256=str(document["tokenizer_sha256"]),
+                sources=[_entry(SourceInfo, entry) for entry in document["sources"]],
                 shards=shards,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -191,6 +205,9 @@ class Manifest:
         ids = [s.shard_id for s in shards]
         if len(set(ids)) != len(ids):
             raise ValueError(f"corpus manifest {path} lists a shard id twice: {hint}")
+        unknown = sorted({s.source for s in shards} - {s.name for s in manifest.sources})
+        if unknown:
+            raise ValueError(f"corpus manifest {path}: shards of source {unknown[0]!r}, which it does not list: {hint}")
         stored = document.get("root_hash")
         if stored is not None and stored != manifest.root_hash():
             raise ValueError(
@@ -198,3 +215,10 @@ class Manifest:
                 f"{manifest.root_hash()}, not the recorded root_hash {stored}; {hint}"
             )
         return manifest
+
+
+def _entry(kind: type, entry: dict):  # type: ignore[no-untyped-def]
+    expected = {f.name for f in fields(kind)}
+    if set(entry) != expected:
+        raise ValueError(f"{kind.__name__} entry has fields {sorted(entry)}, expected {sorted(expected)}")
+    return kind(**entry)

@@ -12,7 +12,8 @@ import pytest
 
 from coordinator.store import open_engine, session_factory, sqlite_url
 from essaim.processes import kill_group, start_role, stop_group, wait_for_ready_file
-from model.corpus import load_corpus_config, prepare_corpus
+from model.corpus import prepare_corpus
+from model.corpus_config import load_corpus_config
 from model.sample_corpus import write_sample_corpus
 
 

@@ -12,7 +12,7 @@ from coordinator.scheduler import LeaseError, RoundReport, Scheduler
 from coordinator.store import (
     Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url,
 )
-from model.shards import Manifest, ShardInfo
+from model.shards import Manifest, ShardInfo, SourceInfo
 
 
 class Clock:
@@ -23,14 +23,22 @@ class Clock:
         return self.now
 
 
-def shard(shard_id: str, tokens: int, language: str = "fr") -> ShardInfo:
-    return ShardInfo(shard_id, f"{shard_id}.bin", "0" * 64, tokens, "uint16", language, "src", "CC0-1.0")
+def shard(shard_id: str, tokens: int, language: str = "fr", date: str = "2020-01-01") -> ShardInfo:
+    return ShardInfo(
+        shard_id, f"{shard_id}.bin", "0" * 64, tokens, "uint16", language, f"{shard_id[0]}-src", "CC0-1.0", date, date
+    )
+
+
+def source(name: str, weight: float = 1.0, language: str = "fr") -> SourceInfo:
+    return SourceInfo(name, language, "CC0-1.0", weight, "2000-01-01", "2030-12-31")
 
 
 @pytest.fixture
 def store(tmp_path: Path):
+    """Two sources of equal weight: a-src (shard a, 100 tokens) and b-src (shard b, 50 tokens)."""
     sessions = session_factory(open_engine(sqlite_url(tmp_path / "c.db")))
-    load_manifest(sessions, Manifest(1000, "t" * 64, [shard("a", 100), shard("b", 50, "en")]))
+    load_manifest(sessions, Manifest(1000, "t" * 64, [source("a-src"), source("b-src", language="en")],
+                                     [shard("a", 100), shard("b", 50, "en")]))
     with sessions.begin() as session:
         for name in ("w1", "w2"):
             session.add(Worker(id=name, public_key=b"k" * 32, name=name, institution=f"inst-{name}",
@@ -60,10 +68,10 @@ def report(*leases: tuple[int, int], round_number: int = 0) -> RoundReport:
     )
 
 
-def test_leases_cut_ranges_spread_over_shards_without_overlap(scheduler: Scheduler, store) -> None:
-    leases = [scheduler.acquire(worker, 40, 0).lease for worker in ("w1", "w2", "w1", "w2", "w1")]
-    assert [(lease.shard_id, lease.start, lease.end) for lease in leases] == [
-        ("a", 0, 40), ("b", 0, 40), ("a", 40, 80), ("b", 40, 50), ("a", 80, 100)
+def test_leases_alternate_sources_of_equal_weight_and_repeat_the_smaller(scheduler: Scheduler, store) -> None:
+    leases = [scheduler.acquire(worker, 40, 0).lease for worker in ("w1", "w2", "w1", "w2", "w1", "w2")]
+    assert [(lease.shard_id, lease.epoch, lease.start, lease.end) for lease in leases] == [
+        ("a", 0, 0, 40), ("b", 0, 0, 40), ("a", 0, 40, 80), ("b", 0, 40, 50), ("b", 1, 0, 40), ("a", 0, 80, 100)
     ]
     assert accounting_problems(store) == []
 
@@ -72,7 +80,7 @@ def test_when_every_range_is_out_on_lease_the_next_epoch_opens(scheduler: Schedu
     straggler = scheduler.acquire("w1", 1000, 0).lease
     scheduler.acquire("w2", 1000, 0)
     following = scheduler.acquire("w2", 1000, 1).lease  # no worker idles waiting for the straggler
-    assert (following.epoch, following.shard_id, following.start) == (1, "a", 0)
+    assert (following.epoch, following.shard_id, following.start) == (1, "b", 0)  # b-src is behind its share
     scheduler.release("w1", straggler.id)
     assert (scheduler.acquire("w2", 1000, 1).lease.epoch, straggler.epoch) == (0, 0)  # older epoch first
     assert accounting_problems(store) == []
@@ -180,7 +188,7 @@ def test_a_fully_trained_epoch_opens_the_next(scheduler: Scheduler, store) -> No
         lease = scheduler.acquire("w1", 1000, 0).lease
         scheduler.complete_round("w1", done(lease.id, lease.end - lease.start))
     nxt = scheduler.acquire("w1", 1000, 1).lease
-    assert (nxt.epoch, nxt.shard_id, nxt.start) == (1, "a", 0)
+    assert (nxt.epoch, nxt.shard_id, nxt.start) == (1, "b", 0)
     assert accounting_problems(store) == []
 
 
@@ -201,7 +209,7 @@ def test_accounting_detects_a_lost_range(scheduler: Scheduler, store) -> None:
 
 def test_a_second_corpus_is_refused_by_the_same_database(store) -> None:
     with pytest.raises(ValueError, match="fresh database"):
-        load_manifest(store, Manifest(1000, "t" * 64, [shard("c", 10)]))
+        load_manifest(store, Manifest(1000, "t" * 64, [source("c-src")], [shard("c", 10)]))
 
 
 def test_a_rewind_returns_later_rounds_tokens_to_the_pool_once(scheduler: Scheduler, store, clock: Clock) -> None:

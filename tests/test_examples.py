@@ -1,7 +1,8 @@
 from pathlib import Path
 
 from coordinator.config import load_run_settings
-from model.corpus import load_corpus_config, prepare_corpus
+from model.corpus import prepare_corpus
+from model.corpus_config import load_corpus_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -11,11 +12,13 @@ def test_example_run_settings_load_and_define_a_lease_size() -> None:
     assert settings.tokens_per_round == settings.inner_steps * settings.batch_size * settings.seq_len > 0
 
 
-def test_example_corpus_prepares(tmp_path: Path) -> None:
-    sources = load_corpus_config(EXAMPLES / "corpus.toml")
-    manifest = prepare_corpus(sources, tmp_path, vocab_size=300, shard_tokens=1000)
+def test_example_corpus_prepares_and_filters_what_it_says(tmp_path: Path) -> None:
+    manifest, report = prepare_corpus(load_corpus_config(EXAMPLES / "corpus.toml"), tmp_path, vocab_size=300,
+                                      shard_tokens=1000)
     assert {shard.language for shard in manifest.shards} == {"fr", "en"}
     assert all(shard.licence == "CC0-1.0" for shard in manifest.shards)
+    articles = report.sources["my-french-articles"]
+    assert (articles.kept_documents, set(articles.removed)) == (3, {"blocked_url", "exact_duplicate"})
 
 
 def test_run_settings_refuse_unknown_keys(tmp_path: Path) -> None:

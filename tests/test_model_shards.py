@@ -10,6 +10,7 @@ from model.shards import (
     Manifest,
     ShardInfo,
     ShardIntegrityError,
+    SourceInfo,
     read_tokens,
     sha256_file,
     token_dtype,
@@ -28,8 +29,11 @@ def shard(tmp_path):
 
 def _info(shard_id: str, sha256: str = "0" * 64, tokens: int = 10) -> ShardInfo:
     return ShardInfo(
-        shard_id, f"{shard_id}.bin", sha256, tokens, "uint16", "fr", "wiki-fr", "CC-BY-SA-4.0"
+        shard_id, f"{shard_id}.bin", sha256, tokens, "uint16", "fr", "wiki-fr", "CC-BY-SA-4.0", "2021-01-01", "2021-06-30"
     )
+
+
+SOURCES = [SourceInfo("wiki-fr", "fr", "CC-BY-SA-4.0", 32.4, "2021-01-01", "2021-12-31")]
 
 
 def test_written_shard_reads_back_any_range_as_int64(shard):
@@ -98,7 +102,7 @@ def test_read_outside_the_shard_is_refused(shard, start, end):
 
 
 def test_manifest_round_trips_and_keeps_its_root_hash(tmp_path):
-    manifest = Manifest(4096, "ab" * 32, [_info("b-00000"), _info("a-00000")])
+    manifest = Manifest(4096, "ab" * 32, SOURCES, [_info("b-00000"), _info("a-00000")])
     path = tmp_path / "manifest.json"
     manifest.save(path)
     loaded = Manifest.load(path)
@@ -109,18 +113,27 @@ def test_manifest_round_trips_and_keeps_its_root_hash(tmp_path):
 
 def test_root_hash_ignores_order_but_not_content():
     shards = [_info("a-00000"), _info("b-00000")]
-    base = Manifest(4096, "ab" * 32, shards)
-    assert Manifest(4096, "ab" * 32, shards[::-1]).root_hash() == base.root_hash()
+    base = Manifest(4096, "ab" * 32, SOURCES, shards)
+    assert Manifest(4096, "ab" * 32, SOURCES, shards[::-1]).root_hash() == base.root_hash()
     changed = [dataclasses.replace(shards[0], tokens=11), shards[1]]
-    assert Manifest(4096, "ab" * 32, changed).root_hash() != base.root_hash()
+    assert Manifest(4096, "ab" * 32, SOURCES, changed).root_hash() != base.root_hash()
     relicensed = [dataclasses.replace(shards[0], licence="CC0-1.0"), shards[1]]
-    assert Manifest(4096, "ab" * 32, relicensed).root_hash() != base.root_hash()
-    assert Manifest(4096, "cd" * 32, shards).root_hash() != base.root_hash()
+    assert Manifest(4096, "ab" * 32, SOURCES, relicensed).root_hash() != base.root_hash()
+    assert Manifest(4096, "cd" * 32, SOURCES, shards).root_hash() != base.root_hash()
+    reweighted = [dataclasses.replace(SOURCES[0], weight=1.0)]
+    assert Manifest(4096, "ab" * 32, reweighted, shards).root_hash() != base.root_hash()
+
+
+def test_a_manifest_whose_shards_name_an_unlisted_source_is_refused(tmp_path):
+    path = tmp_path / "manifest.json"
+    Manifest(4096, "ab" * 32, [], [_info("a-00000")]).save(path)
+    with pytest.raises(ValueError, match="shards of source 'wiki-fr', which it does not list"):
+        Manifest.load(path)
 
 
 def test_manifest_edited_by_hand_is_refused(tmp_path):
     path = tmp_path / "manifest.json"
-    Manifest(4096, "ab" * 32, [_info("a-00000")]).save(path)
+    Manifest(4096, "ab" * 32, SOURCES, [_info("a-00000")]).save(path)
     document = json.loads(path.read_text())
     document["shards"][0]["tokens"] = 99
     path.write_text(json.dumps(document))

@@ -1,0 +1,118 @@
+"""Document quality filters: each names why it removes a document, so the report can count it.
+
+The checks follow Lucie's recipe: blocked URL domains, banned words per language,
+length and character-ratio heuristics. Duplicates are model.dedup's job. A filter is
+built once per source from its FilterSettings; word lists are read once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from model.corpus_config import Source
+from model.ingest import Document
+
+REASONS = (
+    "date_outside_range", "blocked_url", "too_short", "too_long", "too_few_words",
+    "low_alpha_ratio", "high_digit_ratio", "banned_words", "exact_duplicate", "near_duplicate",
+)
+
+
+@lru_cache(maxsize=None)
+def _read_list(path: Path) -> tuple[str, ...]:
+    """Non-empty lines of a list file, '#' comments dropped, lower-cased."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = line.split("#", 1)[0].strip().lower()
+        if entry:
+            entries.append(entry)
+    return tuple(entries)
+
+
+@lru_cache(maxsize=None)
+def _banned_pattern(path: Path) -> re.Pattern[str] | None:
+    words = _read_list(path)
+    if not words:
+        return None
+    # Longest first so a phrase wins over a word it starts with; whole words only.
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+class QualityFilter:
+    """The per-source checks, cheapest first; ``reason`` gives the first one that fails."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.settings = source.filters
+        self.blocked_domains = frozenset(d for path in self.settings.url_blocklist for d in _read_list(path))
+        banned_list = self.settings.banned_words.get(source.language)
+        self.banned = _banned_pattern(banned_list) if banned_list else None
+
+    def reason(self, document: Document) -> str | None:
+        s, text = self.settings, document.text
+        if not self.source.date_from <= document.date <= self.source.date_to:
+            return "date_outside_range"
+        if document.url and self._blocked(document.url):
+            return "blocked_url"
+        if len(text) < s.min_chars:
+            return "too_short"
+        if len(text) > s.max_chars:
+            return "too_long"
+        if len(text.split()) < s.min_words:
+            return "too_few_words"
+        visible = len(text) - sum(map(str.isspace, text))
+        if visible and sum(map(str.isalpha, text)) / visible < s.min_alpha_ratio:
+            return "low_alpha_ratio"
+        if visible and sum(map(str.isdigit, text)) / visible > s.max_digit_ratio:
+            return "high_digit_ratio"
+        if self.banned is not None and self._banned_count(text) > s.max_banned_words:
+            return "banned_words"
+        return None
+
+    def _blocked(self, url: str) -> bool:
+        host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
+        labels = host.split(".")
+        # "ads.example.com" is blocked by "example.com" as well as by itself.
+        return any(".".join(labels[i:]) in self.blocked_domains for i in range(len(labels)))
+
+    def _banned_count(self, text: str) -> int:
+        count = 0
+        for _ in self.banned.finditer(text):
+            count += 1
+            if count > self.settings.max_banned_words:
+                break
+        return count
+
+
+@dataclass
+class SourceReport:
+    """What happened to one source's records: read, bad, removed (by reason), kept."""
+
+    records: int = 0
+    bad_records: int = 0
+    bad_examples: list[str] = field(default_factory=list)  # the first few, as "file:line: reason"
+    removed: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> {"documents", "chars"}
+    kept_documents: int = 0
+    kept_chars: int = 0
+    tokens: int = 0
+
+    MAX_EXAMPLES = 20
+
+    def bad(self, description: str) -> None:
+        self.bad_records += 1
+        if len(self.bad_examples) < self.MAX_EXAMPLES:
+            self.bad_examples.append(description)
+
+    def remove(self, reason: str, chars: int) -> None:
+        counts = self.removed.setdefault(reason, {"documents": 0, "chars": 0})
+        counts["documents"] += 1
+        counts["chars"] += chars
+
+    def keep(self, chars: int) -> None:
+        self.kept_documents += 1
+        self.kept_chars += chars
