@@ -29,20 +29,35 @@ def accounting_problems(sessions: sessionmaker[Session]) -> list[str]:
             leases_by_range[lease.range_id].append(lease)
         lineage_by_lease = {record.lease_id: record for record in session.scalars(select(LineageRecord))}
 
+    # Every shard of a source takes part in each of the source's epochs: a (shard, epoch)
+    # without any range has lost all of its tokens.
+    newest_epoch: dict[str, int] = defaultdict(lambda: -1)
+    for shard_id, epoch in ranges_by_key:
+        newest_epoch[shards[shard_id].source] = max(newest_epoch[shards[shard_id].source], epoch)
+    for shard in shards.values():
+        for epoch in range(newest_epoch[shard.source] + 1):
+            if shard.tokens and (shard.id, epoch) not in ranges_by_key:
+                problems.append(f"shard {shard.id} epoch {epoch}: tokens 0..{shard.tokens} are in no range "
+                                "(neither in the pool, on lease nor trained): lost")
+
     for (shard_id, epoch), ranges in sorted(ranges_by_key.items()):
         ranges.sort(key=lambda r: r.start)
         expected_start = 0
         for token_range in ranges:
             where = f"shard {shard_id} epoch {epoch} range {token_range.start}..{token_range.end}"
-            if token_range.start != expected_start:
-                kind = "gap" if token_range.start > expected_start else "overlap"
-                problems.append(f"{where}: {kind} after token {expected_start}")
+            if token_range.start > expected_start:
+                problems.append(f"shard {shard_id} epoch {epoch}: tokens {expected_start}..{token_range.start} are in "
+                                f"no range (neither in the pool, on lease nor trained): lost")
+            elif token_range.start < expected_start:
+                problems.append(f"{where}: overlaps the range before, which ends at {expected_start}: counted twice")
             expected_start = token_range.end
             problems.extend(_range_problems(where, token_range, leases_by_range, lineage_by_lease))
-        if expected_start != shards[shard_id].tokens:
-            problems.append(
-                f"shard {shard_id} epoch {epoch}: ranges end at {expected_start}, shard has {shards[shard_id].tokens}"
-            )
+        if expected_start < shards[shard_id].tokens:
+            problems.append(f"shard {shard_id} epoch {epoch}: tokens {expected_start}..{shards[shard_id].tokens} are "
+                            "in no range (neither in the pool, on lease nor trained): lost")
+        elif expected_start > shards[shard_id].tokens:
+            problems.append(f"shard {shard_id} epoch {epoch}: ranges end at {expected_start}, past the shard's "
+                            f"{shards[shard_id].tokens} tokens")
     return problems
 
 

@@ -12,7 +12,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Essaim: trai
 data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator.")
 worker_app = typer.Typer(no_args_is_help=True, help="Contribute compute as a worker.")
+audit_app = typer.Typer(no_args_is_help=True, help="Trace and verify what a model was trained on.")
 app.add_typer(data_app, name="data")
+app.add_typer(audit_app, name="audit")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(worker_app, name="worker")
 
@@ -124,7 +126,7 @@ def worker_join(
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
     from model.shards import ShardIntegrityError
     from worker.agent import WorkerOptions, run_worker
-    from worker.checkpoint import CheckpointError
+    from model.checkpoints import CheckpointError
     from worker.client import CoordinatorRefused, CoordinatorUnreachable
 
     _logging(verbose)
@@ -136,6 +138,59 @@ def worker_join(
         raise typer.Exit(code=run_worker(options))
     except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError) as error:
         _fail(str(error))
+
+
+def _run_database(data: Path, database: str):  # type: ignore[no-untyped-def]
+    """Sessions on the run's database, refusing to create one where none exists."""
+    from coordinator.store import open_engine, session_factory, sqlite_url
+
+    if not database and not (data / "coordinator.db").is_file():
+        _fail(f"no coordinator.db in {data}: give the run's database with --database")
+    return session_factory(open_engine(database or sqlite_url(data / "coordinator.db")))
+
+
+@audit_app.command("card")
+def audit_card(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint directory (round-NNNNNN, or the DIR holding 'latest')."),
+    data: Path = typer.Option(..., "--data", help="The run's prepared corpus directory."),
+    database: str = typer.Option("", help="SQLAlchemy URL; default: SQLite file coordinator.db in --data."),
+    out: Path | None = typer.Option(None, "--out", help="Where MODEL_CARD.md and model_card.json go (default: CHECKPOINT)."),
+) -> None:
+    """Write a model/data card for a checkpoint from the lineage records: data, contributors, configs."""
+    from coordinator.card import CardError, build_card, write_card
+    from model.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
+
+    try:
+        path = latest_checkpoint(checkpoint) or checkpoint
+        card = build_card(_run_database(data, database), read_checkpoint(path), data)
+    except (CardError, CheckpointError, ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    markdown, document = write_card(card, out or path)
+    typer.echo(f"{card['tokens']:,} tokens traced to {len(card['sources'])} sources and {len(card['workers'])} workers: "
+               f"{markdown}, {document}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data: Path = typer.Option(..., "--data", help="The run's prepared corpus directory."),
+    database: str = typer.Option("", help="SQLAlchemy URL; default: SQLite file coordinator.db in --data."),
+    checkpoint: list[Path] = typer.Option([], "--checkpoint", help="Checkpoint directories to check too (repeatable)."),
+) -> None:
+    """Recompute shard hashes and check lineage, token accounting and checkpoints; exit 1 on any problem."""
+    from coordinator.audit import verify_run
+
+    try:
+        result = verify_run(_run_database(data, database), data, checkpoint)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    for problem in result.problems:
+        typer.secho(f"problem: {problem}", fg=typer.colors.RED)
+    summary = (f"{result.shards} shards, {result.lineage_records} lineage records, "
+               f"{result.checkpoints} checkpoints checked")
+    if result.problems:
+        typer.echo(f"{len(result.problems)} problem(s) in {summary}")
+        raise typer.Exit(code=1)
+    typer.echo(f"verified: {summary}; no problem found")
 
 
 @app.command()

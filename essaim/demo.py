@@ -18,13 +18,14 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator import reports
+from coordinator.card import build_card, write_card
 from coordinator.store import open_engine, session_factory, sqlite_url
 from essaim.processes import start_role, stop_group, wait_for_ready_file
+from model.checkpoints import latest_checkpoint, read_checkpoint
 from model.corpus import prepare_corpus
 from model.corpus_config import load_corpus_config
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, read_tokens
-from worker.checkpoint import latest_checkpoint
 
 INSTITUTIONS = ["Université Paris-Saclay", "GENCI Jean Zay", "volunteer", "Inria", "volunteer"]
 SEQ_LEN = 128
@@ -163,9 +164,13 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     for r in done:
         table.add_row(str(r.number), str(r.reports), str(r.max_group_size), f"{r.tokens:,}", f"{r.mean_loss:.3f}")
     console.print(table)
-    for field in ("language", "source", "licence"):
-        by = reports.tokens_by_shard_field(sessions, field)
-        console.print(f"tokens by {field}: " + ", ".join(f"{k} {v:,}" for k, v in by.items()))
+    checkpoint = latest_checkpoint(workdir / "checkpoint")
+    card = build_card(sessions, read_checkpoint(checkpoint), workdir / "data")
+    markdown, _ = write_card(card, checkpoint)
+    console.print("tokens by language: " + ", ".join(f"{k} {v:,}" for k, v in card["tokens_by_language"].items()))
+    console.print("tokens by source (share trained / target): " + ", ".join(
+        f"{k} {v['tokens']:,} ({v['share']:.0%} / {v['target_share']:.0%})" for k, v in card["sources"].items()))
+    console.print("tokens by licence: " + ", ".join(f"{k} {v:,}" for k, v in card["tokens_by_licence"].items()))
     workers = reports.worker_progress(sessions)
     console.print("tokens by worker: " + ", ".join(f"{w.name} {w.tokens_trained:,}" for w in workers))
     console.print(
@@ -174,7 +179,6 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
         + f"; time in inner steps: {sum(w.compute_share for w in workers) / max(len(workers), 1):.0%} of wall time"
     )
 
-    checkpoint = latest_checkpoint(workdir / "checkpoint")
     transformers_logging.disable_progress_bar()
     trained = AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(checkpoint)  # proves the tokenizer was saved alongside
@@ -185,7 +189,7 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
         f"loss on a fixed corpus sample: {before:.3f} before, {after:.3f} after "
         f"{len(done)} rounds (mean training loss {done[0].mean_loss:.3f} -> {done[-1].mean_loss:.3f})"
     )
-    console.print(f"checkpoint (Hugging Face format): {checkpoint}")
+    console.print(f"checkpoint (Hugging Face format): {checkpoint}; model card: {markdown}")
 
 
 def _eval_sample(manifest: Manifest, data_dir: Path) -> torch.Tensor:

@@ -28,11 +28,27 @@ def test_data_prepare_refuses_a_source_without_licence(tmp_path: Path) -> None:
     text = tmp_path / "a.txt"
     text.write_text("bonjour")
     config = tmp_path / "corpus.toml"
-    config.write_text(f'[[source]]\nname = "a"\nlanguage = "fr"\npaths = ["{text.name}"]\n')
+    config.write_text(
+        f'[[source]]\nname = "a"\nlanguage = "fr"\nweight = 1\ndate_from = 2020-01-01\ndate_to = 2020-12-31\n'
+        f'paths = ["{text.name}"]\n'
+    )
     result = run("data", "prepare", str(config), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert "has no licence" in result.stderr
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert "corpus.toml:1 (source #1 'a'): no licence" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_stops_at_a_malformed_line_when_told_to(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"text": "bonjour tout le monde, voici un texte"}\n{"text": oops}\n')
+    config = tmp_path / "corpus.toml"
+    config.write_text(
+        '[corpus]\non_bad_record = "stop"\n[[source]]\nname = "a"\nlanguage = "fr"\nlicence = "CC0-1.0"\n'
+        'weight = 1\ndate_from = 2020-01-01\ndate_to = 2020-12-31\npaths = ["a.jsonl"]\n'
+    )
+    result = run("data", "prepare", str(config), "--out", str(tmp_path / "out"), "--vocab-size", "300")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'a.jsonl'}:2: not valid JSON" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "corpus.toml"]
 
 
 def test_coordinator_refuses_a_directory_without_a_corpus(tmp_path: Path) -> None:

@@ -204,7 +204,14 @@ def test_accounting_detects_a_lost_range(scheduler: Scheduler, store) -> None:
     scheduler.acquire("w1", 30, 0)
     with store.begin() as session:
         session.delete(session.scalars(select(TokenRange).where(TokenRange.state == "pool", TokenRange.shard_id == "a")).one())
-    assert accounting_problems(store) == ["shard a epoch 0: ranges end at 30, shard has 100"]
+    assert accounting_problems(store) == [
+        "shard a epoch 0: tokens 30..100 are in no range (neither in the pool, on lease nor trained): lost"
+    ]
+    with store.begin() as session:  # a shard whose only range disappears leaves no row to check: still caught
+        session.delete(session.scalars(select(TokenRange).where(TokenRange.shard_id == "b")).one())
+    assert "shard b epoch 0: tokens 0..50 are in no range (neither in the pool, on lease nor trained): lost" in (
+        accounting_problems(store)
+    )
 
 
 def test_a_second_corpus_is_refused_by_the_same_database(store) -> None:

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from essaim.processes import essaim_command
-from worker.checkpoint import latest_checkpoint
+from model.checkpoints import latest_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -14,11 +14,11 @@ from sqlalchemy import func, select
 from coordinator.accounting import accounting_problems
 from coordinator.store import LineageRecord
 from essaim.processes import essaim_command, kill_group, stop_group
+from model.checkpoints import latest_checkpoint, load_model, read_checkpoint
 from model.evaluate import mean_loss
 from model.presets import build_model
 from model.shards import Manifest, read_tokens
 from support import contributions_by_round, logs, start_worker, wait_all, wait_for
-from worker.checkpoint import latest_checkpoint, load_model, read_checkpoint
 
 pytestmark = pytest.mark.e2e
 

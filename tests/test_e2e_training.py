@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from coordinator.accounting import accounting_problems
 from coordinator.store import Contribution, LineageRecord, Round
 from essaim.processes import group_alive, start_role
+from model.checkpoints import latest_checkpoint
 from model.evaluate import mean_loss
 from model.presets import build_model
 from model.shards import Manifest, read_tokens
 from support import wait_all
-from worker.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -21,13 +21,12 @@ from typing import Iterator
 
 import torch
 
+from model.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_model, read_checkpoint
 from model.presets import build_model
 from protocol import essaim_pb2 as pb
 from protocol.identity import Identity
 from protocol.swarm import Swarm
-from worker.checkpoint import (
-    Checkpoint, CheckpointError, latest_checkpoint, load_model, read_checkpoint, restore_outer_state, save_checkpoint,
-)
+from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import ShardReader, batches
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer

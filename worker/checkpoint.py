@@ -1,10 +1,7 @@
-"""Checkpoints a run resumes from: Hugging Face model + tokenizer, outer optimizer state, round, lineage head.
+"""Writing the checkpoints a run resumes from, and restoring a trainer's outer state from one.
 
-Layout: DIR/round-000009/ holds config.json + model.safetensors (the global
-parameters after round 9's outer step), the tokenizer files, outer_state.pt
-(outer Nesterov momentum) and checkpoint.json (run id, next round, lineage head,
-the run config in force). DIR/latest names the newest. Each checkpoint is
-written to a temporary directory and renamed, so it is whole or absent.
+The layout is model.checkpoints'. Each checkpoint is written to a temporary
+directory and renamed, so it is whole or absent.
 """
 
 from __future__ import annotations
@@ -12,31 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
 from google.protobuf.json_format import MessageToDict
-from transformers import AutoModelForCausalLM
 
+from model.checkpoints import LATEST, Checkpoint
 from model.tokenizer import tokenizer_from_json
 from protocol import essaim_pb2 as pb
-from worker.diloco import DiLoCoTrainer, tensors_digest
-
-LATEST = "latest"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be resumed from; the message says why."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path
-    next_round: int          # the round a resumed worker trains first
-    run_id: str
-    lineage_head: int        # the newest lineage record this checkpoint's weights include
-    params_digest: str
+from worker.diloco import DiLoCoTrainer
 
 
 def save_checkpoint(
@@ -59,7 +41,7 @@ def save_checkpoint(
             {
                 "run_id": config.run_id, "completed_round": completed, "next_round": trainer.round,
                 "lineage_head": lineage_head, "params_digest": trainer.params_digest(),
-                "config_version": "genesis", "run_config": run_config,
+                "config_version": "genesis", "run_config": run_config, "saved_at": time.time(),
             },
             indent=2,
         )
@@ -68,38 +50,6 @@ def save_checkpoint(
     partial.rename(final)
     _write_atomically(directory / LATEST, final.name)
     return final
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    pointer = directory / LATEST
-    if not pointer.exists():
-        return None
-    path = directory / pointer.read_text().strip()
-    if not (path / "checkpoint.json").exists():
-        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    try:
-        info = json.loads((path / "checkpoint.json").read_text())
-        return Checkpoint(
-            path=path, next_round=int(info["next_round"]), run_id=str(info["run_id"]),
-            lineage_head=int(info["lineage_head"]), params_digest=str(info["params_digest"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}: unreadable checkpoint.json ({error})") from None
-
-
-def load_model(checkpoint: Checkpoint) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(checkpoint.path)
-    digest = tensors_digest([p for p in model.parameters() if p.requires_grad])
-    if digest != checkpoint.params_digest:
-        raise CheckpointError(
-            f"{checkpoint.path}: the model weights do not match the digest recorded with them "
-            "(modified or corrupted files); resume from another checkpoint or from the swarm"
-        )
-    return model
 
 
 def restore_outer_state(trainer: DiLoCoTrainer, checkpoint: Checkpoint, round_started_at: float) -> None:

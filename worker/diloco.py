@@ -12,7 +12,6 @@ momentum) from a peer instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ import torch
 from hivemind import DHT
 from hivemind.averaging.control import AveragingStage
 
+from model.checkpoints import tensors_digest
 from worker.allreduce import COMPRESSIONS, ExactAverager
 
 log = logging.getLogger("essaim.worker.diloco")
@@ -249,10 +249,3 @@ class DiLoCoTrainer:
 
     def shutdown(self) -> None:
         self.averager.shutdown()
-
-
-def tensors_digest(tensors: list[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()

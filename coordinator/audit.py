@@ -1,0 +1,120 @@
+"""`essaim audit verify`: recompute what can be recomputed and check every claim against it.
+
+Shards against the manifest (sha256 of each file), the database against the
+manifest, every lineage record against the lease it names, the accounting
+invariant (no token range lost or counted twice), and each checkpoint against its
+own digest and the round the coordinator recorded. Each problem is one sentence
+that names the shard, range, record or file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.accounting import accounting_problems
+from coordinator.store import Lease, LineageRecord, Round, Shard, meta_value
+from model.checkpoints import CheckpointError, load_model, read_checkpoint
+from model.shards import Manifest, ShardIntegrityError, verify_shard
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    problems: list[str]
+    shards: int
+    lineage_records: int
+    checkpoints: int
+
+
+def verify_run(sessions: sessionmaker[Session], data_dir: Path, checkpoints: list[Path]) -> AuditResult:
+    manifest = Manifest.load(data_dir / "manifest.json")
+    problems = _shard_problems(manifest, data_dir)
+    with sessions() as session:
+        problems += _database_problems(session, manifest)
+        records = session.scalars(select(LineageRecord).order_by(LineageRecord.id)).all()
+        problems += _lineage_problems(session, records)
+        problems += accounting_problems(sessions)
+        for path in checkpoints:
+            problems += _checkpoint_problems(session, Path(path), manifest)
+    return AuditResult(problems, len(manifest.shards), len(records), len(checkpoints))
+
+
+def _shard_problems(manifest: Manifest, data_dir: Path) -> list[str]:
+    problems = []
+    for shard in manifest.shards:
+        try:
+            verify_shard(data_dir / shard.file, shard.sha256, shard.tokens, shard.dtype)
+        except ShardIntegrityError as error:
+            problems.append(f"shard {shard.shard_id}: {error}")
+    return problems
+
+
+def _database_problems(session: Session, manifest: Manifest) -> list[str]:
+    recorded = meta_value(session, "corpus_root_hash")
+    if recorded != manifest.root_hash():
+        return [f"the database's corpus is {recorded}, the manifest's {manifest.root_hash()}: "
+                "they belong to different runs"]
+    problems = []
+    stored = {shard.id: shard for shard in session.scalars(select(Shard))}
+    for entry in manifest.shards:
+        row = stored.pop(entry.shard_id, None)
+        if row is None:
+            problems.append(f"shard {entry.shard_id} is in the manifest but not in the database")
+        elif (row.sha256, row.tokens) != (entry.sha256, entry.tokens):
+            problems.append(f"shard {entry.shard_id}: the database records sha256 {row.sha256[:12]} and {row.tokens} "
+                            f"tokens, the manifest {entry.sha256[:12]} and {entry.tokens}")
+    problems += [f"shard {shard_id} is in the database but not in the manifest" for shard_id in sorted(stored)]
+    return problems
+
+
+def _lineage_problems(session: Session, records: list[LineageRecord]) -> list[str]:
+    problems = []
+    for record in records:
+        where = (f"lineage record {record.id} (round {record.round}, worker {record.worker_id[:12]}, shard "
+                 f"{record.shard_id} epoch {record.epoch} tokens {record.start}..{record.end})")
+        lease = session.get(Lease, record.lease_id)
+        if lease is None:
+            problems.append(f"{where} names lease {record.lease_id}, which was never granted")
+            continue
+        trained_end = lease.start + lease.tokens_consumed
+        if (lease.shard_id, lease.epoch, lease.start, trained_end) != (record.shard_id, record.epoch, record.start, record.end):
+            problems.append(f"{where}: its lease {lease.id} trained shard {lease.shard_id} epoch {lease.epoch} tokens "
+                            f"{lease.start}..{trained_end}, so this range was never leased as recorded")
+        if (lease.worker_id, lease.round) != (record.worker_id, record.round):
+            problems.append(f"{where}: its lease {lease.id} went to worker {lease.worker_id[:12]} in round {lease.round}")
+        expected_state = "rewound" if record.rewound_at is not None else "completed"
+        if lease.state != expected_state:
+            problems.append(f"{where}: its lease {lease.id} is {lease.state}, not {expected_state}")
+    return problems
+
+
+def _checkpoint_problems(session: Session, path: Path, manifest: Manifest) -> list[str]:
+    try:
+        checkpoint = read_checkpoint(path)
+        load_model(checkpoint)
+    except (CheckpointError, OSError, ValueError) as error:
+        return [f"checkpoint {path}: {error}"]
+    where = f"checkpoint {path} (round {checkpoint.completed_round})"
+    problems = []
+    if checkpoint.run_config.get("corpus_root_hash") != manifest.root_hash():
+        problems.append(f"{where} was trained on corpus {checkpoint.run_config.get('corpus_root_hash')}, "
+                        f"not this manifest's {manifest.root_hash()}")
+    recorded = session.get(Round, checkpoint.completed_round)
+    if recorded is None:
+        problems.append(f"{where}: the coordinator has no record of that round")
+    elif recorded.params_digest != checkpoint.params_digest:
+        problems.append(f"{where}: its weights hash to {checkpoint.params_digest[:16]}, the coordinator recorded "
+                        f"{recorded.params_digest[:16]} for that round")
+    traced = set(session.scalars(
+        select(LineageRecord.round).where(
+            LineageRecord.round <= checkpoint.completed_round,
+            or_(LineageRecord.rewound_at.is_(None), LineageRecord.rewound_at > checkpoint.saved_at),
+        )
+    ))
+    untraced = sorted(set(range(checkpoint.completed_round + 1)) - traced)
+    if untraced:
+        problems.append(f"{where}: rounds {untraced} have no lineage record, so their tokens cannot be traced")
+    return problems

@@ -1,0 +1,186 @@
+"""Model and data cards, derived from lineage: what a checkpoint was trained on, by whom, under which configs.
+
+A checkpoint holds the tokens of every lineage record of its rounds (up to its
+completed round) that had not been rewound when it was saved: records of later
+rounds, or of rounds a crash rewound before the save, are not in its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.mixture import target_shares
+from coordinator.store import LineageRecord, Shard, Source, Worker, meta_value
+from model.checkpoints import Checkpoint
+from model.corpus import REPORT_FILE
+from model.shards import Manifest
+
+
+class CardError(ValueError):
+    """The checkpoint and the run's records do not belong together."""
+
+
+def build_card(sessions: sessionmaker[Session], checkpoint: Checkpoint, data_dir: Path) -> dict:
+    """The card's figures, as a JSON-ready dict."""
+    manifest = Manifest.load(data_dir / "manifest.json")
+    with sessions() as session:
+        corpus_root = meta_value(session, "corpus_root_hash")
+        _check_same_run(checkpoint, corpus_root, manifest)
+        rows = session.execute(
+            select(LineageRecord, Shard, Worker.name)
+            .join(Shard, Shard.id == LineageRecord.shard_id)
+            .join(Worker, Worker.id == LineageRecord.worker_id)
+            .where(
+                LineageRecord.round <= checkpoint.completed_round,
+                or_(LineageRecord.rewound_at.is_(None), LineageRecord.rewound_at > checkpoint.saved_at),
+            )
+        ).all()
+        sources = {s.name: s for s in session.scalars(select(Source))}
+
+    by_language: dict[str, int] = defaultdict(int)
+    by_licence: dict[str, int] = defaultdict(int)
+    by_source: dict[str, dict] = {}
+    workers: dict[str, dict] = {}
+    institutions: dict[str, dict] = {}
+    config_versions: set[str] = set()
+    for record, shard, worker_name in rows:
+        tokens = record.end - record.start
+        by_language[shard.language] += tokens
+        by_licence[shard.licence] += tokens
+        source = by_source.setdefault(shard.source, {"tokens": 0, "date_from": shard.date_from, "date_to": shard.date_to})
+        source["tokens"] += tokens
+        source["date_from"] = min(source["date_from"], shard.date_from)
+        source["date_to"] = max(source["date_to"], shard.date_to)
+        worker = workers.setdefault(record.worker_id, {"name": worker_name, "institution": record.institution,
+                                                       "tokens": 0, "rounds": set()})
+        worker["tokens"] += tokens
+        worker["rounds"].add(record.round)
+        institution = institutions.setdefault(record.institution, {"tokens": 0, "workers": set()})
+        institution["tokens"] += tokens
+        institution["workers"].add(record.worker_id)
+        config_versions.add(record.config_version)
+
+    total = sum(by_language.values())
+    targets = target_shares({name: s.weight for name, s in sources.items()})
+    for name, entry in by_source.items():
+        entry.update(language=sources[name].language, licence=sources[name].licence,
+                     share=entry["tokens"] / total, target_share=targets.get(name, 0.0))
+    card = {
+        "checkpoint": {
+            "path": str(checkpoint.path), "run_id": checkpoint.run_id, "completed_round": checkpoint.completed_round,
+            "params_digest": checkpoint.params_digest, "saved_at": checkpoint.saved_at,
+        },
+        "model": {"preset": checkpoint.run_config.get("model_preset"), "vocab_size": manifest.vocab_size},
+        "corpus": {"root_hash": corpus_root, "tokenizer_sha256": manifest.tokenizer_sha256},
+        "tokens": total,
+        "tokens_by_language": dict(sorted(by_language.items())),
+        "tokens_by_licence": dict(sorted(by_licence.items())),
+        "sources": dict(sorted(by_source.items())),
+        "institutions": {
+            name: {"tokens": v["tokens"], "workers": len(v["workers"])} for name, v in sorted(institutions.items())
+        },
+        "workers": sorted(
+            ({"name": v["name"], "institution": v["institution"], "tokens": v["tokens"], "rounds": len(v["rounds"])}
+             for v in workers.values()), key=lambda w: (-w["tokens"], w["name"]),
+        ),
+        "configs": {"versions": sorted(config_versions), "run_config": checkpoint.run_config},
+    }
+    report = data_dir / REPORT_FILE
+    if report.is_file():
+        card["data_preparation"] = _preparation_summary(json.loads(report.read_text(encoding="utf-8")))
+    return card
+
+
+def _check_same_run(checkpoint: Checkpoint, corpus_root: str | None, manifest: Manifest) -> None:
+    claimed = checkpoint.run_config.get("corpus_root_hash")
+    if corpus_root is None:
+        raise CardError("the database holds no run (no corpus loaded): point --database at the run's database")
+    if corpus_root != manifest.root_hash():
+        raise CardError(f"the database's corpus {corpus_root[:12]} is not the one in --data "
+                        f"({manifest.root_hash()[:12]}): point --data at the run's prepared corpus")
+    if claimed != corpus_root:
+        raise CardError(f"{checkpoint.path} was trained on corpus {str(claimed)[:12]}, the database's run on "
+                        f"{corpus_root[:12]}: give the checkpoint and database of the same run")
+
+
+def _preparation_summary(report: dict) -> dict:
+    """What the filters removed, per reason, over all sources (no document content)."""
+    removed: dict[str, int] = defaultdict(int)
+    for counts in report["sources"].values():
+        for reason, figures in counts["removed"].items():
+            removed[reason] += figures["documents"]
+    return {
+        "records": sum(c["records"] for c in report["sources"].values()),
+        "bad_records": sum(c["bad_records"] for c in report["sources"].values()),
+        "kept_documents": sum(c["kept_documents"] for c in report["sources"].values()),
+        "removed_documents": dict(sorted(removed.items())),
+        "tokenizer_fertility": report.get("fertility", {}),
+    }
+
+
+def card_markdown(card: dict) -> str:
+    checkpoint, total = card["checkpoint"], card["tokens"]
+    lines = [
+        f"# Model card: run {checkpoint['run_id']}, round {checkpoint['completed_round']}",
+        "",
+        f"- Model: `{card['model']['preset']}` preset, vocabulary {card['model']['vocab_size']:,}",
+        f"- Weights: sha256 digest `{checkpoint['params_digest']}`",
+        f"- Corpus: root hash `{card['corpus']['root_hash']}`, tokenizer `{card['corpus']['tokenizer_sha256'][:16]}`",
+        f"- Trained tokens: {total:,}, under config versions {', '.join(card['configs']['versions']) or '-'}",
+        "",
+        "## Data by language",
+        "",
+        "| language | tokens | share |",
+        "|---|---:|---:|",
+        *(f"| {k} | {v:,} | {v / total:.1%} |" for k, v in card["tokens_by_language"].items()),
+        "",
+        "## Data by source",
+        "",
+        "| source | language | licence | dates | tokens | share | target |",
+        "|---|---|---|---|---:|---:|---:|",
+        *(f"| {k} | {v['language']} | {v['licence']} | {v['date_from']} to {v['date_to']} | {v['tokens']:,} "
+          f"| {v['share']:.1%} | {v['target_share']:.1%} |" for k, v in card["sources"].items()),
+        "",
+        "## Data by licence",
+        "",
+        "| licence | tokens |",
+        "|---|---:|",
+        *(f"| {k} | {v:,} |" for k, v in card["tokens_by_licence"].items()),
+        "",
+        "## Contributors",
+        "",
+        "| institution | workers | tokens |",
+        "|---|---:|---:|",
+        *(f"| {k} | {v['workers']} | {v['tokens']:,} |" for k, v in card["institutions"].items()),
+        "",
+        "| worker | institution | rounds | tokens |",
+        "|---|---|---:|---:|",
+        *(f"| {w['name']} | {w['institution']} | {w['rounds']} | {w['tokens']:,} |" for w in card["workers"]),
+        "",
+    ]
+    preparation = card.get("data_preparation")
+    if preparation:
+        lines += [
+            "## Data preparation",
+            "",
+            f"{preparation['records']:,} records read, {preparation['bad_records']:,} malformed, "
+            f"{preparation['kept_documents']:,} kept. Removed by filter:",
+            "",
+            *(f"- {reason}: {count:,}" for reason, count in preparation["removed_documents"].items()),
+            "",
+        ]
+    lines += ["## Run configuration", "", "```json", json.dumps(card["configs"]["run_config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def write_card(card: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, document = out_dir / "MODEL_CARD.md", out_dir / "model_card.json"
+    markdown.write_text(card_markdown(card), encoding="utf-8")
+    document.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return markdown, document

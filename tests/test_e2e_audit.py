@@ -1,0 +1,102 @@
+"""After a real run, `essaim audit card` traces a checkpoint's tokens and `essaim audit verify` catches tampering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from coordinator.store import LineageRecord, Shard, TokenRange, open_engine, session_factory, sqlite_url
+from essaim.processes import essaim_command
+from model.checkpoints import latest_checkpoint, read_checkpoint
+from model.shards import Manifest
+from support import logs, start_worker, wait_all
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 3
+
+
+def essaim(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(essaim_command(*args), capture_output=True, text=True, timeout=180)
+
+
+def test_a_card_traces_a_checkpoint_and_verify_reports_each_kind_of_tampering(
+    start_coordinator, tmp_path: Path, corpus_dir: Path
+) -> None:
+    coordinator = start_coordinator(
+        total_rounds=ROUNDS, target_group_size=2, inner_steps=8, batch_size=4, seq_len=64, matchmaking_seconds=5.0,
+        heartbeat_seconds=1, checkpoint_every_rounds=1,
+    )
+    workers = [start_worker(coordinator, tmp_path, f"w{i}", "--institution", f"lab-{i}",
+                            "--checkpoint-dir", str(tmp_path / f"ckpt{i}")) for i in range(2)]
+    wait_all(workers, timeout=240)
+    assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, "w0", "w1")
+    database = coordinator.database_url
+    checkpoint = latest_checkpoint(tmp_path / "ckpt0")
+    middle = tmp_path / "ckpt0" / "round-000001"
+
+    # The card of the round-1 checkpoint holds rounds 0 and 1 only, every token traced to a source and a worker.
+    result = essaim("audit", "card", str(middle), "--data", str(corpus_dir), "--database", database,
+                    "--out", str(tmp_path / "card"))
+    assert result.returncode == 0, result.stderr
+    card = json.loads((tmp_path / "card" / "model_card.json").read_text())
+    with session_factory(open_engine(database))() as session:
+        expected = session.scalar(select(func.sum(LineageRecord.end - LineageRecord.start)).where(LineageRecord.round <= 1))
+    assert card["tokens"] == expected > 0
+    assert sum(card["tokens_by_language"].values()) == sum(card["tokens_by_licence"].values()) == expected
+    assert sum(s["tokens"] for s in card["sources"].values()) == expected
+    assert {w["institution"] for w in card["workers"]} == {"lab-0", "lab-1"} == set(card["institutions"])
+    assert card["checkpoint"]["completed_round"] == 1
+    assert card["configs"]["run_config"]["inner_steps"] == 8 and card["configs"]["versions"] == ["genesis"]
+    manifest = Manifest.load(corpus_dir / "manifest.json")
+    assert {name: s["target_share"] for name, s in card["sources"].items()} == pytest.approx(
+        {s.name: s.weight / sum(x.weight for x in manifest.sources) for s in manifest.sources if s.name in card["sources"]}
+    )
+    markdown = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert f"round 1" in markdown and "lab-0" in markdown and card["corpus"]["root_hash"] in markdown
+
+    # An untouched run verifies.
+    result = essaim("audit", "verify", "--data", str(corpus_dir), "--database", database, "--checkpoint", str(checkpoint))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no problem found" in result.stdout
+
+    # Tampered copies: a shard's bytes, a lineage record for a range never leased, a lost range, a checkpoint's weights.
+    data = tmp_path / "tampered-data"
+    shutil.copytree(corpus_dir, data, ignore=shutil.ignore_patterns("coordinator.db*"))
+    with sqlite3.connect(tmp_path / "coordinator.db") as live, sqlite3.connect(data / "coordinator.db") as copy:
+        live.backup(copy)  # the live database keeps recent writes in its WAL file: copy through SQLite
+    shard = manifest.shards[0]
+    raw = bytearray((data / shard.file).read_bytes())
+    raw[10] ^= 0xFF
+    (data / shard.file).write_bytes(bytes(raw))
+    sessions = session_factory(open_engine(sqlite_url(data / "coordinator.db")))
+    with sessions.begin() as session:
+        record = session.scalars(select(LineageRecord).order_by(LineageRecord.id)).first()
+        forged_where = (record.id, record.shard_id, record.start + 1, record.end + 1)
+        record.start, record.end = record.start + 1, record.end + 1
+        pool = session.scalars(select(TokenRange).where(TokenRange.state == "pool")).first()
+        lost = (pool.shard_id, pool.epoch, pool.start, pool.end)
+        session.delete(pool)
+        assert session.get(Shard, pool.shard_id) is not None
+    forged_checkpoint = tmp_path / "forged-checkpoint"
+    shutil.copytree(checkpoint, forged_checkpoint)
+    info = json.loads((forged_checkpoint / "checkpoint.json").read_text())
+    info["params_digest"] = "0" * 64
+    (forged_checkpoint / "checkpoint.json").write_text(json.dumps(info))
+
+    result = essaim("audit", "verify", "--data", str(data), "--checkpoint", str(forged_checkpoint))
+    assert result.returncode == 1
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert any(f"shard {shard.shard_id}: shard file" in p and "is corrupted" in p for p in problems), problems
+    record_id, shard_id, start, end = forged_where
+    assert any(f"lineage record {record_id} " in p and f"tokens {start}..{end}" in p and "never leased" in p
+               for p in problems), problems
+    assert any(f"shard {lost[0]} epoch {lost[1]}: tokens {lost[2]}..{lost[3]} are in no range" in p for p in problems), problems
+    assert any(f"checkpoint {forged_checkpoint}" in p and "do not match the digest" in p for p in problems), problems
+    assert read_checkpoint(checkpoint).completed_round == ROUNDS - 1
