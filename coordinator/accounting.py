@@ -31,7 +31,7 @@ def accounting_problems(sessions: sessionmaker[Session]) -> list[str]:
 
     # Every shard of a source takes part in each of the source's epochs: a (shard, epoch)
     # without any range has lost all of its tokens.
-    newest_epoch: dict[str, int] = defaultdict(lambda: -1)
+    newest_epoch: dict[str, int] = defaultdict(int)  # epoch 0 exists from the start
     for shard_id, epoch in ranges_by_key:
         newest_epoch[shards[shard_id].source] = max(newest_epoch[shards[shard_id].source], epoch)
     for shard in shards.values():
