@@ -35,7 +35,11 @@ from model.tokenizer import EOS_ID, tokenizer_sha256, train_tokenizer
 
 REPORT_FILE = "prepare-report.json"
 HELD_OUT_EVERY = 10  # every 10th kept document is left out of tokenizer training to measure fertility
-_ENCODE_BATCH = 256
+# Documents encode in batches (parallel in `tokenizers`) of at most this many documents and
+# characters: an encoding holds ~100 bytes per token, so the character bound keeps memory flat.
+_ENCODE_BATCH_DOCUMENTS = 256
+_ENCODE_BATCH_CHARS = 250_000
+_PIECE_CHARS = 100_000  # longer documents are encoded piece by piece (see _pieces)
 
 
 class PrepareStopped(ValueError):
@@ -241,7 +245,37 @@ def _text_sample(sources: list[Source], spools, budget_chars: int, held_out_only
 
 def _count_tokens(tokenizer, texts: list[str]) -> int:  # type: ignore[no-untyped-def]
     encoder = tokenizer.backend_tokenizer
-    return sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False))
+    return sum(len(e.ids) for batch in _batches(texts) for e in encoder.encode_batch(batch, add_special_tokens=False))
+
+
+def _pieces(documents: Iterator[tuple[str, dt.date]]) -> Iterator[tuple[str, dt.date, bool]]:
+    """Documents as (text, date, ends_document), long ones cut into pieces of at most _PIECE_CHARS.
+
+    Cuts fall after a lone newline between two visible characters, where the byte-level
+    pre-tokenizer splits anyway, so a long document encodes as it would whole.
+    """
+    for text, day in documents:
+        while len(text) > _PIECE_CHARS:
+            cut = text.rfind("\n", 0, _PIECE_CHARS - 1)
+            while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+                cut = text.rfind("\n", 0, cut)
+            cut = cut + 1 if cut > 0 else _PIECE_CHARS
+            yield text[:cut], day, False
+            text = text[cut:]
+        yield text, day, True
+
+
+def _batches(items, text=lambda item: item):  # type: ignore[no-untyped-def]
+    """Consecutive lists of items, each within the encode batch bounds."""
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(text(item))
+        if len(batch) == _ENCODE_BATCH_DOCUMENTS or chars >= _ENCODE_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 # -- pass 3: shards --------------------------------------------------------------------------
@@ -254,13 +288,9 @@ def _write_shards(corpus: Corpus, spools, tokenizer, out_dir: Path, report: Prep
     for source in corpus.sources:
         writer = _ShardWriter(source, out_dir, dtype, corpus.settings.shard_tokens)
         for bucket in sorted(spools[source.name]):
-            batch: list[tuple[str, dt.date]] = []
-            for document in _spooled({bucket: spools[source.name][bucket]}):
-                batch.append(document)
-                if len(batch) == _ENCODE_BATCH:
-                    writer.add_batch(encoder, batch)
-                    batch = []
-            writer.add_batch(encoder, batch)
+            pieces = _pieces(_spooled({bucket: spools[source.name][bucket]}))
+            for batch in _batches(pieces, text=lambda piece: piece[0]):
+                writer.add_batch(encoder, batch)
             writer.flush()  # a shard never spans two date buckets
         report.sources[source.name].tokens = sum(s.tokens for s in writer.written)
         shards.extend(writer.written)
@@ -277,12 +307,10 @@ class _ShardWriter:
         self.count = 0
         self.written: list[ShardInfo] = []
 
-    def add_batch(self, encoder, documents: list[tuple[str, dt.date]]) -> None:  # type: ignore[no-untyped-def]
-        if not documents:
-            return
-        encodings = encoder.encode_batch([text for text, _ in documents], add_special_tokens=False)
-        for encoding, (_, day) in zip(encodings, documents):
-            self._add(np.asarray([*encoding.ids, EOS_ID], dtype=np.int64), day)
+    def add_batch(self, encoder, pieces: list[tuple[str, dt.date, bool]]) -> None:  # type: ignore[no-untyped-def]
+        encodings = encoder.encode_batch([text for text, _, _ in pieces], add_special_tokens=False)
+        for encoding, (_, day, ends_document) in zip(encodings, pieces):
+            self._add(np.asarray([*encoding.ids, EOS_ID] if ends_document else encoding.ids, dtype=np.int64), day)
 
     def _add(self, tokens: np.ndarray, day: dt.date) -> None:
         offset = 0

@@ -135,3 +135,17 @@ def test_without_gettext_catalogs_generated_cc0_text_stands_in(tmp_path: Path, m
     text = "".join(p.read_text(encoding="utf-8") for p in french.paths)
     assert 29_000 <= len(text) <= 30_000
     assert "é" in text
+
+
+def test_a_long_document_encodes_piece_by_piece_exactly_as_whole(sample) -> None:
+    import json as json_module
+    from model.corpus import _pieces
+
+    _, out, _, _ = sample
+    encoder = load_tokenizer(out / "tokenizer").backend_tokenizer
+    text = Path(json_module.__file__).parent.joinpath("decoder.py").read_text() * 40  # ~400k characters of code
+    pieces = list(_pieces(iter([(text, None)])))
+    assert len(pieces) > 3 and [end for _, _, end in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(p for p, _, _ in pieces) == text
+    whole = encoder.encode(text, add_special_tokens=False).ids
+    assert [i for p, _, _ in pieces for i in encoder.encode(p, add_special_tokens=False).ids] == whole
