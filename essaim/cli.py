@@ -177,8 +177,11 @@ def audit_verify(
     checkpoint: list[Path] = typer.Option([], "--checkpoint", help="Checkpoint directories to check too (repeatable)."),
 ) -> None:
     """Recompute shard hashes and check lineage, token accounting and checkpoints; exit 1 on any problem."""
+    from transformers.utils import logging as transformers_logging
+
     from coordinator.audit import verify_run
 
+    transformers_logging.disable_progress_bar()
     try:
         result = verify_run(_run_database(data, database), data, checkpoint)
     except (ValueError, FileNotFoundError) as error:

@@ -81,13 +81,18 @@ def run_demo(settings: DemoSettings) -> int:
 
     with console.status("Preparing the sample corpus (French, English, code) and training a tokenizer..."):
         corpus_toml = write_sample_corpus(workdir / "corpus-text", settings.chars_per_language)
-        manifest, _ = prepare_corpus(
+        manifest, report = prepare_corpus(
             load_corpus_config(corpus_toml), workdir / "data", vocab_size=settings.vocab_size, shard_tokens=SHARD_TOKENS
         )
+    removed = sum(r["documents"] for counts in report.sources.values() for r in counts.removed.values())
     console.print(
         f"corpus {manifest.root_hash()[:16]}: {len(manifest.shards)} shards, "
-        f"{sum(s.tokens for s in manifest.shards):,} tokens"
+        f"{sum(s.tokens for s in manifest.shards):,} tokens; {removed} documents filtered out"
     )
+    console.print("tokens per word (English-only tokenizer in brackets): " + ", ".join(
+        f"{language} {f['tokens_per_word']:.2f} ({f['english_only_tokens_per_word']:.2f})"
+        for language, f in report.fertility.items() if "english_only_tokens_per_word" in f
+    ))
     (workdir / "run.toml").write_text(run_settings_toml(settings))
 
     coordinator = start_role(
