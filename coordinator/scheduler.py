@@ -1,7 +1,9 @@
 """Leases, rounds and lineage: the coordinator's decisions, on top of the store.
 
-One lock serialises the decisions. It is enough for one coordinator process on
-SQLite; row locking for PostgreSQL under concurrent coordinators comes later.
+A lock serialises one process's decisions (all SQLite needs). On PostgreSQL, rows
+are locked as they are decided on (SELECT ... FOR UPDATE, SKIP LOCKED for pool
+ranges and overdue leases), so several coordinator processes can share a database
+without two of them granting the same tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.mixture import mixture_order
@@ -115,8 +119,11 @@ class Scheduler:
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
         with self._lock, self._sessions.begin() as session:
             now = self._clock()
-            round_row = session.get(Round, report.round)
-            if round_row is not None and round_row.params_digest != report.params_digest:
+            replayed = self._recorded_before(session, worker_id, report)
+            if replayed is not None:
+                return replayed
+            round_row = self._round_row(session, report, now)
+            if round_row.params_digest != report.params_digest:
                 # Another group finished this round first, on other parameters. One model per
                 # round: this report's tokens go back to the pool and its worker re-syncs.
                 for lease_id, _ in report.leases:
@@ -134,10 +141,49 @@ class Scheduler:
                     wall_seconds=report.wall_seconds, params_digest=report.params_digest, created_at=now,
                 )
             )
-            self._count_round(session, report, tokens, now)
+            round_row.reports += 1
+            round_row.tokens += tokens
+            round_row.loss_sum += report.loss
+            round_row.max_group_size = max(round_row.max_group_size, report.group_size)
             worker.last_round, worker.last_loss, worker.last_seen = report.round, report.loss, now
             session.flush()
             return RoundRecorded(True, report.params_digest, [r.id for r in records], self._lineage_head(session))
+
+    def _recorded_before(self, session: Session, worker_id: str, report: RoundReport) -> RoundRecorded | None:
+        """The answer already given, when this report was recorded before and its reply lost (a retry).
+
+        A coordinator killed after committing a report but before replying sees the same
+        report again once restarted: it must answer as the first time, not refuse it.
+        """
+        leases = [session.get(Lease, lease_id) for lease_id, _ in report.leases]
+        if not any(lease is not None and lease.state == "completed" and lease.worker_id == worker_id
+                   and lease.round == report.round for lease in leases):
+            return None
+        for (lease_id, tokens), lease in zip(report.leases, leases):
+            if lease is None or (lease.state, lease.worker_id, lease.round, lease.tokens_consumed) != (
+                "completed", worker_id, report.round, tokens
+            ):
+                raise LeaseError(
+                    f"round {report.round} was already reported with other leases or token counts than this "
+                    f"report's (lease {lease_id}): acquire new leases"
+                )
+        records = {r.lease_id: r.id for r in session.scalars(
+            select(LineageRecord).where(LineageRecord.lease_id.in_([lease_id for lease_id, _ in report.leases])))}
+        digest = session.get(Round, report.round).params_digest
+        return RoundRecorded(True, digest, [records[lease_id] for lease_id, _ in report.leases], self._lineage_head(session))
+
+    def extend_leases_after_restart(self) -> int:
+        """Give every granted lease time to be heartbeaten again; returns how many.
+
+        While the coordinator was down no heartbeat could extend a deadline: expiring those
+        leases would throw away rounds that workers kept training through the outage. Workers
+        retry with a back-off of up to 5 s, so the grace is two lease periods, and at least 30 s.
+        """
+        grace = max(2 * self.lease_seconds, 30.0)
+        with self._lock, self._sessions.begin() as session:
+            return session.execute(
+                update(Lease).where(Lease.state == "granted").values(deadline=self._clock() + grace)
+            ).rowcount
 
     @staticmethod
     def _lineage_head(session: Session) -> int:
@@ -211,7 +257,7 @@ class Scheduler:
     # -- internals -----------------------------------------------------------------------
 
     def _own_granted_lease(self, session: Session, worker_id: str, lease_id: int) -> Lease:
-        lease = session.get(Lease, lease_id)
+        lease = session.get(Lease, lease_id, with_for_update=True)
         if lease is None:
             raise LeaseError(f"no lease {lease_id}: acquire a new lease")
         if lease.worker_id != worker_id:
@@ -230,10 +276,12 @@ class Scheduler:
         repeated or left partly unread as its weight asks, whatever its size.
         """
         for source in mixture_order(self._weights(session), self._assigned_tokens(session)):
-            token_range = self._oldest_pool_range(session, source) or self._open_next_epoch(session, source)
+            token_range = self._oldest_pool_range(session, source)
+            if token_range is None and not self._has_pool_range(session, source):
+                token_range = self._open_next_epoch(session, source)
             if token_range is not None:
                 return token_range
-        return None
+        return None  # no tokens, or every pool range is being decided on by another process
 
     @staticmethod
     def _weights(session: Session) -> dict[str, float]:
@@ -256,16 +304,27 @@ class Scheduler:
 
     @staticmethod
     def _oldest_pool_range(session: Session, source: str) -> TokenRange | None:
+        """The source's next range to lease, locked; ranges another transaction holds are skipped."""
         return session.scalar(
             select(TokenRange)
             .join(Shard, Shard.id == TokenRange.shard_id)
             .where(TokenRange.state == "pool", Shard.source == source)
             .order_by(TokenRange.epoch, Shard.date_from, TokenRange.shard_id, TokenRange.start)
             .limit(1)
+            .with_for_update(skip_locked=True, of=TokenRange)
         )
 
+    @staticmethod
+    def _has_pool_range(session: Session, source: str) -> bool:
+        pool = select(TokenRange.id).join(Shard, Shard.id == TokenRange.shard_id).where(
+            TokenRange.state == "pool", Shard.source == source
+        )
+        return session.scalar(select(pool.exists())) or False
+
     def _expire(self, session: Session, now: float) -> int:
-        overdue = session.scalars(select(Lease).where(Lease.state == "granted", Lease.deadline < now)).all()
+        overdue = session.scalars(
+            select(Lease).where(Lease.state == "granted", Lease.deadline < now).with_for_update(skip_locked=True)
+        ).all()
         for lease in overdue:
             self._return_to_pool(session, lease, "expired", now)
         return len(overdue)
@@ -283,18 +342,20 @@ class Scheduler:
             TokenRange(shard_id=lease.shard_id, epoch=lease.epoch, start=trained_end, end=lease.end, state="pool")
         )
 
-    def _count_round(self, session: Session, report: RoundReport, tokens: int, now: float) -> None:
-        row = session.get(Round, report.round)
-        if row is None:
-            row = Round(
-                number=report.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0,
-                params_digest=report.params_digest,
-            )
-            session.add(row)
-        row.reports += 1
-        row.tokens += tokens
-        row.loss_sum += report.loss
-        row.max_group_size = max(row.max_group_size, report.group_size)
+    @staticmethod
+    def _round_row(session: Session, report: RoundReport, now: float) -> Round:
+        """The round's row, locked; the first report of a round creates it with its parameters' digest.
+
+        Insert-if-absent, so two processes recording a round's first reports at once agree on one row.
+        """
+        insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
+        session.execute(
+            insert(Round)
+            .values(number=report.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0,
+                    params_digest=report.params_digest)
+            .on_conflict_do_nothing(index_elements=["number"])
+        )
+        return session.get(Round, report.round, with_for_update=True, populate_existing=True)
 
     def _open_next_epoch(self, session: Session, source: str) -> TokenRange | None:
         """Put the source's shards back in the pool as its next epoch (none of its ranges is in the pool).
@@ -302,6 +363,9 @@ class Scheduler:
         Ranges of the older epoch may still be out on lease (or come back on expiry):
         each epoch keeps its own tiling, so no worker idles waiting for stragglers.
         """
+        session.get(Source, source, with_for_update=True)  # one epoch opening per source at a time
+        if self._has_pool_range(session, source):  # another process opened it while this one waited
+            return self._oldest_pool_range(session, source)
         shards = session.scalars(select(Shard).where(Shard.source == source, Shard.tokens > 0)).all()
         epoch = session.scalar(
             select(func.max(TokenRange.epoch)).where(TokenRange.shard_id.in_([shard.id for shard in shards]))

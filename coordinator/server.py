@@ -72,6 +72,9 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     sessions = session_factory(open_engine(settings.database_url))
     load_manifest(sessions, manifest)
     scheduler = Scheduler(sessions, lease_seconds=settings.run.lease_seconds, total_rounds=settings.run.total_rounds)
+    extended = scheduler.extend_leases_after_restart()
+    if extended:
+        log.info("restarted with %d leases out: each gets a full lease period to be reported", extended)
 
     swarm = Swarm(settings.host)
     try:

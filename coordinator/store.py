@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sqlalchemy import ForeignKey, Index, LargeBinary, String, create_engine, event, select
-from sqlalchemy.engine import Engine
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, create_engine, event, inspect, select
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from model.shards import Manifest
@@ -105,7 +107,7 @@ class Round(Base):
     number: Mapped[int] = mapped_column(primary_key=True)
     first_report_at: Mapped[float]
     reports: Mapped[int] = mapped_column(default=0)
-    tokens: Mapped[int] = mapped_column(default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     loss_sum: Mapped[float] = mapped_column(default=0.0)
     max_group_size: Mapped[int] = mapped_column(default=0)
     params_digest: Mapped[str] = mapped_column(String(64))  # what every accepted report of the round agrees on
@@ -118,10 +120,10 @@ class Contribution(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     round: Mapped[int]
     worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
-    tokens: Mapped[int]
+    tokens: Mapped[int] = mapped_column(BigInteger)
     loss: Mapped[float]
     group_size: Mapped[int]
-    bytes_sent: Mapped[int]
+    bytes_sent: Mapped[int] = mapped_column(BigInteger)  # a 7B model's fp32 pseudo-gradient is 28 GB
     inner_seconds: Mapped[float]
     wall_seconds: Mapped[float]
     params_digest: Mapped[str] = mapped_column(String(64))
@@ -152,7 +154,15 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class SchemaError(ValueError):
+    """A database whose schema the migrations cannot bring up to date."""
+
+
 def open_engine(database_url: str) -> Engine:
+    """An engine on the database, its schema migrated to the newest revision (Alembic)."""
     engine = create_engine(database_url)
     if engine.dialect.name == "sqlite":
         # WAL lets readers (status, tests) look while the coordinator writes;
@@ -165,8 +175,26 @@ def open_engine(database_url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-    Base.metadata.create_all(engine)
+    migrate(engine)
     return engine
+
+
+def alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    with engine.begin() as connection:
+        tables = set(inspect(connection).get_table_names())
+        if tables and "alembic_version" not in tables:
+            raise SchemaError(
+                f"{engine.url.render_as_string(hide_password=True)} holds tables but no migration history "
+                "(made before Essaim had migrations): start from a fresh database"
+            )
+        command.upgrade(alembic_config(connection), "head")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small prepared corpus and real coordinator processes."""
+"""Shared fixtures: a small prepared corpus, real coordinator processes, a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -15,6 +15,24 @@ from essaim.processes import kill_group, start_role, stop_group, wait_for_ready_
 from model.corpus import prepare_corpus
 from model.corpus_config import load_corpus_config
 from model.sample_corpus import write_sample_corpus
+from postgres import PostgresServer, postgres_available
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    if not postgres_available():
+        pytest.fail("PostgreSQL is not installed: apt-get install postgresql (the store is tested on it)")
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend the store supports."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "coordinator.db")
+    return request.getfixturevalue("postgres").create_database()
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +60,14 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
     """Start `essaim coordinator serve` with run settings given as keyword arguments (again: a restart)."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(**run_settings: object) -> CoordinatorProcess:
+    def start(port: int = 0, **run_settings: object) -> CoordinatorProcess:
         run_file = tmp_path / "run.toml"
         run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_settings.items()))
         database_url = sqlite_url(tmp_path / "coordinator.db")
         ready, log = tmp_path / "ready.json", tmp_path / "coordinator.log"
         ready.unlink(missing_ok=True)  # a restart must not read the previous run's address
         process = start_role(
-            ["coordinator", "serve", "--data", str(corpus_dir), "--database", database_url, "--port", "0",
+            ["coordinator", "serve", "--data", str(corpus_dir), "--database", database_url, "--port", str(port),
              "--run", str(run_file), "--ready-file", str(ready)],
             log,
         )

@@ -1,13 +1,12 @@
 """The data mixture: leases follow the source weights and go oldest first, on a real SQLite store."""
 
 import random
-from pathlib import Path
 
 from coordinator.accounting import accounting_problems
 from coordinator.mixture import mixture_order, target_shares
 from coordinator.reports import tokens_by_shard_field
 from coordinator.scheduler import RoundReport, Scheduler
-from coordinator.store import Worker, load_manifest, open_engine, session_factory, sqlite_url
+from coordinator.store import Worker, load_manifest, open_engine, session_factory
 from model.shards import Manifest, ShardInfo, SourceInfo
 
 # Lucie's recipe in miniature: weights as published, sizes deliberately out of proportion.
@@ -21,8 +20,8 @@ SOURCES = {  # name: (language, weight, shard sizes)
 }
 
 
-def _store(tmp_path: Path, shards: list[ShardInfo], sources: list[SourceInfo]):
-    sessions = session_factory(open_engine(sqlite_url(tmp_path / "c.db")))
+def _store(database_url: str, shards: list[ShardInfo], sources: list[SourceInfo]):
+    sessions = session_factory(open_engine(database_url))
     load_manifest(sessions, Manifest(1000, "t" * 64, sources, shards))
     with sessions.begin() as session:
         for name in ("w1", "w2"):
@@ -42,14 +41,14 @@ def test_mixture_order_puts_the_source_furthest_below_its_share_first() -> None:
     assert target_shares({"a": 3.0, "b": 1.0, "off": 0.0}) == {"a": 0.75, "b": 0.25, "off": 0.0}
 
 
-def test_trained_proportions_stay_within_a_point_of_the_weights_despite_faults(tmp_path: Path) -> None:
+def test_trained_proportions_stay_within_a_point_of_the_weights_despite_faults(database_url: str) -> None:
     shards, sources = [], []
     for name, (language, weight, sizes) in SOURCES.items():
         sources.append(SourceInfo(name, language, "CC0-1.0", weight, "2000-01-01", "2024-12-31"))
         for i, size in enumerate(sizes):
             shards.append(ShardInfo(f"{name}-{i}", f"{name}-{i}.bin", "0" * 64, size, "uint16", language, name,
                                     "CC0-1.0", "2010-01-01", "2010-12-31"))
-    store = _store(tmp_path, shards, sources)
+    store = _store(database_url, shards, sources)
     scheduler = Scheduler(store, lease_seconds=30, total_rounds=10_000)
     rng = random.Random(0)
     for round_number in range(150):
@@ -72,11 +71,11 @@ def test_trained_proportions_stay_within_a_point_of_the_weights_despite_faults(t
         assert abs(trained[name] / total - target) < 0.01, (name, trained[name] / total, target)
 
 
-def test_a_source_is_leased_oldest_shard_first(tmp_path: Path) -> None:
+def test_a_source_is_leased_oldest_shard_first(database_url: str) -> None:
     dates = {"news-0": "2023-05-01", "news-1": "2019-02-01", "news-2": "2021-07-01"}
     shards = [ShardInfo(shard_id, f"{shard_id}.bin", "0" * 64, 50, "uint16", "fr", "news", "CC-BY-4.0", date, date)
               for shard_id, date in dates.items()]
-    store = _store(tmp_path, shards, [SourceInfo("news", "fr", "CC-BY-4.0", 1.0, "2019-01-01", "2023-12-31")])
+    store = _store(database_url, shards, [SourceInfo("news", "fr", "CC-BY-4.0", 1.0, "2019-01-01", "2023-12-31")])
     scheduler = Scheduler(store, lease_seconds=30, total_rounds=10)
     order = [scheduler.acquire("w1", 50, 0).lease.shard_id for _ in range(4)]
     assert order == ["news-1", "news-2", "news-0", "news-1"]  # then the next epoch, oldest first again

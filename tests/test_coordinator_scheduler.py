@@ -1,7 +1,6 @@
 """Leases, rounds and the accounting invariant, on a real SQLite store."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -10,7 +9,7 @@ from coordinator.accounting import accounting_problems
 from coordinator.rewind import RewindRefused, rewind
 from coordinator.scheduler import LeaseError, RoundReport, Scheduler
 from coordinator.store import (
-    Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url,
+    Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory,
 )
 from model.shards import Manifest, ShardInfo, SourceInfo
 
@@ -34,9 +33,9 @@ def source(name: str, weight: float = 1.0, language: str = "fr") -> SourceInfo:
 
 
 @pytest.fixture
-def store(tmp_path: Path):
+def store(database_url: str):
     """Two sources of equal weight: a-src (shard a, 100 tokens) and b-src (shard b, 50 tokens)."""
-    sessions = session_factory(open_engine(sqlite_url(tmp_path / "c.db")))
+    sessions = session_factory(open_engine(database_url))
     load_manifest(sessions, Manifest(1000, "t" * 64, [source("a-src"), source("b-src", language="en")],
                                      [shard("a", 100), shard("b", 50, "en")]))
     with sessions.begin() as session:
@@ -238,3 +237,25 @@ def test_a_rewind_returns_later_rounds_tokens_to_the_pool_once(scheduler: Schedu
     again = [scheduler.acquire("w1", 30, 1).lease for _ in range(3)]
     assert sorted((lease.shard_id, lease.start) for lease in again) == [("a", 30), ("b", 0), (live.shard_id, live.start)]
     assert accounting_problems(store) == []
+
+
+def test_a_report_retried_after_a_lost_reply_gets_the_same_answer(scheduler: Scheduler, store) -> None:
+    first, second = (scheduler.acquire("w1", 30, 0).lease for _ in range(2))
+    original = scheduler.complete_round("w1", report((first.id, 30), (second.id, 12)))
+    again = scheduler.complete_round("w1", report((first.id, 30), (second.id, 12)))
+    assert again == original and again.accepted
+    with pytest.raises(LeaseError, match="already reported with other leases or token counts"):
+        scheduler.complete_round("w1", report((first.id, 30), (second.id, 11)))
+    with store() as session:
+        assert len(session.scalars(select(Contribution)).all()) == 1
+    assert accounting_problems(store) == []
+
+
+def test_a_restarted_coordinator_gives_leases_out_a_grace_instead_of_expiring_them(
+    scheduler: Scheduler, clock: Clock
+) -> None:
+    lease = scheduler.acquire("w1", 30, 0).lease
+    clock.now += 31  # the coordinator was down past the deadline: nobody could heartbeat
+    assert scheduler.extend_leases_after_restart() == 1
+    assert scheduler.expire_overdue() == 0
+    assert scheduler.complete_round("w1", done(lease.id, 30)).accepted

@@ -1,0 +1,52 @@
+"""SIGKILL the coordinator mid-run and restart it: workers train on, retry their reports, nothing is lost."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.accounting import accounting_problems
+from essaim.processes import kill_group
+from support import contributions_by_round, logs, start_worker, wait_all, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 5
+RUN = dict(
+    total_rounds=ROUNDS, target_group_size=2, inner_steps=20, batch_size=4, seq_len=64, matchmaking_seconds=3.0,
+    averaging_timeout_seconds=20.0, lease_seconds=5, heartbeat_seconds=1, compression="fp16",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_and_restarted_coordinator_loses_no_round_and_no_token(start_coordinator, tmp_path: Path) -> None:
+    port = free_port()
+    coordinator = start_coordinator(port=port, **RUN)
+    workers = [start_worker(coordinator, tmp_path, name) for name in ("w0", "w1")]
+    sessions = coordinator.sessions()
+    try:
+        wait_for(lambda: len(contributions_by_round(sessions).get(1, [])) == 2, 120, "round 1 reported by both")
+        kill_group(coordinator.process)  # SIGKILL, mid-round 2: no chance to tidy anything
+        assert accounting_problems(sessions) == []
+        time.sleep(4)  # longer than a lease: only the restart's grace keeps the workers' leases
+        assert all(w.poll() is None for w in workers), logs(tmp_path, "w0", "w1")
+        start_coordinator(port=port, **RUN)
+        wait_all(workers, timeout=180)
+    finally:
+        for worker in workers:
+            kill_group(worker)
+    assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, "w0", "w1")
+
+    by_round = contributions_by_round(sessions)
+    assert sorted(by_round) == list(range(ROUNDS)), logs(tmp_path, "w0", "w1")
+    for number, rows in by_round.items():
+        assert len(rows) == 2 and len({c.params_digest for c in rows}) == 1, f"round {number}: {rows}"
+    assert accounting_problems(sessions) == []
