@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.lease_sizing import LeasePolicy, WorkerFacts, backoff_seconds, lease_size
 from coordinator.mixture import mixture_order
 from coordinator.store import Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker
 
@@ -26,6 +27,18 @@ GENESIS_CONFIG_VERSION = "genesis"
 
 class LeaseError(Exception):
     """A lease request that cannot be honoured; the message says why and what to do."""
+
+
+class Backoff(LeaseError):
+    """The worker's leases kept expiring: no new lease before ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float, failures: int) -> None:
+        super().__init__(f"{failures} lease(s) in a row expired: ask again in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class AllocationEnding(LeaseError):
+    """Too little of the worker's allocation is left to train a lease."""
 
 
 @dataclass(frozen=True)
@@ -64,51 +77,73 @@ class Scheduler:
         lease_seconds: float,
         total_rounds: int,
         clock: Callable[[], float] = time.time,
+        policy: LeasePolicy | None = None,
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
         self.total_rounds = total_rounds
+        self.policy = policy  # None: leases are bounded by what the worker asks for only
         self._clock = clock
         self._lock = threading.Lock()
 
     # -- leases --------------------------------------------------------------------------
 
     def acquire(self, worker_id: str, max_tokens: int, round_number: int) -> LeaseGrant | None:
-        """Lease a pool range (cut to max_tokens) as the mixture asks; None only for a corpus without tokens."""
+        """Lease a pool range as the mixture asks, sized to the worker; None only for a corpus without tokens.
+
+        Raises Backoff while a failing worker must wait, AllocationEnding when its allocation is nearly over.
+        """
         if max_tokens <= 0:
             raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
-        with self._lock, self._sessions.begin() as session:
+        with self._lock:
             now = self._clock()
-            self._expire(session, now)
-            token_range = self._next_pool_range(session)
-            if token_range is None:
-                return None
-            if token_range.end - token_range.start > max_tokens:
-                # Split: the tail stays in the pool as its own range.
-                session.add(
-                    TokenRange(
-                        shard_id=token_range.shard_id, epoch=token_range.epoch,
-                        start=token_range.start + max_tokens, end=token_range.end, state="pool",
-                    )
+            with self._sessions.begin() as session:  # committed even when this worker is refused below
+                self._expire(session, now)
+            with self._sessions.begin() as session:
+                return self._grant(session, worker_id, max_tokens, round_number, now)
+
+    def _grant(self, session: Session, worker_id: str, max_tokens: int, round_number: int, now: float) -> LeaseGrant | None:
+        worker = session.get(Worker, worker_id)
+        if worker.backoff_until > now:
+            raise Backoff(worker.backoff_until - now, worker.failures)
+        if self.policy is not None:
+            size = lease_size(self.policy, WorkerFacts(worker.tokens_per_second, worker.available_until,
+                                                       worker.failures), now)
+            if size is None:
+                raise AllocationEnding(
+                    f"the allocation ends in {worker.available_until - now:.0f} s, too soon to train a lease: "
+                    "report what is trained, release the rest and stop"
                 )
-                token_range.end = token_range.start + max_tokens
-            token_range.state = "leased"
-            earlier = session.scalar(
-                select(func.count(Lease.id)).where(
-                    Lease.shard_id == token_range.shard_id,
-                    Lease.epoch == token_range.epoch,
-                    Lease.start == token_range.start,
+            max_tokens = min(max_tokens, size)
+        token_range = self._next_pool_range(session)
+        if token_range is None:
+            return None
+        if token_range.end - token_range.start > max_tokens:
+            # Split: the tail stays in the pool as its own range.
+            session.add(
+                TokenRange(
+                    shard_id=token_range.shard_id, epoch=token_range.epoch,
+                    start=token_range.start + max_tokens, end=token_range.end, state="pool",
                 )
             )
-            lease = Lease(
-                range_id=token_range.id, worker_id=worker_id, shard_id=token_range.shard_id,
-                epoch=token_range.epoch, start=token_range.start, end=token_range.end,
-                round=round_number, attempt=earlier + 1, state="granted",
-                deadline=now + self.lease_seconds, granted_at=now,
+            token_range.end = token_range.start + max_tokens
+        token_range.state = "leased"
+        earlier = session.scalar(
+            select(func.count(Lease.id)).where(
+                Lease.shard_id == token_range.shard_id,
+                Lease.epoch == token_range.epoch,
+                Lease.start == token_range.start,
             )
-            session.add(lease)
-            session.flush()
-            return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id))
+        )
+        lease = Lease(
+            range_id=token_range.id, worker_id=worker_id, shard_id=token_range.shard_id,
+            epoch=token_range.epoch, start=token_range.start, end=token_range.end,
+            round=round_number, attempt=earlier + 1, state="granted",
+            deadline=now + self.lease_seconds, granted_at=now,
+        )
+        session.add(lease)
+        session.flush()
+        return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id))
 
     def complete_round(self, worker_id: str, report: RoundReport) -> RoundRecorded:
         """Record a round: each lease's trained prefix (the rest returns to the pool), all or nothing."""
@@ -146,6 +181,7 @@ class Scheduler:
             round_row.loss_sum += report.loss
             round_row.max_group_size = max(round_row.max_group_size, report.group_size)
             worker.last_round, worker.last_loss, worker.last_seen = report.round, report.loss, now
+            worker.failures, worker.backoff_until = 0, 0.0  # a reported round ends any failure streak
             session.flush()
             return RoundRecorded(True, report.params_digest, [r.id for r in records], self._lineage_head(session))
 
@@ -327,6 +363,10 @@ class Scheduler:
         ).all()
         for lease in overdue:
             self._return_to_pool(session, lease, "expired", now)
+        for worker_id in {lease.worker_id for lease in overdue}:  # one failure per worker, however many leases
+            worker = session.get(Worker, worker_id, with_for_update=True)
+            worker.failures += 1
+            worker.backoff_until = now + backoff_seconds(worker.failures)
         return len(overdue)
 
     def _return_to_pool(self, session: Session, lease: Lease, state: str, now: float) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.config import CoordinatorSettings
+from coordinator.lease_sizing import LeasePolicy
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorService
 from coordinator.store import load_manifest, open_engine, session_factory
@@ -71,7 +72,10 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     manifest = Manifest.load(settings.data_dir / "manifest.json")
     sessions = session_factory(open_engine(settings.database_url))
     load_manifest(sessions, manifest)
-    scheduler = Scheduler(sessions, lease_seconds=settings.run.lease_seconds, total_rounds=settings.run.total_rounds)
+    run = settings.run
+    policy = LeasePolicy(lease_tokens=run.lease_tokens, leases_per_round=run.leases_per_round,
+                         round_seconds=run.round_seconds, min_tokens=run.seq_len)
+    scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds, policy=policy)
     extended = scheduler.extend_leases_after_restart()
     if extended:
         log.info("restarted with %d leases out: each gets a full lease period to be reported", extended)

@@ -15,11 +15,13 @@ from google.protobuf.message import DecodeError, Message
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.config import RunSettings
-from coordinator.scheduler import LeaseError, RoundReport, Scheduler
+from coordinator.scheduler import AllocationEnding, Backoff, LeaseError, RoundReport, Scheduler
 from coordinator.store import Worker
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, RequestVerifier
 from protocol.identity import PUBLIC_KEY_BYTES, worker_id_for
+
+TRUST_CLASSES = ("hpc", "institution", "volunteer")
 
 SERVICE_NAME = "essaim.v1.Coordinator"
 
@@ -109,6 +111,12 @@ class CoordinatorService:
                 f"Register: public_key must be a raw {PUBLIC_KEY_BYTES}-byte Ed25519 key, "
                 f"got {len(request.public_key)} bytes",
             )
+        if request.trust_class not in ("", *TRUST_CLASSES):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Register: trust_class {request.trust_class!r} is not one of {', '.join(TRUST_CLASSES)}")
+        if request.bandwidth_mbit < 0 or request.available_until < 0:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "Register: bandwidth_mbit and available_until must be 0 (unknown, open-ended) or positive")
         worker_id = worker_id_for(request.public_key)
         if request.auth.worker_id != worker_id:
             raise AuthError(f"Register: worker_id {request.auth.worker_id!r} does not belong to this public key")
@@ -122,6 +130,9 @@ class CoordinatorService:
             worker.name = request.name or worker_id[:8]
             worker.institution = request.institution or "independent"
             worker.device = request.device or "unknown"
+            worker.memory_bytes, worker.bandwidth_mbit = request.memory_bytes, request.bandwidth_mbit
+            worker.trust_class = request.trust_class or "volunteer"
+            worker.available_until, worker.slurm_job_id = request.available_until, request.slurm_job_id
             worker.last_seen = now
         return pb.RegisterReply(worker_id=worker_id, run_id=self._run_config.run_id)
 
@@ -138,8 +149,12 @@ class CoordinatorService:
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
         if self._scheduler.run_complete(request.round):
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.RUN_COMPLETE)
-        max_tokens = min(request.max_tokens, self._run.lease_tokens)
-        grant = self._scheduler.acquire(request.auth.worker_id, max_tokens, request.round)
+        try:
+            grant = self._scheduler.acquire(request.auth.worker_id, request.max_tokens, request.round)
+        except Backoff as wait:
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.BACKOFF, retry_after_ms=int(wait.retry_after * 1000))
+        except AllocationEnding:
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.ALLOCATION_ENDING)
         if grant is None:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.POOL_EMPTY)
         lease, shard = grant.lease, grant.shard

@@ -42,7 +42,16 @@ class Worker(Base):
     last_seen: Mapped[float]
     last_round: Mapped[int] = mapped_column(default=0)
     last_loss: Mapped[float | None] = mapped_column(default=None)
-    tokens_per_second: Mapped[float] = mapped_column(default=0.0)
+    tokens_per_second: Mapped[float] = mapped_column(default=0.0)  # calibrated at join, then measured each round
+    # Declared at Register (see RegisterRequest); defaults fit a worker that declared nothing.
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bandwidth_mbit: Mapped[float] = mapped_column(default=0.0, server_default="0")
+    trust_class: Mapped[str] = mapped_column(String(16), default="volunteer", server_default="volunteer")
+    available_until: Mapped[float] = mapped_column(default=0.0, server_default="0")  # 0: open-ended
+    slurm_job_id: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    # Leases that expired in a row: each one halves the next lease and doubles the back-off.
+    failures: Mapped[int] = mapped_column(default=0, server_default="0")
+    backoff_until: Mapped[float] = mapped_column(default=0.0, server_default="0")
 
 
 class Source(Base):

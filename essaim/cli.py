@@ -121,6 +121,11 @@ def worker_join(
         None, help="Save checkpoints here (Hugging Face format) and resume from the latest one."
     ),
     connect_seconds: float = typer.Option(15.0, help="Give up if the coordinator does not answer this long."),
+    trust_class: str = typer.Option("volunteer", help="hpc, institution or volunteer."),
+    available_until: str = typer.Option(
+        "", help="When this machine leaves (ISO date-time or unix seconds); default: the Slurm job's end, else never."
+    ),
+    bandwidth_mbit: float = typer.Option(0.0, help="Uplink estimate in Mbit/s (0: unknown)."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
@@ -130,14 +135,33 @@ def worker_join(
     from worker.client import CoordinatorRefused, CoordinatorUnreachable
 
     _logging(verbose)
+    if trust_class not in ("hpc", "institution", "volunteer"):
+        _fail(f"--trust-class {trust_class!r}: use hpc, institution or volunteer")
     options = WorkerOptions(
         coordinator=coordinator, identity_path=identity, name=name, institution=institution,
         host=host, data_dir=data, checkpoint_dir=checkpoint_dir, connect_seconds=connect_seconds,
+        trust_class=trust_class, available_until=_moment(available_until) if available_until else None,
+        bandwidth_mbit=bandwidth_mbit,
     )
     try:
         raise typer.Exit(code=run_worker(options))
     except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError) as error:
         _fail(str(error))
+
+
+def _moment(text: str) -> float:
+    """Unix seconds from "1767225600" or an ISO date-time ("2026-11-23T18:00:00", local time unless zoned)."""
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        _fail(f"{text!r} is neither unix seconds nor an ISO date-time such as 2026-11-23T18:00:00")
+        raise  # unreachable: _fail exits
 
 
 def _run_database(data: Path, database: str):  # type: ignore[no-untyped-def]

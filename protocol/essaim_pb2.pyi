@@ -20,18 +20,28 @@ class RequestAuth(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("auth", "public_key", "name", "institution", "device")
+    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INSTITUTION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_MBIT_FIELD_NUMBER: _ClassVar[int]
+    TRUST_CLASS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    SLURM_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     public_key: bytes
     name: str
     institution: str
     device: str
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    memory_bytes: int
+    bandwidth_mbit: float
+    trust_class: str
+    available_until: float
+    slurm_job_id: str
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_id", "run_id")
@@ -160,20 +170,26 @@ class AcquireLeaseRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., max_tokens: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class AcquireLeaseReply(_message.Message):
-    __slots__ = ("status", "lease")
+    __slots__ = ("status", "lease", "retry_after_ms")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         GRANTED: _ClassVar[AcquireLeaseReply.Status]
         POOL_EMPTY: _ClassVar[AcquireLeaseReply.Status]
         RUN_COMPLETE: _ClassVar[AcquireLeaseReply.Status]
+        BACKOFF: _ClassVar[AcquireLeaseReply.Status]
+        ALLOCATION_ENDING: _ClassVar[AcquireLeaseReply.Status]
     GRANTED: AcquireLeaseReply.Status
     POOL_EMPTY: AcquireLeaseReply.Status
     RUN_COMPLETE: AcquireLeaseReply.Status
+    BACKOFF: AcquireLeaseReply.Status
+    ALLOCATION_ENDING: AcquireLeaseReply.Status
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     status: AcquireLeaseReply.Status
     lease: Lease
-    def __init__(self, status: _Optional[_Union[AcquireLeaseReply.Status, str]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, status: _Optional[_Union[AcquireLeaseReply.Status, str]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class LeaseUsage(_message.Message):
     __slots__ = ("lease_id", "tokens_consumed")

@@ -12,7 +12,10 @@ from protocol import essaim_pb2_grpc
 from protocol.auth import sign_request
 from protocol.identity import Identity
 from protocol.limits import MAX_MESSAGE_BYTES
-from worker.client import CoordinatorClient
+from worker.capabilities import Capabilities
+from worker.client import CoordinatorClient, CoordinatorRefused
+
+CPU = Capabilities("cpu", 0, "volunteer", 0.0, "", 0.0)  # a worker that declares little
 
 
 @pytest.fixture
@@ -32,7 +35,7 @@ def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -
     stub = essaim_pb2_grpc.CoordinatorStub(channel)
     honest = Identity.generate()
     client = CoordinatorClient(coordinator.address, honest)
-    client.register("honest", "Inria", "cpu")
+    client.register("honest", "Inria", CPU)
     assert client.run_config().vocab_size == 512
 
     unsigned = pb.AcquireLeaseRequest(max_tokens=100)
@@ -69,7 +72,7 @@ def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "replayed" in error.details()
 
     other = Identity.generate()
-    CoordinatorClient(coordinator.address, other).register("other", "volunteer", "cpu")
+    CoordinatorClient(coordinator.address, other).register("other", "volunteer", CPU)
     steal = pb.CompleteRoundRequest(round=0, leases=[pb.LeaseUsage(lease_id=1, tokens_consumed=10)])
     with pytest.raises(Exception, match="belongs to another worker"):
         CoordinatorClient(coordinator.address, other).complete_round(steal)
@@ -88,4 +91,22 @@ def test_a_silent_address_gives_a_clear_error_quickly() -> None:
 
     client = CoordinatorClient("127.0.0.1:9", Identity.generate(), retry_seconds=1.0, call_timeout=0.5)
     with pytest.raises(CoordinatorUnreachable, match="no coordinator answers at 127.0.0.1:9"):
-        client.register("w", "i", "cpu")
+        client.register("w", "i", CPU)
+
+
+def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordinator) -> None:
+    from coordinator.store import Worker
+    from worker.capabilities import detect
+
+    identity = Identity.generate()
+    client = CoordinatorClient(coordinator.address, identity)
+    declared = detect("hpc", available_until=1_900_000_000.0, bandwidth_mbit=100.0)
+    client.register("node-7", "GENCI", declared)
+    with coordinator.sessions()() as session:
+        worker = session.get(Worker, identity.worker_id)
+        assert (worker.device, worker.memory_bytes, worker.trust_class) == (declared.device, declared.memory_bytes, "hpc")
+        assert (worker.available_until, worker.bandwidth_mbit) == (1_900_000_000.0, 100.0)
+    assert declared.device.startswith("cpu:") and declared.memory_bytes > 2**30
+    with pytest.raises(CoordinatorRefused, match="trust_class 'friend' is not one of hpc, institution, volunteer"):
+        CoordinatorClient(coordinator.address, Identity.generate()).register(
+            "x", "y", Capabilities("cpu", 0, "friend", 0.0, "", 0.0))

@@ -17,7 +17,10 @@ from coordinator.store import Lease
 from essaim.processes import essaim_command, group_alive, group_members, kill_group
 from protocol.identity import Identity
 from support import start_worker, wait_for
+from worker.capabilities import Capabilities
 from worker.client import CoordinatorClient
+
+CPU = Capabilities("cpu", 0, "volunteer", 0.0, "", 0.0)  # a worker that declares little
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +53,7 @@ def test_killed_worker_lease_expires_and_its_tokens_return_to_the_pool(start_coo
 
         # The same range is leased again, to someone else.
         client = CoordinatorClient(coordinator.address, Identity.generate())
-        client.register("rescuer", "volunteer", "cpu")
+        client.register("rescuer", "volunteer", CPU)
         again = client.acquire_lease(lease.end - lease.start, 0).lease
         assert (again.shard_id, again.start, again.end) == (lease.shard_id, lease.start, lease.end)
         client.close()
@@ -109,3 +112,23 @@ def test_a_coordinator_that_does_not_answer_gives_a_clear_error(tmp_path: Path):
     )
     assert result.returncode == 2
     assert "no coordinator answers at 127.0.0.1:9" in result.stderr
+
+
+def test_a_worker_at_the_end_of_its_allocation_calibrates_leases_nothing_and_leaves(
+    start_coordinator, tmp_path: Path
+) -> None:
+    import time
+
+    from coordinator.store import Worker
+
+    coordinator = start_coordinator(**SLOW_ROUND)
+    ends = time.time() + 30  # inside the coordinator's drain period: no lease can be trained in time
+    worker = start_worker(coordinator, tmp_path, "leaving", "--trust-class", "hpc", "--available-until", str(ends))
+    assert worker.wait(timeout=120) == 0, (tmp_path / "leaving.log").read_text()[-2000:]
+    log = (tmp_path / "leaving.log").read_text()
+    assert "calibrated at" in log and "the allocation ends soon" in log
+    with coordinator.sessions()() as session:
+        [registered] = session.scalars(select(Worker)).all()
+        assert registered.trust_class == "hpc" and registered.available_until == pytest.approx(ends)
+        assert registered.tokens_per_second > 0
+        assert session.scalars(select(Lease)).all() == []

@@ -26,6 +26,7 @@ from model.presets import build_model
 from protocol import essaim_pb2 as pb
 from protocol.identity import Identity
 from protocol.swarm import Swarm
+from worker.capabilities import calibrate, detect
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import ShardReader, batches
@@ -46,6 +47,9 @@ class WorkerOptions:
     data_dir: Path | None = None          # default: the shard directory the coordinator announces
     checkpoint_dir: Path | None = None    # where to save the final model, if anywhere
     connect_seconds: float = 15.0
+    trust_class: str = "volunteer"        # hpc, institution or volunteer
+    available_until: float | None = None  # unix seconds; None: the Slurm job's end, else open-ended
+    bandwidth_mbit: float = 0.0           # 0: unknown
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Worker:
         self.last_loss = 0.0
         self.tokens_per_second = 0.0
         self.live_workers = 1
+        self.draining = False  # the allocation ends: finish this round, then stop
         self.swarm_round = 0  # the coordinator's current round, as of the last heartbeat
         self._round_clock = time.perf_counter()
         self._checkpointed_round = -1
@@ -79,7 +84,8 @@ class Worker:
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
         options = self.options
-        self.client.register(options.name or self.identity.worker_id[:8], options.institution, device="cpu")
+        capabilities = detect(options.trust_class, options.available_until, options.bandwidth_mbit)
+        self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities)
         config = self.client.run_config()
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
         reader = ShardReader(options.data_dir or Path(config.shard_dir))
@@ -93,7 +99,9 @@ class Worker:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
                 log.info("resumed from %s at round %d", checkpoint.path, trainer.round)
-            status = self.client.heartbeat(trainer.round, 0.0, 0.0)
+            self.tokens_per_second = calibrate(model, config.vocab_size, config.batch_size, config.seq_len, config.inner_lr)
+            log.info("%s: calibrated at %.0f tokens/s", capabilities.device, self.tokens_per_second)
+            status = self.client.heartbeat(trainer.round, 0.0, self.tokens_per_second)
             self.live_workers, self.swarm_round = status.live_workers, status.current_round
             if status.current_round > trainer.round and not trainer.load_state_from_peers():
                 log.warning(
@@ -103,7 +111,7 @@ class Worker:
             threading.Thread(target=self._heartbeat_loop, args=(config, trainer), daemon=True).start()
             self._round_clock = time.perf_counter()
             try:
-                while not self.stop_requested.is_set() and self._train_one_round(config, trainer, reader):
+                while not (self.stop_requested.is_set() or self.draining) and self._train_one_round(config, trainer, reader):
                     pass
             except AveragingCancelled as stopped:
                 log.info("%s; the round's leases were released", stopped)
@@ -208,6 +216,17 @@ class Worker:
                     for lease in progress.leases:
                         self._release_quietly(lease.lease_id, "the run is complete")
                     return False
+                if reply.status == pb.AcquireLeaseReply.ALLOCATION_ENDING:
+                    log.info("the allocation ends soon: this is the last round")
+                    self.draining = True
+                    if not progress.leases:
+                        return False
+                    break
+                if reply.status == pb.AcquireLeaseReply.BACKOFF:
+                    log.warning("leases expired in a row: the coordinator asks to wait %d ms", reply.retry_after_ms)
+                    if self.stop_requested.wait(reply.retry_after_ms / 1000):
+                        raise AveragingCancelled("stop requested during a back-off")
+                    continue
                 if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
                     break
                 progress.leases.append(reply.lease)

@@ -13,6 +13,7 @@ from protocol import essaim_pb2_grpc
 from protocol.auth import sign_request
 from protocol.identity import Identity
 from protocol.limits import GRPC_OPTIONS
+from worker.capabilities import Capabilities
 
 Reply = TypeVar("Reply", bound=Message)
 
@@ -45,11 +46,14 @@ class CoordinatorClient:
     def close(self) -> None:
         self._channel.close()
 
-    def register(self, name: str, institution: str, device: str) -> pb.RegisterReply:
+    def register(self, name: str, institution: str, capabilities: Capabilities) -> pb.RegisterReply:
         return self._call(
             "Register",
             lambda: pb.RegisterRequest(
-                public_key=self.identity.public_key, name=name, institution=institution, device=device
+                public_key=self.identity.public_key, name=name, institution=institution, device=capabilities.device,
+                memory_bytes=capabilities.memory_bytes, bandwidth_mbit=capabilities.bandwidth_mbit,
+                trust_class=capabilities.trust_class, available_until=capabilities.available_until,
+                slurm_job_id=capabilities.slurm_job_id,
             ),
         )
 
