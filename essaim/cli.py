@@ -13,8 +13,10 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator.")
 worker_app = typer.Typer(no_args_is_help=True, help="Contribute compute as a worker.")
 audit_app = typer.Typer(no_args_is_help=True, help="Trace and verify what a model was trained on.")
+hpc_app = typer.Typer(no_args_is_help=True, help="Run workers as Slurm jobs.")
 app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
+app.add_typer(hpc_app, name="hpc")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(worker_app, name="worker")
 
@@ -147,6 +149,59 @@ def worker_join(
         raise typer.Exit(code=run_worker(options))
     except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError) as error:
         _fail(str(error))
+
+
+@hpc_app.command("submit")
+def hpc_submit(
+    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator, as the compute nodes reach it."),
+    partition: str = typer.Option(..., help="The Slurm partition (sinfo lists them)."),
+    nodes: int = typer.Option(1, min=1),
+    time: str = typer.Option(..., "--time", help="Walltime, HH:MM:SS or D-HH:MM:SS."),
+    account: str = typer.Option("", help="The project account to charge, where the centre asks for one."),
+    gpus_per_node: int = typer.Option(0, min=0, help="> 0: one worker per GPU."),
+    tasks_per_node: int = typer.Option(1, min=1, help="Workers per node when there are no GPUs."),
+    workdir: Path = typer.Option(Path("essaim-slurm"), help="Shared directory for keys, logs and checkpoints."),
+    institution: str = typer.Option("hpc", help="Shown in the model card's contributors."),
+    listen_host: str = typer.Option(
+        "127.0.0.1", help="Where each worker's hivemind peer listens; 'node': each node's first address."
+    ),
+    drain_seconds: int = typer.Option(120, min=10, help="SIGTERM the workers this long before the walltime."),
+    dry_run: bool = typer.Option(False, help="Print the sbatch script instead of submitting it."),
+) -> None:
+    """Submit a Slurm job that starts one worker per task (srun), each tagged with the job id and walltime."""
+    from coordinator.hpc import SlurmError, SlurmJob, render_sbatch, submit
+
+    try:
+        job = SlurmJob(
+            coordinator=coordinator, partition=partition, nodes=nodes, time=time, workdir=workdir, account=account,
+            gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, institution=institution,
+            listen_host=listen_host, drain_seconds=drain_seconds,
+        )
+        if dry_run:
+            typer.echo(render_sbatch(job), nl=False)
+            return
+        job_id = submit(job)
+    except SlurmError as error:
+        _fail(str(error))
+    typer.echo(f"submitted Slurm job {job_id}")
+
+
+@hpc_app.command("status")
+def hpc_status(job: list[str] = typer.Option([], "--job", help="Job ids (default: every essaim-worker job).")) -> None:
+    """Essaim worker jobs as Slurm sees them: state, run time, time limit, end time, nodes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from coordinator.hpc import SlurmError, job_status
+
+    try:
+        jobs = job_status(job)
+    except SlurmError as error:
+        _fail(str(error))
+    table = Table("job", "state", "run time", "time limit", "ends", "nodes")
+    for status in jobs:
+        table.add_row(status.job_id, status.state, status.elapsed, status.time_limit, status.end_time, status.nodes)
+    Console(width=120).print(table)
 
 
 def _moment(text: str) -> float:

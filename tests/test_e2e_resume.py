@@ -100,11 +100,14 @@ def test_a_stopped_run_resumes_from_its_checkpoints(
         for worker in workers:
             kill_group(worker)
     assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, *NAMES)
-    stopped_at = max(contributions_by_round(sessions))
+    by_round = contributions_by_round(sessions)
+    stopped_at = max(by_round)
     checkpoints = [checkpoint_of(tmp_path, name) for name in NAMES]
-    # Each worker saved the state of the last round it completed: the swarm's.
-    assert [c.next_round for c in checkpoints] == [stopped_at + 1] * 2
-    assert {c.params_digest for c in checkpoints} == {contributions_by_round(sessions)[stopped_at][0].params_digest}
+    # Each worker saved the state of the last round it completed: the swarm's. (A worker stopped
+    # while its round's all-reduce finishes keeps the round before; it catches up on resuming.)
+    for checkpoint in checkpoints:
+        assert checkpoint.params_digest == by_round[checkpoint.next_round - 1][0].params_digest
+    assert max(c.next_round for c in checkpoints) == stopped_at + 1
 
     restart_and_finish(start_coordinator, tmp_path, socket_dir)
     assert all(f"resumed from {tmp_path}" in (tmp_path / f"{n}.log").read_text() for n in NAMES)

@@ -30,3 +30,24 @@ def test_run_settings_refuse_unknown_keys(tmp_path: Path) -> None:
         assert "inner_lrr" in str(error)
     else:
         raise AssertionError("a misspelt key was accepted")
+
+
+def test_the_gpu_partition_example_is_what_hpc_submit_writes() -> None:
+    from coordinator.hpc import SlurmJob, render_sbatch
+
+    # essaim hpc submit --coordinator coordinator.example.org:50051 --partition gpu_p13 --nodes 2 --time 20:00:00
+    #   --account abc@v100 --gpus-per-node 4 --workdir /gpfswork/essaim-run --institution "GENCI Jean Zay"
+    #   --listen-host node --dry-run   (with `essaim` on the nodes' PATH)
+    job = SlurmJob(coordinator="coordinator.example.org:50051", partition="gpu_p13", nodes=2, time="20:00:00",
+                   workdir=Path("/gpfswork/essaim-run"), account="abc@v100", gpus_per_node=4,
+                   institution="GENCI Jean Zay", listen_host="node")
+    assert (EXAMPLES / "slurm-gpu.sbatch").read_text() == render_sbatch(job, essaim=["essaim"])
+
+
+def test_a_slurm_job_with_a_malformed_walltime_is_refused() -> None:
+    import pytest
+
+    from coordinator.hpc import SlurmError, SlurmJob
+
+    with pytest.raises(SlurmError, match="write the walltime as HH:MM:SS"):
+        SlurmJob(coordinator="c:1", partition="p", nodes=1, time="20h", workdir=Path("w"))

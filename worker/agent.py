@@ -302,8 +302,11 @@ def run_worker(options: WorkerOptions) -> int:
     if os.getpid() != os.getpgid(0):
         os.setpgid(0, 0)
     worker = Worker(options)
+    main_pid = os.getpid()
 
     def request_stop(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            return  # a hivemind child, signalled with the whole job (Slurm): the worker shuts it down
         log.info("received %s: releasing the lease and leaving the swarm", signal.Signals(signum).name)
         worker.stop_requested.set()
 

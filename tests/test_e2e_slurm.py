@@ -1,0 +1,90 @@
+"""`essaim hpc submit` against a real single-node Slurm: workers run as job tasks, declare the job, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from coordinator.accounting import accounting_problems
+from coordinator.store import Lease, Worker
+from essaim.processes import essaim_command
+from slurm import SlurmCluster, slurm_available
+from support import wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not slurm_available(), reason="a private Slurm needs root and Debian's slurm-wlm and munge"),
+]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    cluster = SlurmCluster()
+    yield cluster
+    cluster.stop()
+
+
+def essaim(slurm: SlurmCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(essaim_command(*args), capture_output=True, text=True, env=slurm.env, timeout=120)
+
+
+def submit(slurm: SlurmCluster, coordinator, workdir: Path, time: str) -> str:  # type: ignore[no-untyped-def]
+    result = essaim(slurm, "hpc", "submit", "--coordinator", coordinator.address, "--partition", "debug",
+                    "--nodes", "1", "--tasks-per-node", "2", "--time", time, "--workdir", str(workdir),
+                    "--institution", "GENCI")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split()[-1]
+
+
+def job_state(slurm: SlurmCluster, job_id: str) -> str:
+    fields = dict(f.split("=", 1) for f in slurm.run("scontrol", "show", "job", "-o", job_id).stdout.split() if "=" in f)
+    return fields.get("JobState", "?")
+
+
+def test_a_job_runs_two_workers_that_declare_the_job_and_its_walltime(slurm, start_coordinator, tmp_path: Path) -> None:
+    coordinator = start_coordinator(total_rounds=3, target_group_size=2, inner_steps=10, batch_size=4, seq_len=64,
+                                    matchmaking_seconds=5.0, heartbeat_seconds=1)
+    job_id = submit(slurm, coordinator, tmp_path / "job", "00:10:00")
+    wait_for(lambda: job_state(slurm, job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "the job to end")
+    output = (tmp_path / "job" / f"slurm-{job_id}.out").read_text()
+    assert job_state(slurm, job_id) == "COMPLETED", output[-3000:] + slurm.logs()
+
+    status = essaim(slurm, "hpc", "status", "--job", job_id)
+    assert status.returncode == 0 and job_id in status.stdout and "COMPLETED" in status.stdout
+    with coordinator.sessions()() as session:
+        workers = session.scalars(select(Worker)).all()
+    assert sorted(w.name for w in workers) == [f"slurm-{job_id}-0", f"slurm-{job_id}-1"]
+    for worker in workers:
+        assert (worker.slurm_job_id, worker.trust_class, worker.institution) == (job_id, "hpc", "GENCI")
+        started = dt.datetime.fromtimestamp(worker.registered_at)
+        assert dt.timedelta(minutes=9) < dt.datetime.fromtimestamp(worker.available_until) - started < dt.timedelta(minutes=11)
+        assert worker.last_round == 2
+    assert accounting_problems(coordinator.sessions()) == []
+
+
+def test_sigterm_before_the_walltime_makes_the_workers_release_their_leases(slurm, start_coordinator, tmp_path: Path) -> None:
+    coordinator = start_coordinator(total_rounds=100, target_group_size=2, inner_steps=400, batch_size=4, seq_len=64,
+                                    lease_seconds=60, heartbeat_seconds=1)
+    sessions = coordinator.sessions()
+    job_id = submit(slurm, coordinator, tmp_path / "job", "00:10:00")
+
+    def granted() -> list[Lease]:
+        with sessions() as session:
+            return session.scalars(select(Lease).where(Lease.state == "granted")).all()
+
+    wait_for(lambda: len({lease.worker_id for lease in granted()}) == 2, 180, "both workers to hold leases")
+    # What --signal=TERM@120 does two minutes before the walltime, now.
+    assert slurm.run("scancel", "--signal=TERM", job_id).returncode == 0
+    wait_for(lambda: job_state(slurm, job_id) not in ("RUNNING", "PENDING", "COMPLETING"), 120, "the job to end")
+    output = (tmp_path / "job" / f"slurm-{job_id}.out").read_text()
+    assert granted() == [], output[-3000:]
+    with sessions() as session:
+        states = {lease.state for lease in session.scalars(select(Lease))}
+    assert "released" in states and "expired" not in states, output[-3000:]
+    assert output.count("releasing the lease and leaving the swarm") == 2, output[-3000:]
+    assert output.count(" stopped after ") == 2, output[-3000:]
+    assert accounting_problems(sessions) == []
