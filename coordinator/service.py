@@ -16,12 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.config import RunSettings
 from coordinator.scheduler import AllocationEnding, Backoff, LeaseError, RoundReport, Scheduler
+from coordinator.status import network_status
 from coordinator.store import Worker
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, RequestVerifier
 from protocol.identity import PUBLIC_KEY_BYTES, worker_id_for
 
 TRUST_CLASSES = ("hpc", "institution", "volunteer")
+UNSIGNED = ("Register", "GetStatus")  # Register proves its key itself; GetStatus is public
 
 SERVICE_NAME = "essaim.v1.Coordinator"
 
@@ -55,6 +57,7 @@ class CoordinatorService:
             "AcquireLease": (pb.AcquireLeaseRequest, self.acquire_lease),
             "CompleteRound": (pb.CompleteRoundRequest, self.complete_round),
             "ReleaseLease": (pb.ReleaseLeaseRequest, self.release_lease),
+            "GetStatus": (pb.StatusRequest, self.get_status),
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -79,7 +82,7 @@ class CoordinatorService:
                     "is the worker running the same Essaim version as the coordinator?",
                 )
             try:
-                if method != "Register":
+                if method not in UNSIGNED:
                     self._authenticate(method, request)
                 return handle(request)
             except Refused as refused:
@@ -182,6 +185,10 @@ class CoordinatorService:
             accepted=recorded.accepted, round_params_digest=recorded.round_params_digest,
             lineage_ids=recorded.lineage_ids, lineage_head=recorded.lineage_head,
         )
+
+    def get_status(self, request: pb.StatusRequest) -> pb.StatusReply:
+        return network_status(self._sessions, self._run_config.run_id, self._run.total_rounds,
+                              live_within_seconds=3 * self._run.heartbeat_seconds)
 
     def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
         self._scheduler.release(request.auth.worker_id, request.lease_id)

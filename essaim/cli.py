@@ -276,6 +276,23 @@ def audit_verify(
 
 
 @app.command()
+def status(
+    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
+    interval: float = typer.Option(2.0, min=0.2, help="Seconds between refreshes."),
+    once: bool = typer.Option(False, help="Print the view once and exit."),
+) -> None:
+    """A live view of the network: workers by institution and class, leases, rounds, tokens/s, the epoch's ETA."""
+    from essaim.status_view import StatusUnavailable, watch
+
+    try:
+        watch(coordinator, interval, once)
+    except StatusUnavailable as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("essaim-demo"), help="Where the corpus, database, logs and checkpoint go."),
     workers: int = typer.Option(3, min=1, max=8),

@@ -248,3 +248,71 @@ class ReleaseLeaseRequest(_message.Message):
 class ReleaseLeaseReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("name", "institution", "trust_class", "device", "tokens_per_second", "round", "live", "leases", "available_until")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    TRUST_CLASS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    institution: str
+    trust_class: str
+    device: str
+    tokens_per_second: float
+    round: int
+    live: bool
+    leases: int
+    available_until: float
+    def __init__(self, name: _Optional[str] = ..., institution: _Optional[str] = ..., trust_class: _Optional[str] = ..., device: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., round: _Optional[int] = ..., live: _Optional[bool] = ..., leases: _Optional[int] = ..., available_until: _Optional[float] = ...) -> None: ...
+
+class RoundStatus(_message.Message):
+    __slots__ = ("number", "reports", "tokens", "mean_loss", "group_size")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    reports: int
+    tokens: int
+    mean_loss: float
+    group_size: int
+    def __init__(self, number: _Optional[int] = ..., reports: _Optional[int] = ..., tokens: _Optional[int] = ..., mean_loss: _Optional[float] = ..., group_size: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("run_id", "current_round", "total_rounds", "workers", "leases_out", "tokens_out", "epoch", "epoch_tokens", "epoch_tokens_trained", "tokens_per_second", "eta_seconds", "recent_rounds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_OUT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_OUT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_TOKENS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    current_round: int
+    total_rounds: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    leases_out: int
+    tokens_out: int
+    epoch: int
+    epoch_tokens: int
+    epoch_tokens_trained: int
+    tokens_per_second: float
+    eta_seconds: float
+    recent_rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
+    def __init__(self, run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., leases_out: _Optional[int] = ..., tokens_out: _Optional[int] = ..., epoch: _Optional[int] = ..., epoch_tokens: _Optional[int] = ..., epoch_tokens_trained: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_essaim__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=protocol_dot_essaim__pb2.ReleaseLeaseReply.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/essaim.v1.Coordinator/GetStatus',
+                request_serializer=protocol_dot_essaim__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -111,6 +116,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """What the network looks like now. Public and read-only: the one call that is not signed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=protocol_dot_essaim__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=protocol_dot_essaim__pb2.ReleaseLeaseReply.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=protocol_dot_essaim__pb2.StatusRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class Coordinator:
             '/essaim.v1.Coordinator/ReleaseLease',
             protocol_dot_essaim__pb2.ReleaseLeaseRequest.SerializeToString,
             protocol_dot_essaim__pb2.ReleaseLeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/essaim.v1.Coordinator/GetStatus',
+            protocol_dot_essaim__pb2.StatusRequest.SerializeToString,
+            protocol_dot_essaim__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

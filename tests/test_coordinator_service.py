@@ -110,3 +110,29 @@ def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordi
     with pytest.raises(CoordinatorRefused, match="trust_class 'friend' is not one of hpc, institution, volunteer"):
         CoordinatorClient(coordinator.address, Identity.generate()).register(
             "x", "y", Capabilities("cpu", 0, "friend", 0.0, "", 0.0))
+
+
+def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coordinator, tmp_path) -> None:
+    import subprocess
+
+    from essaim.processes import essaim_command
+
+    hpc, volunteer = Identity.generate(), Identity.generate()
+    CoordinatorClient(coordinator.address, hpc).register("node-1", "GENCI", Capabilities("cuda:H100", 80 << 30, "hpc", 0.0, "42", 0.0))
+    client = CoordinatorClient(coordinator.address, volunteer)
+    client.register("pc", "volunteer", CPU)
+    client.heartbeat(0, 0.0, 1234.0)
+    lease = client.acquire_lease(500, 0).lease
+
+    result = subprocess.run(essaim_command("status", "--coordinator", coordinator.address, "--once"),
+                            capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "2/2 workers live" in out and "1,234 tokens/s" in out
+    assert f"1 leases out ({lease.end - lease.start:,} tokens)" in out
+    assert "GENCI" in out and "hpc" in out and "cuda:H100" in out and "volunteer" in out
+    assert "epoch 0: 0.0% of" in out and "ETA" in out
+
+    gone = subprocess.run(essaim_command("status", "--coordinator", "127.0.0.1:1", "--once"),
+                          capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 2 and "no status from 127.0.0.1:1" in gone.stderr

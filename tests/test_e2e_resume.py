@@ -66,11 +66,13 @@ def checkpoint_of(tmp_path: Path, name: str):  # type: ignore[no-untyped-def]
     return read_checkpoint(latest_checkpoint(tmp_path / f"ckpt-{name}"))
 
 
-def assert_whole_run(sessions, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def assert_whole_run(sessions, tmp_path: Path, stopped_in: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Every round averaged by both workers; in the round the stop fell into, one may have left before reporting."""
     by_round = contributions_by_round(sessions)
     assert sorted(by_round) == list(range(ROUNDS)), logs(tmp_path, *NAMES)
     for number, rows in by_round.items():
-        assert len(rows) == 2 and {c.group_size for c in rows} == {2}, f"round {number}: {rows}"
+        assert len(rows) == 2 or (number == stopped_in and len(rows) == 1), f"round {number}: {rows}"
+        assert {c.group_size for c in rows} == {2}, f"round {number}: {rows}"
         assert len({c.params_digest for c in rows}) == 1, f"round {number}: parameters differ"
     assert accounting_problems(sessions) == []
 
@@ -111,7 +113,7 @@ def test_a_stopped_run_resumes_from_its_checkpoints(
 
     restart_and_finish(start_coordinator, tmp_path, socket_dir)
     assert all(f"resumed from {tmp_path}" in (tmp_path / f"{n}.log").read_text() for n in NAMES)
-    assert_whole_run(sessions, tmp_path)
+    assert_whole_run(sessions, tmp_path, stopped_in=stopped_at)
     # Training carried on from the stop: on a fixed sample, initial > at the stop > at the end.
     final = checkpoint_of(tmp_path, "w0")
     assert final.next_round == ROUNDS
