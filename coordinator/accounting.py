@@ -13,7 +13,7 @@ from collections import defaultdict
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Lease, LineageRecord, Shard, TokenRange
+from coordinator.store import Lease, LineageRecord, Shard, Source, TokenRange
 
 
 def accounting_problems(sessions: sessionmaker[Session]) -> list[str]:
@@ -28,6 +28,14 @@ def accounting_problems(sessions: sessionmaker[Session]) -> list[str]:
         for lease in session.scalars(select(Lease)):
             leases_by_range[lease.range_id].append(lease)
         lineage_by_lease = {record.lease_id: record for record in session.scalars(select(LineageRecord))}
+        counted = dict(session.execute(select(Source.name, Source.assigned_tokens)).all())
+
+    assigned: dict[str, int] = defaultdict(int)
+    for (shard_id, _), ranges in ranges_by_key.items():
+        assigned[shards[shard_id].source] += sum(r.end - r.start for r in ranges if r.state in ("leased", "trained"))
+    for source, tokens in sorted(counted.items()):
+        if tokens != assigned[source]:
+            problems.append(f"source {source}: its counter says {tokens} tokens leased or trained, its ranges {assigned[source]}")
 
     # Every shard of a source takes part in each of the source's epochs: a (shard, epoch)
     # without any range has lost all of its tokens.

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Contribution, Lease, LineageRecord, Round, TokenRange
+from coordinator.store import Contribution, Lease, LineageRecord, Round, Source, TokenRange
 
 
 class RewindRefused(Exception):
@@ -48,7 +48,10 @@ def rewind(sessions: sessionmaker[Session], to_round: int, now: float | None = N
         tokens = 0
         for record in records:
             lease = session.get(Lease, record.lease_id)
-            session.get(TokenRange, lease.range_id).state = "pool"
+            token_range = session.get(TokenRange, lease.range_id)
+            token_range.state = "pool"
+            session.execute(update(Source).where(Source.name == token_range.source)
+                            .values(assigned_tokens=Source.assigned_tokens - (token_range.end - token_range.start)))
             lease.state = "rewound"
             record.rewound_at = now
             tokens += record.end - record.start

@@ -120,14 +120,10 @@ class Scheduler:
             return None
         if token_range.end - token_range.start > max_tokens:
             # Split: the tail stays in the pool as its own range.
-            session.add(
-                TokenRange(
-                    shard_id=token_range.shard_id, epoch=token_range.epoch,
-                    start=token_range.start + max_tokens, end=token_range.end, state="pool",
-                )
-            )
+            session.add(token_range.piece(token_range.start + max_tokens, token_range.end, "pool"))
             token_range.end = token_range.start + max_tokens
         token_range.state = "leased"
+        self._assign(session, token_range.source, token_range.end - token_range.start)
         earlier = session.scalar(
             select(func.count(Lease.id)).where(
                 Lease.shard_id == token_range.shard_id,
@@ -330,31 +326,22 @@ class Scheduler:
     @staticmethod
     def _assigned_tokens(session: Session) -> dict[str, int]:
         """Tokens out on lease or trained, per source, over all epochs."""
-        rows = session.execute(
-            select(Shard.source, func.sum(TokenRange.end - TokenRange.start))
-            .join(Shard, Shard.id == TokenRange.shard_id)
-            .where(TokenRange.state.in_(("leased", "trained")))
-            .group_by(Shard.source)
-        ).all()
-        return {source: int(tokens) for source, tokens in rows}
+        return {name: tokens for name, tokens in session.execute(select(Source.name, Source.assigned_tokens))}
 
     @staticmethod
     def _oldest_pool_range(session: Session, source: str) -> TokenRange | None:
         """The source's next range to lease, locked; ranges another transaction holds are skipped."""
         return session.scalar(
             select(TokenRange)
-            .join(Shard, Shard.id == TokenRange.shard_id)
-            .where(TokenRange.state == "pool", Shard.source == source)
-            .order_by(TokenRange.epoch, Shard.date_from, TokenRange.shard_id, TokenRange.start)
+            .where(TokenRange.state == "pool", TokenRange.source == source)
+            .order_by(TokenRange.epoch, TokenRange.shard_date, TokenRange.shard_id, TokenRange.start)
             .limit(1)
-            .with_for_update(skip_locked=True, of=TokenRange)
+            .with_for_update(skip_locked=True)
         )
 
     @staticmethod
     def _has_pool_range(session: Session, source: str) -> bool:
-        pool = select(TokenRange.id).join(Shard, Shard.id == TokenRange.shard_id).where(
-            TokenRange.state == "pool", Shard.source == source
-        )
+        pool = select(TokenRange.id).where(TokenRange.state == "pool", TokenRange.source == source)
         return session.scalar(select(pool.exists())) or False
 
     def _expire(self, session: Session, now: float) -> int:
@@ -370,17 +357,23 @@ class Scheduler:
         return len(overdue)
 
     def _return_to_pool(self, session: Session, lease: Lease, state: str, now: float) -> None:
-        session.get(TokenRange, lease.range_id).state = "pool"
+        token_range = session.get(TokenRange, lease.range_id)
+        token_range.state = "pool"
+        self._assign(session, token_range.source, -(token_range.end - token_range.start))
         lease.state, lease.finished_at = state, now
+
+    @staticmethod
+    def _assign(session: Session, source: str, tokens: int) -> None:
+        """Keep the source's count of leased and trained tokens (the mixture's input) in step."""
+        session.execute(update(Source).where(Source.name == source).values(assigned_tokens=Source.assigned_tokens + tokens))
 
     def _return_tail_to_pool(self, session: Session, lease: Lease, trained_end: int) -> None:
         if trained_end == lease.end:
             return
         token_range = session.get(TokenRange, lease.range_id)
         token_range.end = trained_end
-        session.add(
-            TokenRange(shard_id=lease.shard_id, epoch=lease.epoch, start=trained_end, end=lease.end, state="pool")
-        )
+        session.add(token_range.piece(trained_end, lease.end, "pool"))
+        self._assign(session, token_range.source, -(lease.end - trained_end))
 
     @staticmethod
     def _round_row(session: Session, report: RoundReport, now: float) -> Round:
@@ -413,6 +406,6 @@ class Scheduler:
         if epoch is None:
             return None
         for shard in shards:
-            session.add(TokenRange(shard_id=shard.id, epoch=epoch + 1, start=0, end=shard.tokens, state="pool"))
+            session.add(TokenRange.whole(shard, epoch + 1))
         session.flush()
         return self._oldest_pool_range(session, source)

@@ -39,7 +39,7 @@ class Worker(Base):
     institution: Mapped[str] = mapped_column(String(128))
     device: Mapped[str] = mapped_column(String(128))
     registered_at: Mapped[float]
-    last_seen: Mapped[float]
+    last_seen: Mapped[float] = mapped_column(index=True)
     last_round: Mapped[int] = mapped_column(default=0)
     last_loss: Mapped[float | None] = mapped_column(default=None)
     tokens_per_second: Mapped[float] = mapped_column(default=0.0)  # calibrated at join, then measured each round
@@ -64,6 +64,9 @@ class Source(Base):
     weight: Mapped[float]
     date_from: Mapped[str] = mapped_column(String(10))
     date_to: Mapped[str] = mapped_column(String(10))
+    # Tokens of its ranges leased or trained, all epochs: kept up to date by the scheduler, so
+    # choosing the next lease's source reads a few rows instead of summing every range.
+    assigned_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Shard(Base):
@@ -89,7 +92,23 @@ class TokenRange(Base):
     start: Mapped[int]
     end: Mapped[int]
     state: Mapped[str] = mapped_column(String(16))  # pool | leased | trained
-    __table_args__ = (Index("ix_ranges_state_order", "state", "epoch", "start", "shard_id"),)
+    # The shard's source and first date, copied here so that the next range to lease is one index lookup.
+    source: Mapped[str] = mapped_column(String(128), server_default="")
+    shard_date: Mapped[str] = mapped_column(String(10), server_default="")
+    __table_args__ = (
+        Index("ix_ranges_state_order", "state", "epoch", "start", "shard_id"),
+        Index("ix_ranges_next", "state", "source", "epoch", "shard_date", "shard_id", "start"),
+    )
+
+    def piece(self, start: int, end: int, state: str) -> "TokenRange":
+        """Another range of the same shard and epoch."""
+        return TokenRange(shard_id=self.shard_id, epoch=self.epoch, start=start, end=end, state=state,
+                          source=self.source, shard_date=self.shard_date)
+
+    @staticmethod
+    def whole(shard: "Shard", epoch: int) -> "TokenRange":
+        return TokenRange(shard_id=shard.id, epoch=epoch, start=0, end=shard.tokens, state="pool",
+                          source=shard.source, shard_date=shard.date_from)
 
 
 class Lease(Base):
@@ -108,7 +127,10 @@ class Lease(Base):
     granted_at: Mapped[float]
     finished_at: Mapped[float | None] = mapped_column(default=None)
     tokens_consumed: Mapped[int] = mapped_column(default=0)
-    __table_args__ = (Index("ix_leases_state_deadline", "state", "deadline"),)
+    __table_args__ = (
+        Index("ix_leases_state_deadline", "state", "deadline"),
+        Index("ix_leases_worker_state", "worker_id", "state"),
+    )
 
 
 class Round(Base):
@@ -233,14 +255,13 @@ def load_manifest(sessions: sessionmaker[Session], manifest: Manifest) -> None:
             )
         session.flush()  # sources before the shards that refer to them
         for info in manifest.shards:
-            session.add(
-                Shard(
-                    id=info.shard_id, file=info.file, sha256=info.sha256, tokens=info.tokens,
-                    dtype=info.dtype, language=info.language, source=info.source, licence=info.licence,
-                    date_from=info.date_from, date_to=info.date_to,
-                )
+            shard = Shard(
+                id=info.shard_id, file=info.file, sha256=info.sha256, tokens=info.tokens,
+                dtype=info.dtype, language=info.language, source=info.source, licence=info.licence,
+                date_from=info.date_from, date_to=info.date_to,
             )
-            session.add(TokenRange(shard_id=info.shard_id, epoch=0, start=0, end=info.tokens, state="pool"))
+            session.add(shard)
+            session.add(TokenRange.whole(shard, epoch=0))
 
 
 def meta_value(session: Session, key: str) -> str | None:

@@ -36,7 +36,17 @@ def test_a_database_at_the_first_revision_upgrades_keeping_its_rows(database_url
         connection.execute(text(
             "INSERT INTO workers (id, public_key, name, institution, device, registered_at, last_seen, last_round, "
             "tokens_per_second) VALUES ('w', :key, 'w', 'lab', 'cpu', 0, 0, 3, 0)"), {"key": b"k" * 32})
+        connection.execute(text("INSERT INTO sources VALUES ('wiki', 'fr', 'CC0', 1.0, '2020-01-01', '2020-12-31')"))
+        connection.execute(text(
+            "INSERT INTO shards VALUES ('wiki-0', 'wiki-0.bin', :sha, 100, 'uint16', 'fr', 'wiki', 'CC0', "
+            "'2020-03-01', '2020-04-01')"), {"sha": "0" * 64})
+        connection.execute(text('INSERT INTO token_ranges (shard_id, epoch, start, "end", state) VALUES '
+                                "('wiki-0', 0, 0, 30, 'trained'), ('wiki-0', 0, 30, 40, 'leased'), "
+                                "('wiki-0', 0, 40, 100, 'pool')"))
     open_engine(database_url)
     with engine.connect() as connection:
         row = connection.execute(text("SELECT last_round, trust_class, failures FROM workers")).one()
-    assert tuple(row) == (3, "volunteer", 0)
+        assert tuple(row) == (3, "volunteer", 0)
+        assert connection.execute(text("SELECT assigned_tokens FROM sources")).scalar() == 40
+        ranges = connection.execute(text("SELECT DISTINCT source, shard_date FROM token_ranges")).all()
+        assert [tuple(r) for r in ranges] == [("wiki", "2020-03-01")]
