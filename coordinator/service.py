@@ -48,8 +48,8 @@ class CoordinatorService:
         self._verifier = verifier
         self._run = run
         self._run_config = run_config
-        self._swarm_view = (0, 0)  # (live workers, current round), refreshed at most once a second
-        self._swarm_view_at = -1.0
+        self._live_workers = 0  # counted at most once a second
+        self._live_workers_at = -1.0
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         methods: dict[str, tuple[type[Message], Callable[[Any], Message]]] = {
@@ -146,17 +146,15 @@ class CoordinatorService:
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
-        live_workers, current_round = self._swarm()
-        return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round)
+        return pb.HeartbeatReply(live_workers=self._live(), current_round=self._scheduler.current_round())
 
-    def _swarm(self) -> tuple[int, int]:
-        """Live workers and the current round. Thousands of heartbeats a second share one count a second."""
+    def _live(self) -> int:
+        """Live workers: thousands of heartbeats a second share one count a second."""
         now = time.monotonic()
-        if now - self._swarm_view_at >= 1.0:
-            self._swarm_view = (self._scheduler.live_workers(within_seconds=3 * self._run.heartbeat_seconds),
-                                self._scheduler.current_round())
-            self._swarm_view_at = now
-        return self._swarm_view
+        if now - self._live_workers_at >= 1.0:
+            self._live_workers = self._scheduler.live_workers(within_seconds=3 * self._run.heartbeat_seconds)
+            self._live_workers_at = now
+        return self._live_workers
 
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
         if self._scheduler.run_complete(request.round):
