@@ -8,12 +8,13 @@ without two of them granting the same tokens.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -83,6 +84,10 @@ class Scheduler:
         self.lease_seconds = lease_seconds
         self.total_rounds = total_rounds
         self.policy = policy  # None: leases are bounded by what the worker asks for only
+        self._beats: dict[str, tuple[float, int, float, float]] = {}  # worker -> (time, round, loss, rate), unwritten
+        self._beats_lock = threading.Lock()
+        self._expired_at = -math.inf
+        self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -97,8 +102,9 @@ class Scheduler:
             raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
         with self._lock:
             now = self._clock()
-            with self._sessions.begin() as session:  # committed even when this worker is refused below
-                self._expire(session, now)
+            if now - self._expired_at >= 1.0:  # the periodic expiry runs every second besides
+                with self._sessions.begin() as session:  # committed even when this worker is refused below
+                    self._expire(session, now)
             with self._sessions.begin() as session:
                 return self._grant(session, worker_id, max_tokens, round_number, now)
 
@@ -251,19 +257,38 @@ class Scheduler:
             self._return_to_pool(session, lease, "released", self._clock())
 
     def heartbeat(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float) -> None:
-        """Mark the worker alive and extend the deadlines of its leases."""
+        """Mark the worker alive and extend the deadlines of its leases, as of now.
+
+        Heartbeats are kept in memory and written in one batch (flush_heartbeats, and before
+        any expiry or count of live workers): thousands a second cost a few statements.
+        """
+        with self._beats_lock:
+            self._beats[worker_id] = (self._clock(), round_number, loss, tokens_per_second)
+
+    def flush_heartbeats(self) -> int:
         with self._lock, self._sessions.begin() as session:
-            now = self._clock()
-            worker = session.get(Worker, worker_id)
-            worker.last_seen, worker.tokens_per_second = now, tokens_per_second
-            worker.last_round = max(worker.last_round, round_number)
-            if loss > 0:
-                worker.last_loss = loss
-            session.execute(
-                update(Lease)
-                .where(Lease.worker_id == worker_id, Lease.state == "granted")
-                .values(deadline=now + self.lease_seconds)
-            )
+            return self._write_heartbeats(session)
+
+    def _write_heartbeats(self, session: Session) -> int:
+        with self._beats_lock:
+            beats, self._beats = self._beats, {}
+        if not beats:
+            return 0
+        workers, leases = Worker.__table__.c, Lease.__table__.c
+        session.execute(
+            update(Worker.__table__).where(workers.id == bindparam("b_id")).values(
+                last_seen=bindparam("b_seen"), tokens_per_second=bindparam("b_rate"),
+                last_round=case((workers.last_round < bindparam("b_round"), bindparam("b_round")), else_=workers.last_round),
+                last_loss=case((bindparam("b_loss") > 0, bindparam("b_loss")), else_=workers.last_loss),
+            ),
+            [{"b_id": w, "b_seen": t, "b_round": r, "b_loss": loss, "b_rate": rate} for w, (t, r, loss, rate) in beats.items()],
+        )
+        session.execute(
+            update(Lease.__table__).where(leases.worker_id == bindparam("b_id"), leases.state == "granted")
+            .values(deadline=bindparam("b_deadline")),
+            [{"b_id": w, "b_deadline": t + self.lease_seconds} for w, (t, _, _, _) in beats.items()],
+        )
+        return len(beats)
 
     def expire_overdue(self) -> int:
         """Return the ranges of leases past their deadline to the pool; returns how many expired."""
@@ -282,6 +307,7 @@ class Scheduler:
         return round_number >= self.total_rounds
 
     def live_workers(self, within_seconds: float) -> int:
+        self.flush_heartbeats()
         with self._sessions() as session:
             cutoff = self._clock() - within_seconds
             return session.scalar(select(func.count(Worker.id)).where(Worker.last_seen >= cutoff)) or 0
@@ -315,13 +341,16 @@ class Scheduler:
                 return token_range
         return None  # no tokens, or every pool range is being decided on by another process
 
-    @staticmethod
-    def _weights(session: Session) -> dict[str, float]:
-        """Weights of the sources that have tokens to lease."""
+    def _weights(self, session: Session) -> dict[str, float]:
+        """Weights of the sources that have tokens to lease (read again every few seconds)."""
+        read_at, weights = self._weights_cache
+        if self._clock() - read_at < 5.0:
+            return weights
         rows = session.execute(
             select(Source.name, Source.weight).where(Source.name.in_(select(Shard.source).where(Shard.tokens > 0)))
         ).all()
-        return {name: weight for name, weight in rows}
+        self._weights_cache = (self._clock(), {name: weight for name, weight in rows})
+        return self._weights_cache[1]
 
     @staticmethod
     def _assigned_tokens(session: Session) -> dict[str, int]:
@@ -345,6 +374,8 @@ class Scheduler:
         return session.scalar(select(pool.exists())) or False
 
     def _expire(self, session: Session, now: float) -> int:
+        self._write_heartbeats(session)  # a heartbeat not yet written must still save its leases
+        self._expired_at = now
         overdue = session.scalars(
             select(Lease).where(Lease.state == "granted", Lease.deadline < now).with_for_update(skip_locked=True)
         ).all()

@@ -96,12 +96,13 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
 
     stop_expiry = threading.Event()
     threading.Thread(
-        target=_expire_leases_periodically, args=(scheduler, stop_expiry, settings.run.heartbeat_seconds), daemon=True
+        target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0), daemon=True
     ).start()
     return RunningCoordinator(server, swarm, f"{settings.host}:{port}", run_config, stop_expiry)
 
 
 def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:
+    """Every second: write the heartbeats received, and return overdue leases' tokens to the pool."""
     while not stop.wait(period):
         expired = scheduler.expire_overdue()
         if expired:

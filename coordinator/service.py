@@ -50,6 +50,8 @@ class CoordinatorService:
         self._run_config = run_config
         self._live_workers = 0  # counted at most once a second
         self._live_workers_at = -1.0
+        self._round, self._round_at = 0, -1.0
+        self._public_keys: dict[str, bytes] = {}  # registered workers' keys: an id is its key's hash, it never changes
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         methods: dict[str, tuple[type[Message], Callable[[Any], Message]]] = {
@@ -98,14 +100,17 @@ class CoordinatorService:
 
     def _authenticate(self, method: str, request: Any) -> None:
         worker_id = request.auth.worker_id
-        with self._sessions() as session:
-            worker = session.get(Worker, worker_id) if worker_id else None
-        if worker is None:
-            raise Refused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{method}: unknown worker id {worker_id!r}; register first (`essaim worker join`)",
-            )
-        self._verifier.verify(method, request, worker.public_key)
+        public_key = self._public_keys.get(worker_id)
+        if public_key is None:
+            with self._sessions() as session:
+                worker = session.get(Worker, worker_id) if worker_id else None
+            if worker is None:
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{method}: unknown worker id {worker_id!r}; register first (`essaim worker join`)",
+                )
+            public_key = self._public_keys[worker_id] = worker.public_key
+        self._verifier.verify(method, request, public_key)
 
     # -- handlers ---------------------------------------------------------------------
 
@@ -146,15 +151,21 @@ class CoordinatorService:
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
-        return pb.HeartbeatReply(live_workers=self._live(), current_round=self._scheduler.current_round())
+        live_workers, current_round = self._swarm()
+        return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round)
 
-    def _live(self) -> int:
-        """Live workers: thousands of heartbeats a second share one count a second."""
+    def _swarm(self) -> tuple[int, int]:
+        """Live workers and the current round: thousands of heartbeats a second share one reading.
+
+        The round is read twice a second, so a worker learns within half a second that its round is over.
+        """
         now = time.monotonic()
         if now - self._live_workers_at >= 1.0:
             self._live_workers = self._scheduler.live_workers(within_seconds=3 * self._run.heartbeat_seconds)
             self._live_workers_at = now
-        return self._live_workers
+        if now - self._round_at >= 0.5:
+            self._round, self._round_at = self._scheduler.current_round(), now
+        return self._live_workers, self._round
 
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
         if self._scheduler.run_complete(request.round):

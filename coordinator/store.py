@@ -130,6 +130,7 @@ class Lease(Base):
     __table_args__ = (
         Index("ix_leases_state_deadline", "state", "deadline"),
         Index("ix_leases_worker_state", "worker_id", "state"),
+        Index("ix_leases_range", "shard_id", "epoch", "start"),  # a range's earlier attempts
     )
 
 
@@ -202,6 +203,9 @@ def open_engine(database_url: str) -> Engine:
         def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode, NORMAL survives a killed process (the coordinator's crash); only a power
+            # loss may undo the last transactions, and their leases then simply come back to the pool.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

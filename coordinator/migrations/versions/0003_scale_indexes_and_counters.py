@@ -22,6 +22,7 @@ def upgrade() -> None:
     """Upgrade schema."""
     with op.batch_alter_table('leases', schema=None) as batch_op:
         batch_op.create_index('ix_leases_worker_state', ['worker_id', 'state'], unique=False)
+        batch_op.create_index('ix_leases_range', ['shard_id', 'epoch', 'start'], unique=False)
 
     with op.batch_alter_table('sources', schema=None) as batch_op:
         batch_op.add_column(sa.Column('assigned_tokens', sa.BigInteger(), server_default='0', nullable=False))
@@ -60,4 +61,5 @@ def downgrade() -> None:
 
     with op.batch_alter_table('leases', schema=None) as batch_op:
         batch_op.drop_index('ix_leases_worker_state')
+        batch_op.drop_index('ix_leases_range')
 

@@ -1,0 +1,267 @@
+"""The coordinator under a 10,000-worker network: lease grants and heartbeats per second, latency, CPU.
+
+Usage: python benchmarks/scheduler_scale.py [--workers 10000 --ranges 1000000 --seconds 20
+                                             --backends sqlite,postgresql]
+
+A real coordinator (`essaim coordinator serve`, gRPC, signed requests) on a corpus of
+--ranges shard ranges, with --workers simulated workers (registered in its database
+beforehand; their requests are signed with their own Ed25519 keys). Two phases per
+database backend:
+- target: the load of such a network, open loop: a heartbeat every 10 s and a lease a
+  minute from each worker (each lease is then reported: AcquireLease + CompleteRound);
+- saturation: as many requests as 48 client threads can push, same mix.
+Prints achieved rates, p50/p99 latency per call, and the coordinator's CPU (cores:
+process CPU time / wall time; for PostgreSQL, the database server's CPU too).
+Goal: the target load costs under half a core with p99 under 50 ms. Run it on an
+otherwise idle machine; the load generators share the cores with the coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the PostgreSQL fixture's server, reused
+
+import grpc  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from sqlalchemy import delete, insert  # noqa: E402
+
+from coordinator.store import Source, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url  # noqa: E402
+from essaim.processes import start_role, stop_group, wait_for_ready_file  # noqa: E402
+from model.shards import Manifest, ShardInfo, SourceInfo  # noqa: E402
+from model.tokenizer import train_tokenizer, tokenizer_sha256  # noqa: E402
+from protocol import essaim_pb2 as pb  # noqa: E402
+from protocol import essaim_pb2_grpc  # noqa: E402
+from protocol.auth import sign_request  # noqa: E402
+from protocol.identity import Identity  # noqa: E402
+from protocol.limits import GRPC_OPTIONS  # noqa: E402
+
+RANGE_TOKENS = 64
+SHARDS = 10_000
+CLIENT_PROCESSES = 2
+
+
+def identity(index: int) -> Identity:
+    seed = hashlib.sha256(f"essaim-scale-bench-{index}".encode()).digest()
+    return Identity(Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def prepare_corpus(data: Path, ranges: int) -> Manifest:
+    """A manifest of SHARDS shards (no shard files: the coordinator never reads them) and a tokenizer."""
+    train_tokenizer(["Essaim: un réseau pour entraîner des modèles ouverts."] * 10, 300, data / "tokenizer")
+    per_shard = max(1, ranges // SHARDS)
+    sources = [SourceInfo(f"source-{i}", "fr", "CC0-1.0", float(i + 1), "2020-01-01", "2024-12-31") for i in range(4)]
+    shards = [
+        ShardInfo(f"shard-{i:05d}", f"shard-{i:05d}.bin", "0" * 64, per_shard * RANGE_TOKENS, "uint16", "fr",
+                  f"source-{i % 4}", "CC0-1.0", f"{2020 + i % 5}-01-01", f"{2020 + i % 5}-12-31")
+        for i in range(SHARDS)
+    ]
+    manifest = Manifest(300, tokenizer_sha256(data / "tokenizer"), sources, shards)
+    manifest.save(data / "manifest.json")
+    return manifest
+
+
+def seed_database(url: str, manifest: Manifest, workers: int) -> None:
+    """The corpus cut into RANGE_TOKENS-token pool ranges, and the workers, written straight into the store."""
+    sessions = session_factory(open_engine(url))
+    load_manifest(sessions, manifest)
+    by_id = {s.shard_id: s for s in manifest.shards}
+    with sessions.begin() as session:
+        session.execute(delete(TokenRange))
+    rows = [
+        {"shard_id": s.shard_id, "epoch": 0, "start": start, "end": start + RANGE_TOKENS, "state": "pool",
+         "source": s.source, "shard_date": s.date_from}
+        for s in by_id.values() for start in range(0, s.tokens, RANGE_TOKENS)
+    ]
+    for chunk in range(0, len(rows), 50_000):
+        with sessions.begin() as session:
+            session.execute(insert(TokenRange), rows[chunk : chunk + 50_000])
+    now = time.time()
+    with sessions.begin() as session:
+        session.execute(insert(Worker), [
+            {"id": identity(i).worker_id, "public_key": identity(i).public_key, "name": f"sim-{i}",
+             "institution": ("GENCI", "Inria", "volunteer")[i % 3], "device": "cpu", "registered_at": now,
+             "last_seen": now, "trust_class": ("hpc", "institution", "volunteer")[i % 3]}
+            for i in range(workers)
+        ])
+        assert session.query(Source).count() == 4
+
+
+# -- load generation (in client processes) ---------------------------------------------------------
+
+
+def client(address: str, workers: int, mode: str, rate: float, seconds: float, process: int, out: mp.Queue) -> None:
+    """Send the mix for ``seconds``: open loop at ``rate`` requests/s (mode target) or closed loop (saturation)."""
+    identities = [identity(i) for i in range(process, workers, CLIENT_PROCESSES)]
+    channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    stub = essaim_pb2_grpc.CoordinatorStub(channel)
+    latencies: dict[str, list[float]] = {"Heartbeat": [], "AcquireLease": [], "CompleteRound": []}
+    errors: list[str] = []
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+    started = time.perf_counter()
+    threads = 48 if mode == "saturation" else 32
+
+    def call(method: str, request):  # type: ignore[no-untyped-def]
+        begin = time.perf_counter()
+        try:
+            reply = getattr(stub, method)(request, timeout=30)
+        except grpc.RpcError as error:
+            errors.append(f"{method}: {error.code().name} {error.details()}")
+            return None
+        latencies[method].append(time.perf_counter() - begin)
+        return reply
+
+    def loop() -> None:
+        while True:
+            with lock:
+                n = next(counter)
+            if mode == "target":
+                due = started + n / rate
+                if due > started + seconds:
+                    return
+                time.sleep(max(0.0, due - time.perf_counter()))
+            elif time.perf_counter() - started > seconds:
+                return
+            worker = identities[n % len(identities)]
+            if n % 7 != 6:  # 6 heartbeats for each lease cycle: 10 s heartbeats, 60 s leases
+                call("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(round=0, tokens_per_second=1000.0), worker))
+                continue
+            reply = call("AcquireLease", sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=RANGE_TOKENS), worker))
+            if reply is None or reply.status != pb.AcquireLeaseReply.GRANTED:
+                continue
+            lease = reply.lease
+            report = pb.CompleteRoundRequest(
+                round=n // 7000, loss=1.0, pseudo_gradient_digest="d" * 64, params_digest="p" * 64, group_size=1,
+                leases=[pb.LeaseUsage(lease_id=lease.lease_id, tokens_consumed=lease.end - lease.start)],
+            )
+            call("CompleteRound", sign_request("CompleteRound", report, worker))
+
+    pool = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    out.put({"latencies": latencies, "errors": errors[:5], "error_count": len(errors),
+             "seconds": time.perf_counter() - started})
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def postgres_pids(data_dir: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"postgres" in (entry / "cmdline").read_bytes() and entry.stat().st_uid != 0:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator_pid: int, db_pids: list[int]) -> dict:
+    # Slots per second, the whole network: a heartbeat per worker every 10 s, a lease cycle every 60 s.
+    slots_per_second = (workers / 10 + workers / 60) / CLIENT_PROCESSES
+    queue: mp.Queue = mp.Queue()
+    before, db_before, wall = cpu_seconds([coordinator_pid]), cpu_seconds(db_pids), time.perf_counter()
+    processes = [mp.Process(target=client, args=(address, workers, mode, slots_per_second, seconds, p, queue))
+                 for p in range(CLIENT_PROCESSES)]
+    for process in processes:
+        process.start()
+    results = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    wall = time.perf_counter() - wall
+    figures = {"mode": mode, "coordinator_cores": (cpu_seconds([coordinator_pid]) - before) / wall,
+               "database_cores": (cpu_seconds(db_pids) - db_before) / wall if db_pids else None,
+               "errors": sum(r["error_count"] for r in results), "error_samples": results[0]["errors"] + results[-1]["errors"]}
+    for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
+        values = sorted(v for r in results for v in r["latencies"][method])
+        if values:
+            figures[method] = {"per_second": len(values) / max(r["seconds"] for r in results),
+                               "p50_ms": values[len(values) // 2] * 1000, "p99_ms": values[int(len(values) * 0.99)] * 1000}
+    return figures
+
+
+def benchmark(backend: str, args: argparse.Namespace, scratch: Path) -> list[dict]:
+    data = scratch / backend / "data"
+    data.mkdir(parents=True)
+    manifest = prepare_corpus(data, args.ranges)
+    server = None
+    if backend == "postgresql":
+        from postgres import PostgresServer
+
+        server = PostgresServer()
+        url = server.create_database()
+    else:
+        url = sqlite_url(scratch / backend / "coordinator.db")
+    try:
+        started = time.perf_counter()
+        seed_database(url, manifest, args.workers)
+        print(f"[{backend}] seeded {args.ranges:,} ranges and {args.workers:,} workers in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        run = scratch / backend / "run.toml"
+        run.write_text("lease_seconds = 3600\nheartbeat_seconds = 10\ntotal_rounds = 1000000\n"
+                       f"seq_len = {RANGE_TOKENS}\ninner_steps = 4\nbatch_size = 1\nleases_per_round = 4\n")
+        ready, log = scratch / backend / "ready.json", scratch / backend / "coordinator.log"
+        coordinator = start_role(["coordinator", "serve", "--data", str(data), "--database", url, "--port", "0",
+                                  "--run", str(run), "--ready-file", str(ready), "--no-verbose"], log)
+        try:
+            address = wait_for_ready_file(coordinator, ready, log, timeout=120)["address"]
+            db_pids = postgres_pids(server.root) if server else []
+            return [run_phase(address, args.workers, mode, seconds, coordinator.pid, db_pids)
+                    for mode, seconds in (("target", args.seconds), ("saturation", args.seconds / 2))]
+        finally:
+            stop_group(coordinator)
+    finally:
+        if server:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=10_000)
+    parser.add_argument("--ranges", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    args = parser.parse_args()
+    print(f"{args.workers:,} workers: target {args.workers / 10:,.0f} heartbeats/s and {args.workers / 60:,.0f} "
+          "lease grants/s (each reported)")
+    with tempfile.TemporaryDirectory(prefix="essaim-scale-") as scratch:
+        for backend in args.backends.split(","):
+            for figures in benchmark(backend, args, Path(scratch)):
+                line = [f"[{backend} {figures['mode']}] coordinator {figures['coordinator_cores']:.2f} cores"]
+                if figures["database_cores"] is not None:
+                    line.append(f"database {figures['database_cores']:.2f} cores")
+                for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
+                    if method in figures:
+                        f = figures[method]
+                        line.append(f"{method} {f['per_second']:,.0f}/s p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms")
+                line.append(f"errors {figures['errors']}")
+                print("; ".join(line), flush=True)
+                if figures["errors"]:
+                    print("  e.g. " + " | ".join(figures["error_samples"][:3]))
+
+
+if __name__ == "__main__":
+    main()
