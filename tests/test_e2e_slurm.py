@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
-from coordinator.store import Lease, Worker
+from coordinator.store import Contribution, Lease, Worker
 from essaim.processes import essaim_command
 from slurm import SlurmCluster, slurm_available
 from support import wait_for
@@ -62,7 +62,9 @@ def test_a_job_runs_two_workers_that_declare_the_job_and_its_walltime(slurm, sta
         assert (worker.slurm_job_id, worker.trust_class, worker.institution) == (job_id, "hpc", "GENCI")
         started = dt.datetime.fromtimestamp(worker.registered_at)
         assert dt.timedelta(minutes=9) < dt.datetime.fromtimestamp(worker.available_until) - started < dt.timedelta(minutes=11)
-        assert worker.last_round == 2
+    with coordinator.sessions()() as session:
+        reported = sorted((c.round, c.worker_id) for c in session.scalars(select(Contribution)))
+    assert [r for r, _ in reported] == [0, 0, 1, 1, 2, 2]  # both tasks trained every round
     assert accounting_problems(coordinator.sessions()) == []
 
 
