@@ -167,23 +167,25 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def postgres_pids(data_dir: Path) -> list[int]:
+def postgres_pids() -> list[int]:
+    """The PostgreSQL server's processes (the benchmark's server runs as the postgres user)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"postgres" in (entry / "cmdline").read_bytes() and entry.stat().st_uid != 0:
+                if entry.stat().st_uid != 0 and (entry / "cmdline").read_bytes().startswith(b"postgres"):
                     pids.append(int(entry.name))
             except OSError:
                 pass
     return pids
 
 
-def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator_pid: int, db_pids: list[int]) -> dict:
+def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator_pid: int, postgres: bool) -> dict:
     # Slots per second, the whole network: a heartbeat per worker every 10 s, a lease cycle every 60 s.
     slots_per_second = (workers / 10 + workers / 60) / CLIENT_PROCESSES
     queue: mp.Queue = mp.Queue()
-    before, db_before, wall = cpu_seconds([coordinator_pid]), cpu_seconds(db_pids), time.perf_counter()
+    db_before = {pid: cpu_seconds([pid]) for pid in postgres_pids()} if postgres else {}
+    before, wall = cpu_seconds([coordinator_pid]), time.perf_counter()
     processes = [mp.Process(target=client, args=(address, workers, mode, slots_per_second, seconds, p, queue))
                  for p in range(CLIENT_PROCESSES)]
     for process in processes:
@@ -192,8 +194,10 @@ def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator
     for process in processes:
         process.join()
     wall = time.perf_counter() - wall
+    # Server processes started during the phase (new connections) count from zero.
+    database = sum(cpu_seconds([pid]) - db_before.get(pid, 0.0) for pid in postgres_pids()) if postgres else None
     figures = {"mode": mode, "coordinator_cores": (cpu_seconds([coordinator_pid]) - before) / wall,
-               "database_cores": (cpu_seconds(db_pids) - db_before) / wall if db_pids else None,
+               "database_cores": database / wall if postgres else None,
                "errors": sum(r["error_count"] for r in results), "error_samples": results[0]["errors"] + results[-1]["errors"]}
     for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
         values = sorted(v for r in results for v in r["latencies"][method])
@@ -228,8 +232,7 @@ def benchmark(backend: str, args: argparse.Namespace, scratch: Path) -> list[dic
                                   "--run", str(run), "--ready-file", str(ready), "--no-verbose"], log)
         try:
             address = wait_for_ready_file(coordinator, ready, log, timeout=120)["address"]
-            db_pids = postgres_pids(server.root) if server else []
-            return [run_phase(address, args.workers, mode, seconds, coordinator.pid, db_pids)
+            return [run_phase(address, args.workers, mode, seconds, coordinator.pid, server is not None)
                     for mode, seconds in (("target", args.seconds), ("saturation", args.seconds / 2))]
         finally:
             stop_group(coordinator)
