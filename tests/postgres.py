@@ -11,10 +11,11 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from support import free_port
 
 
 def _binary(name: str) -> str | None:
@@ -30,18 +31,13 @@ def _has_user(name: str) -> bool:
     return subprocess.run(["id", name], capture_output=True).returncode == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class PostgresServer:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="essaim-pg-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         self.data, self.sockets = self.root / "data", self.root / "sockets"
         self.sockets.mkdir()
-        self.port = _free_port()
+        self.port = free_port()
         self._names = itertools.count()
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")

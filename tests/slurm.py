@@ -16,17 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from support import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
 
 def slurm_available() -> bool:
     return os.geteuid() == 0 and all(shutil.which(name) or Path(f"/usr/sbin/{name}").exists() for name in DAEMONS)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -69,8 +66,8 @@ class SlurmCluster:
         return "\n".join([
             "ClusterName=essaim-test",
             f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={self.root / 'state'}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,6 +11,13 @@ from sqlalchemy import select
 
 from coordinator.store import Contribution
 from essaim.processes import start_role
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]

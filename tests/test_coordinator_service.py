@@ -118,7 +118,8 @@ def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coor
     from essaim.processes import essaim_command
 
     hpc, volunteer = Identity.generate(), Identity.generate()
-    CoordinatorClient(coordinator.address, hpc).register("node-1", "GENCI", Capabilities("cuda:H100", 80 << 30, "hpc", 0.0, "42", 0.0))
+    gpu = Capabilities("cuda:H100", 80 << 30, "hpc", 0.0, "42", 0.0)
+    CoordinatorClient(coordinator.address, hpc).register("node-1", "GENCI", gpu)
     client = CoordinatorClient(coordinator.address, volunteer)
     client.register("pc", "volunteer", CPU)
     client.heartbeat(0, 0.0, 1234.0)

@@ -59,7 +59,7 @@ def test_a_card_traces_a_checkpoint_and_verify_reports_each_kind_of_tampering(
         {s.name: s.weight / sum(x.weight for x in manifest.sources) for s in manifest.sources if s.name in card["sources"]}
     )
     markdown = (tmp_path / "card" / "MODEL_CARD.md").read_text()
-    assert f"round 1" in markdown and "lab-0" in markdown and card["corpus"]["root_hash"] in markdown
+    assert "round 1" in markdown and "lab-0" in markdown and card["corpus"]["root_hash"] in markdown
 
     # An untouched run verifies.
     result = essaim("audit", "verify", "--data", str(corpus_dir), "--database", database, "--checkpoint", str(checkpoint))

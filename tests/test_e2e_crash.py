@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from coordinator.accounting import accounting_problems
 from essaim.processes import kill_group
-from support import contributions_by_round, logs, start_worker, wait_all, wait_for
+from support import contributions_by_round, free_port, logs, start_worker, wait_all, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -19,12 +18,6 @@ RUN = dict(
     total_rounds=ROUNDS, target_group_size=2, inner_steps=20, batch_size=4, seq_len=64, matchmaking_seconds=3.0,
     averaging_timeout_seconds=20.0, lease_seconds=5, heartbeat_seconds=1, compression="fp16",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_killed_and_restarted_coordinator_loses_no_round_and_no_token(start_coordinator, tmp_path: Path) -> None:

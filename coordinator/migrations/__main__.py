@@ -9,7 +9,7 @@ from pathlib import Path
 
 from alembic import command
 
-from coordinator.store import alembic_config, migrate, open_engine, sqlite_url
+from coordinator.store import alembic_config, open_engine, sqlite_url
 
 versions = Path(__file__).parent / "versions"
 number = max((int(p.name[:4]) for p in versions.glob("[0-9][0-9][0-9][0-9]_*.py")), default=0) + 1
