@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.lease_sizing import LeasePolicy, WorkerFacts, backoff_seconds, lease_size
 from coordinator.mixture import mixture_order
 from coordinator.store import Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker
@@ -84,8 +85,7 @@ class Scheduler:
         self.lease_seconds = lease_seconds
         self.total_rounds = total_rounds
         self.policy = policy  # None: leases are bounded by what the worker asks for only
-        self._beats: dict[str, tuple[float, int, float, float]] = {}  # worker -> (time, round, loss, rate), unwritten
-        self._beats_lock = threading.Lock()
+        self._heartbeats = HeartbeatBuffer()
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
         self._clock = clock
@@ -257,38 +257,12 @@ class Scheduler:
             self._return_to_pool(session, lease, "released", self._clock())
 
     def heartbeat(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float) -> None:
-        """Mark the worker alive and extend the deadlines of its leases, as of now.
-
-        Heartbeats are kept in memory and written in one batch (flush_heartbeats, and before
-        any expiry or count of live workers): thousands a second cost a few statements.
-        """
-        with self._beats_lock:
-            self._beats[worker_id] = (self._clock(), round_number, loss, tokens_per_second)
+        """Mark the worker alive and extend its leases' deadlines, as of now (written in a batch: HeartbeatBuffer)."""
+        self._heartbeats.record(worker_id, round_number, loss, tokens_per_second, self._clock())
 
     def flush_heartbeats(self) -> int:
         with self._lock, self._sessions.begin() as session:
-            return self._write_heartbeats(session)
-
-    def _write_heartbeats(self, session: Session) -> int:
-        with self._beats_lock:
-            beats, self._beats = self._beats, {}
-        if not beats:
-            return 0
-        workers, leases = Worker.__table__.c, Lease.__table__.c
-        session.execute(
-            update(Worker.__table__).where(workers.id == bindparam("b_id")).values(
-                last_seen=bindparam("b_seen"), tokens_per_second=bindparam("b_rate"),
-                last_round=case((workers.last_round < bindparam("b_round"), bindparam("b_round")), else_=workers.last_round),
-                last_loss=case((bindparam("b_loss") > 0, bindparam("b_loss")), else_=workers.last_loss),
-            ),
-            [{"b_id": w, "b_seen": t, "b_round": r, "b_loss": loss, "b_rate": rate} for w, (t, r, loss, rate) in beats.items()],
-        )
-        session.execute(
-            update(Lease.__table__).where(leases.worker_id == bindparam("b_id"), leases.state == "granted")
-            .values(deadline=bindparam("b_deadline")),
-            [{"b_id": w, "b_deadline": t + self.lease_seconds} for w, (t, _, _, _) in beats.items()],
-        )
-        return len(beats)
+            return self._heartbeats.write(session, self.lease_seconds)
 
     def expire_overdue(self) -> int:
         """Return the ranges of leases past their deadline to the pool; returns how many expired."""
@@ -374,7 +348,7 @@ class Scheduler:
         return session.scalar(select(pool.exists())) or False
 
     def _expire(self, session: Session, now: float) -> int:
-        self._write_heartbeats(session)  # a heartbeat not yet written must still save its leases
+        self._heartbeats.write(session, self.lease_seconds)  # a heartbeat not yet written must still save its leases
         self._expired_at = now
         overdue = session.scalars(
             select(Lease).where(Lease.state == "granted", Lease.deadline < now).with_for_update(skip_locked=True)
