@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -31,7 +32,7 @@ def _logging(verbose: bool) -> None:
     )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=2)
 
@@ -216,7 +217,6 @@ def _moment(text: str) -> float:
         return dt.datetime.fromisoformat(text).timestamp()
     except ValueError:
         _fail(f"{text!r} is neither unix seconds nor an ISO date-time such as 2026-11-23T18:00:00")
-        raise  # unreachable: _fail exits
 
 
 def _run_database(data: Path, database: str):  # type: ignore[no-untyped-def]
