@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Contribution, Lease, LineageRecord, Round, Source, TokenRange
+from coordinator.store import Contribution, Lease, LineageRecord, Round, TokenRange, count_assigned
 
 
 class RewindRefused(Exception):
@@ -50,8 +50,7 @@ def rewind(sessions: sessionmaker[Session], to_round: int, now: float | None = N
             lease = session.get(Lease, record.lease_id)
             token_range = session.get(TokenRange, lease.range_id)
             token_range.state = "pool"
-            session.execute(update(Source).where(Source.name == token_range.source)
-                            .values(assigned_tokens=Source.assigned_tokens - (token_range.end - token_range.start)))
+            count_assigned(session, token_range.source, -(token_range.end - token_range.start))
             lease.state = "rewound"
             record.rewound_at = now
             tokens += record.end - record.start

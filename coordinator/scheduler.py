@@ -22,7 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.lease_sizing import LeasePolicy, WorkerFacts, backoff_seconds, lease_size
 from coordinator.mixture import mixture_order
-from coordinator.store import Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker
+from coordinator.store import (
+    Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker, count_assigned,
+)
 
 GENESIS_CONFIG_VERSION = "genesis"
 
@@ -129,7 +131,7 @@ class Scheduler:
             session.add(token_range.piece(token_range.start + max_tokens, token_range.end, "pool"))
             token_range.end = token_range.start + max_tokens
         token_range.state = "leased"
-        self._assign(session, token_range.source, token_range.end - token_range.start)
+        count_assigned(session, token_range.source, token_range.end - token_range.start)
         earlier = session.scalar(
             select(func.count(Lease.id)).where(
                 Lease.shard_id == token_range.shard_id,
@@ -364,13 +366,8 @@ class Scheduler:
     def _return_to_pool(self, session: Session, lease: Lease, state: str, now: float) -> None:
         token_range = session.get(TokenRange, lease.range_id)
         token_range.state = "pool"
-        self._assign(session, token_range.source, -(token_range.end - token_range.start))
+        count_assigned(session, token_range.source, -(token_range.end - token_range.start))
         lease.state, lease.finished_at = state, now
-
-    @staticmethod
-    def _assign(session: Session, source: str, tokens: int) -> None:
-        """Keep the source's count of leased and trained tokens (the mixture's input) in step."""
-        session.execute(update(Source).where(Source.name == source).values(assigned_tokens=Source.assigned_tokens + tokens))
 
     def _return_tail_to_pool(self, session: Session, lease: Lease, trained_end: int) -> None:
         if trained_end == lease.end:
@@ -378,7 +375,7 @@ class Scheduler:
         token_range = session.get(TokenRange, lease.range_id)
         token_range.end = trained_end
         session.add(token_range.piece(trained_end, lease.end, "pool"))
-        self._assign(session, token_range.source, -(lease.end - trained_end))
+        count_assigned(session, token_range.source, -(lease.end - trained_end))
 
     @staticmethod
     def _round_row(session: Session, report: RoundReport, now: float) -> Round:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, create_engine, event, inspect, select
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, create_engine, event, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -266,6 +266,14 @@ def load_manifest(sessions: sessionmaker[Session], manifest: Manifest) -> None:
             )
             session.add(shard)
             session.add(TokenRange.whole(shard, epoch=0))
+
+
+def count_assigned(session: Session, source: str, tokens: int) -> None:
+    """Add ``tokens`` (negative: remove) to the source's count of leased and trained tokens.
+
+    Every change of a range between the pool and leased/trained goes through here.
+    """
+    session.execute(update(Source).where(Source.name == source).values(assigned_tokens=Source.assigned_tokens + tokens))
 
 
 def meta_value(session: Session, key: str) -> str | None:
