@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.accounting import accounting_problems
+from coordinator.card import in_checkpoint
 from coordinator.store import Lease, LineageRecord, Round, Shard, meta_value
 from model.checkpoints import CheckpointError, load_model, read_checkpoint
 from model.shards import Manifest, ShardIntegrityError, verify_shard
@@ -108,12 +109,7 @@ def _checkpoint_problems(session: Session, path: Path, manifest: Manifest) -> li
     elif recorded.params_digest != checkpoint.params_digest:
         problems.append(f"{where}: its weights hash to {checkpoint.params_digest[:16]}, the coordinator recorded "
                         f"{recorded.params_digest[:16]} for that round")
-    traced = set(session.scalars(
-        select(LineageRecord.round).where(
-            LineageRecord.round <= checkpoint.completed_round,
-            or_(LineageRecord.rewound_at.is_(None), LineageRecord.rewound_at > checkpoint.saved_at),
-        )
-    ))
+    traced = set(session.scalars(select(LineageRecord.round).where(in_checkpoint(checkpoint))))
     untraced = sorted(set(range(checkpoint.completed_round + 1)) - traced)
     if untraced:
         problems.append(f"{where}: rounds {untraced} have no lineage record, so their tokens cannot be traced")

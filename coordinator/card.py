@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.mixture import target_shares
@@ -19,6 +19,14 @@ from coordinator.store import LineageRecord, Shard, Source, Worker, meta_value
 from model.checkpoints import Checkpoint
 from model.corpus import REPORT_FILE
 from model.shards import Manifest
+
+
+def in_checkpoint(checkpoint: Checkpoint) -> ColumnElement[bool]:
+    """Lineage records whose tokens a checkpoint's weights hold (see the module's docstring)."""
+    return and_(
+        LineageRecord.round <= checkpoint.completed_round,
+        or_(LineageRecord.rewound_at.is_(None), LineageRecord.rewound_at > checkpoint.saved_at),
+    )
 
 
 class CardError(ValueError):
@@ -35,10 +43,7 @@ def build_card(sessions: sessionmaker[Session], checkpoint: Checkpoint, data_dir
             select(LineageRecord, Shard, Worker.name)
             .join(Shard, Shard.id == LineageRecord.shard_id)
             .join(Worker, Worker.id == LineageRecord.worker_id)
-            .where(
-                LineageRecord.round <= checkpoint.completed_round,
-                or_(LineageRecord.rewound_at.is_(None), LineageRecord.rewound_at > checkpoint.saved_at),
-            )
+            .where(in_checkpoint(checkpoint))
         ).all()
         sources = {s.name: s for s in session.scalars(select(Source))}
 
