@@ -95,10 +95,7 @@ class TokenRange(Base):
     # The shard's source and first date, copied here so that the next range to lease is one index lookup.
     source: Mapped[str] = mapped_column(String(128), server_default="")
     shard_date: Mapped[str] = mapped_column(String(10), server_default="")
-    __table_args__ = (
-        Index("ix_ranges_state_order", "state", "epoch", "start", "shard_id"),
-        Index("ix_ranges_next", "state", "source", "epoch", "shard_date", "shard_id", "start"),
-    )
+    __table_args__ = (Index("ix_ranges_next", "state", "source", "epoch", "shard_date", "shard_id", "start"),)
 
     def piece(self, start: int, end: int, state: str) -> "TokenRange":
         """Another range of the same shard and epoch."""

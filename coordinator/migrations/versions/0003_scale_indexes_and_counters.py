@@ -31,6 +31,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('source', sa.String(length=128), server_default='', nullable=False))
         batch_op.add_column(sa.Column('shard_date', sa.String(length=10), server_default='', nullable=False))
         batch_op.create_index('ix_ranges_next', ['state', 'source', 'epoch', 'shard_date', 'shard_id', 'start'], unique=False)
+        batch_op.drop_index('ix_ranges_state_order')  # served the position-ordered pick ix_ranges_next replaces
 
     with op.batch_alter_table('workers', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_workers_last_seen'), ['last_seen'], unique=False)
@@ -52,6 +53,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_workers_last_seen'))
 
     with op.batch_alter_table('token_ranges', schema=None) as batch_op:
+        batch_op.create_index('ix_ranges_state_order', ['state', 'epoch', 'start', 'shard_id'], unique=False)
         batch_op.drop_index('ix_ranges_next')
         batch_op.drop_column('shard_date')
         batch_op.drop_column('source')
