@@ -1,4 +1,4 @@
-"""Read-only views of the store: progress for live displays, lineage totals for summaries."""
+"""Read-only views of the store for live displays: workers' progress and rounds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Contribution, LineageRecord, Round, Shard, Worker
+from coordinator.store import Contribution, LineageRecord, Round, Worker
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,3 @@ def rounds(sessions: sessionmaker[Session]) -> list[RoundSummary]:
             for r in session.scalars(select(Round).order_by(Round.number))
         ]
 
-
-def tokens_by_shard_field(sessions: sessionmaker[Session], field: str) -> dict[str, int]:
-    """Trained tokens grouped by a shard attribute: "language", "source" or "licence"."""
-    column = {"language": Shard.language, "source": Shard.source, "licence": Shard.licence}[field]
-    with sessions() as session:
-        rows = session.execute(
-            select(column, func.sum(LineageRecord.end - LineageRecord.start))
-            .join(Shard, Shard.id == LineageRecord.shard_id)
-            .where(LineageRecord.rewound_at.is_(None))
-            .group_by(column)
-            .order_by(column)
-        ).all()
-    return {key: int(tokens) for key, tokens in rows}

@@ -78,7 +78,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds, policy=policy)
     extended = scheduler.extend_leases_after_restart()
     if extended:
-        log.info("restarted with %d leases out: each gets a full lease period to be reported", extended)
+        log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
 
     swarm = Swarm(settings.host)
     try:

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
+from coordinator.hpc import job_status
 from coordinator.store import Contribution, Lease, Worker
 from essaim.processes import essaim_command
 from slurm import SlurmCluster, slurm_available
@@ -41,8 +42,8 @@ def submit(slurm: SlurmCluster, coordinator, workdir: Path, time: str) -> str:  
 
 
 def job_state(slurm: SlurmCluster, job_id: str) -> str:
-    fields = dict(f.split("=", 1) for f in slurm.run("scontrol", "show", "job", "-o", job_id).stdout.split() if "=" in f)
-    return fields.get("JobState", "?")
+    [job] = job_status([job_id], env=slurm.env)
+    return job.state
 
 
 def test_a_job_runs_two_workers_that_declare_the_job_and_its_walltime(slurm, start_coordinator, tmp_path: Path) -> None:
