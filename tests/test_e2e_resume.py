@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -131,7 +133,11 @@ def test_a_crashed_run_rewinds_to_its_last_checkpoint_and_resumes(
     try:
         wait_for(lambda: rounds_reported_by_both(sessions) >= 3, 120, "three rounds")
     finally:
-        for process in [*workers, coordinator.process]:  # a power cut: nobody saves or releases anything
+        # A power cut: every process at once (killing them one by one, waiting for each, lets
+        # the last worker save a checkpoint the others never reach); nobody saves or releases.
+        for process in [*workers, coordinator.process]:
+            os.killpg(process.pid, signal.SIGKILL)
+        for process in [*workers, coordinator.process]:
             kill_group(process)
     recorded = max(contributions_by_round(sessions))
     checkpoint = checkpoint_of(tmp_path, "w0")
