@@ -102,3 +102,18 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
     except ProcessLookupError:
         pass
+
+
+def terminate_group(process: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
+    """SIGTERM the child's whole group, then SIGKILL whatever is left after the grace.
+
+    For Flower's SuperLink and SuperNodes: SIGTERM to the leader alone leaves their
+    `flower-superexec` and app processes running.
+    """
+    _signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not group_alive(process.pid):
+            return
+        time.sleep(0.1)
+    kill_group(process)

@@ -45,6 +45,16 @@ def tensors_digest(tensors: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def write_checkpoint_files(
+    directory: Path, model: torch.nn.Module, tokenizer, info: dict  # type: ignore[no-untyped-def]
+) -> None:
+    """Weights, tokenizer and checkpoint.json (info + the weights' digest) into a directory that exists."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    digest = tensors_digest([p for p in model.parameters() if p.requires_grad])
+    (directory / "checkpoint.json").write_text(json.dumps({**info, "params_digest": digest}, indent=2))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     pointer = directory / LATEST
     if not pointer.exists():

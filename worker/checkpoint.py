@@ -6,7 +6,6 @@ directory and renamed, so it is whole or absent.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from google.protobuf.json_format import MessageToDict
 
-from model.checkpoints import LATEST, Checkpoint
+from model.checkpoints import LATEST, Checkpoint, write_checkpoint_files
 from model.tokenizer import tokenizer_from_json
 from protocol import essaim_pb2 as pb
 from worker.diloco import DiLoCoTrainer
@@ -30,22 +29,15 @@ def save_checkpoint(
     partial = directory / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    trainer.model.save_pretrained(partial)  # local parameters equal the global ones after an outer step
-    tokenizer_from_json(config.tokenizer_json).save_pretrained(partial)
     torch.save({"momentum": [m.clone() for m in trainer.momentum]}, partial / "outer_state.pt")
     run_config = MessageToDict(config, preserving_proto_field_name=True)
     for bulky in ("tokenizer_json", "initial_peers"):
         run_config.pop(bulky, None)
-    (partial / "checkpoint.json").write_text(
-        json.dumps(
-            {
-                "run_id": config.run_id, "completed_round": completed, "next_round": trainer.round,
-                "lineage_head": lineage_head, "params_digest": trainer.params_digest(),
-                "config_version": "genesis", "run_config": run_config, "saved_at": time.time(),
-            },
-            indent=2,
-        )
-    )
+    # The local parameters equal the global ones after an outer step.
+    write_checkpoint_files(partial, trainer.model, tokenizer_from_json(config.tokenizer_json), {
+        "run_id": config.run_id, "completed_round": completed, "next_round": trainer.round,
+        "lineage_head": lineage_head, "config_version": "genesis", "run_config": run_config, "saved_at": time.time(),
+    })
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     _write_atomically(directory / LATEST, final.name)

@@ -1,0 +1,127 @@
+"""The server side of federated fine-tuning: a Flower ServerApp averaging the sites' LoRA adapters.
+
+It loads the community checkpoint to build the starting adapter (B = 0, so
+round 1 starts from the base model), runs Flower's legacy workflow (SecAgg+
+lives there) with FedAvg weighted by each site's examples, and writes the
+adapter, the merged model and the lineage record. It never holds site data:
+with SecAgg+ it does not even hold one site's adapter, only their sum.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common import Context, EvaluateIns, FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.compat.common import recorddict_compat as compat
+
+from coordinator.finetune_config import FinetuneSettings
+from protocol.finetune import SiteInstructions
+
+# SecAgg+ weighs each site by examples / MAX_WEIGHT inside its quantization: larger sites
+# than this lose precision, not correctness. Our sites hold hundreds to thousands of pairs.
+MAX_WEIGHT = 100_000.0
+
+
+class SiteAveraging(FedAvg):
+    """FedAvg that tells sites what to do, records who took part in each round, and evaluates only when asked."""
+
+    def __init__(self, settings: FinetuneSettings, base_digest: str, initial: list[np.ndarray]) -> None:
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=settings.min_sites,
+            min_evaluate_clients=settings.min_sites, min_available_clients=settings.min_sites,
+            initial_parameters=ndarrays_to_parameters(initial), accept_failures=True,
+        )
+        self.settings = settings
+        self.base_digest = base_digest
+        self.rounds: list[dict] = []
+        self.evaluation: dict = {}
+
+    def instructions(self, server_round: int) -> dict:
+        s = self.settings
+        return SiteInstructions(
+            base_digest=self.base_digest, server_round=server_round, local_steps=s.local_steps,
+            batch_size=s.batch_size, learning_rate=s.learning_rate, max_tokens=s.max_tokens,
+            lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lora_targets=s.lora_targets,
+            dp_epsilon=s.dp_epsilon, dp_delta=s.dp_delta, dp_clip=s.dp_clip,
+        ).to_config()
+
+    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        chosen = super().configure_fit(server_round, parameters, client_manager)
+        return [(client, FitIns(parameters, self.instructions(server_round))) for client, _ in chosen]
+
+    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        self.rounds.append({
+            "round": server_round,
+            "sites": sorted(str(fit.metrics.get("site", "?")) for _, fit in results),
+            "examples": sum(fit.num_examples for _, fit in results),
+            "train_loss": {str(fit.metrics.get("site", "?")): float(fit.metrics.get("train_loss", float("nan")))
+                           for _, fit in results},
+            "failures": [_reason(failure) for failure in failures],
+        })
+        if len(results) < self.settings.min_sites:
+            log(WARNING, "round %d: %d site(s) answered, fewer than min_sites=%d: the adapter is not updated",
+                server_round, len(results), self.settings.min_sites)
+            return None, {}
+        for failure in failures:
+            log(WARNING, "round %d: a site failed and is left out: %s", server_round, _reason(failure))
+        return super().aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        every = self.settings.evaluate_every
+        due = server_round == self.settings.rounds or (every and server_round % every == 0)
+        if not due:
+            return []
+        chosen = super().configure_evaluate(server_round, parameters, client_manager)
+        return [(client, EvaluateIns(parameters, self.instructions(server_round))) for client, _ in chosen]
+
+    def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        self.evaluation = {
+            "round": server_round, "held_out_loss": loss,
+            "by_site": {str(res.metrics.get("site", "?")): {"loss": res.loss, "pairs": res.num_examples}
+                        for _, res in results},
+            "failures": [_reason(failure) for failure in failures],
+        }
+        return loss, metrics
+
+
+def _reason(failure: object) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure)
+    _, result = failure  # (client, FitRes) whose status is not OK
+    return getattr(getattr(result, "status", None), "message", "") or repr(result)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context: Context) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.finetune_lineage import base_adapter, write_outputs
+
+    settings = FinetuneSettings.load(str(context.run_config["settings-file"]))
+    base, model, initial = base_adapter(settings)
+    strategy = SiteAveraging(settings, base.params_digest, initial)
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=settings.rounds, round_timeout=settings.round_timeout),
+        strategy=strategy,
+    )
+    fit_workflow = None
+    if settings.secagg:
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=settings.shares, reconstruction_threshold=settings.threshold,
+            max_weight=MAX_WEIGHT, timeout=settings.round_timeout,
+        )
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+
+    parameters: Parameters = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], True)
+    final = parameters_to_ndarrays(parameters)
+    out = write_outputs(settings, base, model, final, strategy.rounds, strategy.evaluation, context.run_id)
+    log(INFO, "fine-tune done: adapter, merged model and lineage in %s", out)
+

@@ -1,0 +1,70 @@
+"""Flower's processes for a federated fine-tune, offline: the SuperLink, one SuperNode per site, `flwr run`.
+
+Every Flower process gets the settings that keep it off the internet (no
+`uv sync` of app dependencies, no telemetry, no update check) and a private
+FLWR_HOME. The SuperLink and SuperNodes spawn `flower-superexec` and app
+processes: start them in their own session and stop the whole group
+(essaim.processes.terminate_group).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).parent / "flower_app"
+CONNECTION = "essaim"  # the name `flwr run` is given for the SuperLink in FLWR_HOME/config.toml
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        # Flower starts flower-superexec and its app processes by name.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def _tool(name: str) -> str:
+    """A Flower executable of this environment, whether or not its bin directory is on PATH."""
+    return str(Path(sys.executable).parent / name)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def superlink_command(workdir: Path, host: str, port: int) -> list[str]:
+    return [_tool("flower-superlink"), "--insecure", "--database", str(workdir / "state.db"),
+            "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+
+
+def supernode_command(superlink: str, runtime_port: int, node_config: dict[str, str]) -> list[str]:
+    config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
+    return [_tool("flower-supernode"), "--insecure", "--superlink", superlink,
+            "--port", str(runtime_port), "--node-config", config]
+
+
+def run_app(superlink: str, home: Path, settings_file: Path, log: Path | None = None) -> int:
+    """`flwr run` the fine-tuning app on the SuperLink and stream its logs until the run ends; its exit code."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\ninsecure = true\n'
+    )
+    command = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
+               "--run-config", f'settings-file="{settings_file}"']
+    output = open(log, "ab") if log else None
+    try:
+        return subprocess.run(command, env=flower_env(home), stdout=output, stderr=subprocess.STDOUT if output else None,
+                              stdin=subprocess.DEVNULL).returncode
+    finally:
+        if output:
+            output.close()
