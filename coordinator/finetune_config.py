@@ -20,7 +20,7 @@ class FinetuneSettings(BaseModel):
     checkpoint: Path                # the community checkpoint (Hugging Face format + checkpoint.json)
     out: Path                       # adapter/, merged/, finetune.json
     rounds: int = Field(3, ge=1)
-    min_sites: int = Field(2, ge=1)  # wait for this many sites before round 1; a round needs this many answers
+    min_sites: int = Field(2, ge=1)  # round 1 waits until this many sites are connected
     local_steps: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(2e-3, gt=0)

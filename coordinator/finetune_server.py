@@ -9,6 +9,7 @@ with SecAgg+ it does not even hold one site's adapter, only their sum.
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 
 import numpy as np
@@ -29,7 +30,11 @@ MAX_WEIGHT = 100_000.0
 
 
 class SiteAveraging(FedAvg):
-    """FedAvg that tells sites what to do, records who took part in each round, and evaluates only when asked."""
+    """FedAvg that tells sites what to do, records who took part in each round, and evaluates only when asked.
+
+    It averages whatever sites answered: a site that fails or drops out is left out
+    of its round (with SecAgg+, as long as the reconstruction threshold answers).
+    """
 
     def __init__(self, settings: FinetuneSettings, base_digest: str, initial: list[np.ndarray]) -> None:
         super().__init__(
@@ -41,6 +46,7 @@ class SiteAveraging(FedAvg):
         self.base_digest = base_digest
         self.rounds: list[dict] = []
         self.evaluation: dict = {}
+        self.round_started = 0.0
 
     def instructions(self, server_round: int) -> dict:
         s = self.settings
@@ -52,6 +58,7 @@ class SiteAveraging(FedAvg):
         ).to_config()
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        self.round_started = time.monotonic()
         chosen = super().configure_fit(server_round, parameters, client_manager)
         return [(client, FitIns(parameters, self.instructions(server_round))) for client, _ in chosen]
 
@@ -62,14 +69,11 @@ class SiteAveraging(FedAvg):
             "examples": sum(fit.num_examples for _, fit in results),
             "train_loss": {str(fit.metrics.get("site", "?")): float(fit.metrics.get("train_loss", float("nan")))
                            for _, fit in results},
-            "failures": [_reason(failure) for failure in failures],
+            "failures": _failures(failures),
+            "seconds": round(time.monotonic() - self.round_started, 2),  # from sending instructions to aggregating
         })
-        if len(results) < self.settings.min_sites:
-            log(WARNING, "round %d: %d site(s) answered, fewer than min_sites=%d: the adapter is not updated",
-                server_round, len(results), self.settings.min_sites)
-            return None, {}
-        for failure in failures:
-            log(WARNING, "round %d: a site failed and is left out: %s", server_round, _reason(failure))
+        for reason in _failures(failures):
+            log(WARNING, "round %d: a site failed and is left out: %s", server_round, reason)
         return super().aggregate_fit(server_round, results, failures)
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
@@ -86,14 +90,20 @@ class SiteAveraging(FedAvg):
             "round": server_round, "held_out_loss": loss,
             "by_site": {str(res.metrics.get("site", "?")): {"loss": res.loss, "pairs": res.num_examples}
                         for _, res in results},
-            "failures": [_reason(failure) for failure in failures],
+            "failures": _failures(failures),
         }
         return loss, metrics
 
 
+def _failures(failures: list) -> list[str]:
+    """Why sites failed, as they said it. Flower's SecAgg+ workflow lists each failed site twice: once is enough."""
+    return sorted({_reason(failure) for failure in failures})
+
+
 def _reason(failure: object) -> str:
     if isinstance(failure, BaseException):
-        return str(failure)
+        error = failure.args[0] if failure.args else failure
+        return str(getattr(error, "reason", error))
     _, result = failure  # (client, FitRes) whose status is not OK
     return getattr(getattr(result, "status", None), "message", "") or repr(result)
 

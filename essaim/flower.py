@@ -53,13 +53,13 @@ def supernode_command(superlink: str, runtime_port: int, node_config: dict[str, 
             "--port", str(runtime_port), "--node-config", config]
 
 
-def run_app(superlink: str, home: Path, settings_file: Path, log: Path | None = None) -> int:
+def run_app(superlink: str, home: Path, settings_file: Path, log: Path | None = None, app_dir: Path = APP_DIR) -> int:
     """`flwr run` the fine-tuning app on the SuperLink and stream its logs until the run ends; its exit code."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\ninsecure = true\n'
     )
-    command = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
+    command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", f'settings-file="{settings_file}"']
     output = open(log, "ab") if log else None
     try:
