@@ -37,10 +37,12 @@ class SiteAveraging(FedAvg):
     """
 
     def __init__(self, settings: FinetuneSettings, base_digest: str, initial: list[np.ndarray]) -> None:
+        # Rounds go on with whoever is connected: at least the SecAgg+ threshold, else one site.
+        # Only round 1 waits for min_sites (configure_fit).
+        fewest = settings.threshold if settings.secagg else 1
         super().__init__(
-            fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=settings.min_sites,
-            min_evaluate_clients=settings.min_sites, min_available_clients=settings.min_sites,
-            initial_parameters=ndarrays_to_parameters(initial), accept_failures=True,
+            fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=fewest, min_evaluate_clients=fewest,
+            min_available_clients=fewest, initial_parameters=ndarrays_to_parameters(initial), accept_failures=True,
         )
         self.settings = settings
         self.base_digest = base_digest
@@ -58,6 +60,9 @@ class SiteAveraging(FedAvg):
         ).to_config()
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        if server_round == 1:
+            log(INFO, "waiting for %d sites to connect", self.settings.min_sites)
+            client_manager.wait_for(self.settings.min_sites, timeout=24 * 3600)
         self.round_started = time.monotonic()
         chosen = super().configure_fit(server_round, parameters, client_manager)
         return [(client, FitIns(parameters, self.instructions(server_round))) for client, _ in chosen]

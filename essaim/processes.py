@@ -105,15 +105,45 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
 
 
 def terminate_group(process: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
-    """SIGTERM the child's whole group, then SIGKILL whatever is left after the grace.
+    """SIGTERM the child's group and the groups of all its descendants, then SIGKILL whatever is left.
 
-    For Flower's SuperLink and SuperNodes: SIGTERM to the leader alone leaves their
-    `flower-superexec` and app processes running.
+    For Flower's SuperLink and SuperNodes: they start `flower-superexec` in a session of
+    its own, which starts the app processes; signalling the child's group alone leaves them.
+    The tree is read before any signal, while every descendant still has its parent.
     """
-    _signal_group(process.pid, signal.SIGTERM)
+    groups = {process.pid} | {_group_of(pid) for pid in descendants(process.pid)} - {0}
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
-        if process.poll() is not None and not group_alive(process.pid):
+        if process.poll() is not None and not any(group_alive(pgid) for pgid in groups):
             return
         time.sleep(0.1)
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
     kill_group(process)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid in the process tree, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
+
+
+def _group_of(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return 0
