@@ -13,7 +13,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from essaim.processes import start_role
 
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "essaim"  # the name `flwr run` is given for the SuperLink in FLWR_HOME/config.toml
@@ -68,3 +71,30 @@ def run_app(superlink: str, home: Path, settings_file: Path, log: Path | None = 
     finally:
         if output:
             output.close()
+
+
+def start_superlink(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    """`essaim finetune serve` in its own session, its log in WORKDIR.log."""
+    return start_role(["finetune", "serve", "--workdir", str(workdir), "--port", str(port)],
+                      workdir.with_suffix(".log"), env={"OMP_NUM_THREADS": "1"})
+
+
+def start_site(superlink: str, name: str, data: Path, checkpoint: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    """`essaim finetune site` in its own session, its log in WORKDIR.log."""
+    return start_role(
+        ["finetune", "site", "--superlink", superlink, "--name", name, "--data", str(data),
+         "--checkpoint", str(checkpoint), "--workdir", str(workdir)],
+        workdir.with_suffix(".log"), env={"OMP_NUM_THREADS": "1"},
+    )
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink did not listen on port {port}: see {process.args}") from None
+            time.sleep(0.2)

@@ -12,8 +12,9 @@ import subprocess
 import threading
 from pathlib import Path
 
-from essaim.processes import start_role, terminate_group
-from support import free_port, wait_for
+from essaim.flower import start_site, start_superlink, wait_listening
+from essaim.processes import terminate_group
+from support import free_port
 
 
 class RecordingRelay:
@@ -64,29 +65,22 @@ class RecordingRelay:
 
 
 class FinetuneNetwork:
+    """A SuperLink and its sites, each process's log in WORKDIR/NAME.log; sites connect through the relay."""
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.superlink = self._start("superlink", ["finetune", "serve", "--workdir", str(workdir / "superlink"),
-                                                   "--port", str(self.port)])
-        wait_for(lambda: _listening(self.port), 30, "the SuperLink to listen")
+        self.processes["superlink"] = start_superlink(workdir / "superlink", self.port)
+        wait_listening(self.port, self.processes["superlink"], 30)
         self.relay = RecordingRelay(self.port)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        process = start_role(args, self.workdir / f"{name}.log", env={"OMP_NUM_THREADS": "1"})
-        self.processes[name] = process
-        return process
-
-    def add_site(self, name: str, data: Path, checkpoint: Path) -> subprocess.Popen[bytes]:
-        return self._start(name, [
-            "finetune", "site", "--superlink", f"127.0.0.1:{self.relay.port}", "--name", name, "--data", str(data),
-            "--checkpoint", str(checkpoint), "--workdir", str(self.workdir / f"site-{name}"),
-        ])
+    def add_site(self, name: str, data: Path, checkpoint: Path) -> None:
+        self.processes[name] = start_site(f"127.0.0.1:{self.relay.port}", name, data, checkpoint, self.workdir / name)
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
@@ -98,11 +92,3 @@ class FinetuneNetwork:
         for process in self.processes.values():
             terminate_group(process)
         self.relay.close()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False

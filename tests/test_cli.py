@@ -55,3 +55,25 @@ def test_coordinator_refuses_a_directory_without_a_corpus(tmp_path: Path) -> Non
     result = run("coordinator", "serve", "--data", str(tmp_path), "--port", "0")
     assert result.returncode == 2
     assert "manifest" in result.stderr and "essaim data prepare" in result.stderr
+
+
+def test_a_finetune_site_with_missing_or_malformed_data_is_refused_before_it_joins(tmp_path: Path) -> None:
+    site = ("finetune", "site", "--superlink", "127.0.0.1:9", "--name", "utility", "--checkpoint", str(tmp_path))
+    missing = run(*site, "--data", str(tmp_path / "absent.jsonl"))
+    assert missing.returncode == 2 and "absent.jsonl: no such file" in missing.stderr
+    data = tmp_path / "private.jsonl"
+    data.write_text('{"instruction": "q", "answer": "a"}\n{"instruction": "q"\n')
+    malformed = run(*site, "--data", str(data))
+    assert malformed.returncode == 2 and "private.jsonl:2: not valid JSON" in malformed.stderr
+    data.write_text('{"instruction": "q", "answer": "a"}\n')
+    no_checkpoint = run(*site, "--data", str(data))
+    assert no_checkpoint.returncode == 2 and "unreadable checkpoint.json" in no_checkpoint.stderr
+
+
+def test_a_finetune_run_refuses_bad_settings_and_a_used_output_directory(tmp_path: Path) -> None:
+    no_checkpoint = run("finetune", "run", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert no_checkpoint.returncode == 2 and "unreadable checkpoint.json" in no_checkpoint.stderr
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "finetune.json").write_text("{}")
+    used = run("finetune", "run", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "used"))
+    assert used.returncode == 2 and "already holds a fine-tune" in used.stderr
