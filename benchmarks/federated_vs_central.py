@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.finetune_config import FinetuneSettings  # noqa: E402
 from coordinator.finetune_lineage import RECORD_FILE, SETTINGS_FILE, lora_settings  # noqa: E402
-from essaim.flower import free_port, run_app, start_site, start_superlink, wait_listening  # noqa: E402
-from essaim.processes import terminate_group  # noqa: E402
+from essaim.flower import run_local_finetune  # noqa: E402
 from model.checkpoints import load_model, read_checkpoint  # noqa: E402
 from model.instructions import PROMPT, read_pairs, split_pairs, tokenize_pairs, write_pairs  # noqa: E402
 from model.lora import answer_loss, attach_lora, load_adapter_arrays, train_adapter  # noqa: E402
@@ -92,22 +91,13 @@ def main() -> None:
 
 
 def federated(settings: FinetuneSettings, workdir: Path, data: dict, fresh, score) -> dict:  # type: ignore[no-untyped-def]
-    port = free_port()
-    processes = [start_superlink(workdir / "superlink", port)]
-    try:
-        wait_listening(port, processes[0], 30)
-        for domain in data:
-            processes.append(start_site(f"127.0.0.1:{port}", domain, workdir / f"{domain}.jsonl", settings.checkpoint,
-                                        workdir / f"site-{domain}"))
-        settings.save(settings.out / SETTINGS_FILE)
-        started = time.monotonic()
-        code = run_app(f"127.0.0.1:{port}", workdir / "flwr-home", settings.out / SETTINGS_FILE, workdir / "run.log")
-        seconds = time.monotonic() - started
-    finally:
-        for process in processes:
-            terminate_group(process)
+    settings.save(settings.out / SETTINGS_FILE)
+    started = time.monotonic()
+    code = run_local_finetune(settings.out / SETTINGS_FILE, settings.checkpoint,
+                              {domain: workdir / f"{domain}.jsonl" for domain in data}, workdir)
+    seconds = time.monotonic() - started
     if not (settings.out / RECORD_FILE).exists():
-        raise SystemExit(f"the federated run failed (flwr run exit {code}): see {workdir / 'run.log'}")
+        raise SystemExit(f"the federated run failed (flwr run exit {code}): see {workdir / 'finetune-run.log'}")
     record = json.loads((settings.out / RECORD_FILE).read_text())
     from safetensors.numpy import load_file
 

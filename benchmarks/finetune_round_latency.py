@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.finetune_config import FinetuneSettings  # noqa: E402
 from coordinator.finetune_lineage import RECORD_FILE, SETTINGS_FILE  # noqa: E402
-from essaim.flower import APP_DIR, free_port, run_app, start_site, start_superlink, wait_listening  # noqa: E402
-from essaim.processes import terminate_group  # noqa: E402
+from essaim.flower import APP_DIR, run_local_finetune  # noqa: E402
 from model.instructions import PROMPT, write_pairs  # noqa: E402
 from model.sample_instructions import DOMAINS, site_pairs, stand_in_checkpoint  # noqa: E402
 
@@ -63,22 +62,13 @@ def import_seconds(module: str, repeats: int = 3) -> float:
 
 
 def run_variant(name: str, app_dir: Path, settings: FinetuneSettings, workdir: Path, sites: list[str]) -> dict:
-    port = free_port()
-    processes = [start_superlink(workdir / "superlink", port)]
-    try:
-        wait_listening(port, processes[0], 30)
-        for site in sites:
-            processes.append(start_site(f"127.0.0.1:{port}", site, workdir.parent / f"{site}.jsonl",
-                                        settings.checkpoint, workdir / f"site-{site}"))
-        settings.save(settings.out / SETTINGS_FILE)
-        started = time.monotonic()
-        run_app(f"127.0.0.1:{port}", workdir / "flwr-home", settings.out / SETTINGS_FILE, workdir / "run.log", app_dir)
-        seconds = time.monotonic() - started
-    finally:
-        for process in processes:
-            terminate_group(process)
+    settings.save(settings.out / SETTINGS_FILE)
+    started = time.monotonic()
+    run_local_finetune(settings.out / SETTINGS_FILE, settings.checkpoint,
+                       {site: workdir.parent / f"{site}.jsonl" for site in sites}, workdir, app_dir)
+    seconds = time.monotonic() - started
     if not (settings.out / RECORD_FILE).exists():
-        raise SystemExit(f"{name}: the run failed, see {workdir / 'run.log'}")
+        raise SystemExit(f"{name}: the run failed, see {workdir / 'finetune-run.log'}")
     record = json.loads((settings.out / RECORD_FILE).read_text())
     fit = [r["seconds"] for r in record["rounds"]]
     return {"total": seconds, "fit_rounds": fit, "per_round": seconds / settings.rounds}

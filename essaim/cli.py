@@ -393,8 +393,10 @@ def demo(
     workdir: Path = typer.Option(Path("essaim-demo"), help="Where the corpus, database, logs and checkpoint go."),
     workers: int = typer.Option(3, min=1, max=8),
     rounds: int = typer.Option(10, min=1),
+    finetune_rounds: int = typer.Option(2, min=0, help="Rounds of the federated fine-tune that follows (0: none)."),
 ) -> None:
-    """Prepare a sample corpus, train the tiny model with a coordinator and workers on 127.0.0.1."""
+    """Train the tiny model with a coordinator and workers on 127.0.0.1, then fine-tune it federated on 3 sites."""
     from essaim.demo import DemoSettings, run_demo
 
-    raise typer.Exit(code=run_demo(DemoSettings(workdir=workdir, workers=workers, rounds=rounds)))
+    raise typer.Exit(code=run_demo(DemoSettings(workdir=workdir, workers=workers, rounds=rounds,
+                                                finetune_rounds=finetune_rounds)))

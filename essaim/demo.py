@@ -1,7 +1,8 @@
 """`essaim demo`: a whole run on 127.0.0.1 in a few minutes, with nothing left running.
 
 Sample corpus -> token shards -> a coordinator (SQLite) and N workers as separate
-process groups -> DiLoCo rounds shown live -> a Hugging Face checkpoint -> a summary.
+process groups -> DiLoCo rounds shown live -> a Hugging Face checkpoint -> a summary
+-> a federated fine-tune of that checkpoint by three sites (essaim.demo_finetune).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class DemoSettings:
     chars_per_language: int = 1_000_000  # about a million tokens: one epoch outlasts the demo
     startup_timeout_seconds: float = 120.0
     run_timeout_seconds: float = 600.0
+    finetune_rounds: int = 2  # 0: no fine-tune
 
 
 def run_settings_toml(settings: DemoSettings) -> str:
@@ -74,7 +76,7 @@ def run_settings_toml(settings: DemoSettings) -> str:
 def run_demo(settings: DemoSettings) -> int:
     console = Console()
     workdir = settings.workdir.resolve()
-    for stale in ("data", "logs", "keys", "checkpoint", "run.toml", "ready.json"):
+    for stale in ("data", "logs", "keys", "checkpoint", "finetune", "run.toml", "ready.json"):
         path = workdir / stale
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +127,12 @@ def run_demo(settings: DemoSettings) -> int:
     if failed:
         console.print(f"[red]workers {failed} failed: see {workdir / 'logs'}")
         return 1
-    _print_summary(console, sessions, manifest, workdir, settings)
-    return 0
+    checkpoint = _print_summary(console, sessions, manifest, workdir, settings)
+    if not settings.finetune_rounds:
+        return 0
+    from essaim.demo_finetune import run_finetune_demo
+
+    return run_finetune_demo(console, checkpoint, workdir / "finetune", settings.finetune_rounds)
 
 
 def _show_progress(console: Console, sessions, workers: list[subprocess.Popen[bytes]], settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
@@ -157,7 +163,7 @@ def _progress_view(sessions, settings: DemoSettings, elapsed: float) -> Group:  
     return Group(header, table)
 
 
-def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path, settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
+def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path, settings: DemoSettings) -> Path:  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -195,6 +201,7 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
         f"{len(done)} rounds (mean training loss {done[0].mean_loss:.3f} -> {done[-1].mean_loss:.3f})"
     )
     console.print(f"checkpoint (Hugging Face format): {checkpoint}; model card: {markdown}")
+    return checkpoint
 
 
 def _eval_sample(manifest: Manifest, data_dir: Path) -> torch.Tensor:

@@ -98,3 +98,23 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float) 
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the SuperLink did not listen on port {port}: see {process.args}") from None
             time.sleep(0.2)
+
+
+def run_local_finetune(settings_file: Path, checkpoint: Path, sites: dict[str, Path], workdir: Path,
+                       app_dir: Path = APP_DIR) -> int:
+    """A whole fine-tune on 127.0.0.1: a SuperLink, one SuperNode per site (name -> data), `flwr run`.
+
+    Logs go to WORKDIR/*.log; every process is stopped afterwards. Returns flwr run's exit code.
+    """
+    from essaim.processes import terminate_group
+
+    port = free_port()
+    processes = [start_superlink(workdir / "superlink", port)]
+    try:
+        wait_listening(port, processes[0], 60)
+        for name, data in sites.items():
+            processes.append(start_site(f"127.0.0.1:{port}", name, data, checkpoint, workdir / f"site-{name}"))
+        return run_app(f"127.0.0.1:{port}", workdir / "flwr-home", settings_file, workdir / "finetune-run.log", app_dir)
+    finally:
+        for process in processes:
+            terminate_group(process)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from essaim.processes import essaim_command
-from model.checkpoints import latest_checkpoint
+from model.checkpoints import latest_checkpoint, read_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +31,8 @@ def processes_mentioning(text: str) -> list[str]:
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     result = subprocess.run(
-        essaim_command("demo", "--workdir", str(workdir), "--workers", "2", "--rounds", "2"),
-        capture_output=True, text=True, timeout=400,
+        essaim_command("demo", "--workdir", str(workdir), "--workers", "2", "--rounds", "2", "--finetune-rounds", "1"),
+        capture_output=True, text=True, timeout=500,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     printed = " ".join(result.stdout.split())  # rich wraps long lines
@@ -42,4 +43,11 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     checkpoint = latest_checkpoint(workdir / "checkpoint")
     AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(checkpoint)
+    # The second act fine-tuned that checkpoint on three sites and says where the merged model is.
+    record = json.loads((workdir / "finetune" / "tuned" / "finetune.json").read_text())
+    assert record["sites"] == ["bank", "energy-utility", "hospital"]
+    assert record["base"]["path"] == str(checkpoint)
+    assert record["base"]["params_digest"] == read_checkpoint(checkpoint).params_digest
+    assert "held-out answer loss after the last round" in printed
+    assert (workdir / "finetune" / "tuned" / "merged" / "MODEL_CARD.md").is_file()
     assert processes_mentioning(str(workdir)) == []

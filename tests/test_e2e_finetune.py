@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -52,93 +53,93 @@ def finetune(network: FinetuneNetwork, checkpoint: Path, out: Path, *options: st
     )
 
 
-def test_secagg_run_trains_through_a_mismatched_site_and_no_private_text_reaches_the_superlink(
-    sites: dict[str, Path], tmp_path: Path
-) -> None:
+@pytest.fixture
+def network(sites: dict[str, Path], tmp_path: Path) -> Iterator[FinetuneNetwork]:
+    """A SuperLink and the three good sites; every process is stopped at the end."""
     network = FinetuneNetwork(tmp_path)
     try:
         for domain in DOMAINS:
             network.add_site(domain, sites[domain], sites["base"])
-        network.add_site("wrong-base", sites["bank"], sites["other-base"])
-        out = tmp_path / "tuned"
-        done = finetune(network, sites["base"], out, "--rounds", "2", "--min-sites", "4", "--local-steps", "15",
-                        "--round-timeout", "120")
-        assert done.returncode == 0, done.stderr + (tmp_path / "tuned.log").read_text()[-3000:]
-        record = json.loads((out / "finetune.json").read_text())
-
-        # The mismatched site was told why, and the run went on with the other three.
-        assert "this run fine-tunes" in network.log("wrong-base")
-        assert "copy the run's base checkpoint" in network.log("wrong-base")
-        assert [r["sites"] for r in record["rounds"]] == [sorted(DOMAINS)] * 2
-        assert all(len(r["failures"]) == 1 for r in record["rounds"])
-        assert record["privacy"]["secure_aggregation"]["reconstruction_threshold"] == 3
-        assert record["base"]["params_digest"] == read_checkpoint(sites["base"]).params_digest
-
-        # Training helped: every site's held-out loss after the run is below its first round's training loss.
-        first = record["rounds"][0]["train_loss"]
-        for site, result in record["evaluation"]["by_site"].items():
-            assert result["loss"] < first[site], (site, result, first)
-
-        # The outputs load with transformers, and the record names the adapter by its hash.
-        from transformers import AutoModelForCausalLM
-        from model.lora import file_sha256
-        AutoModelForCausalLM.from_pretrained(out / "merged")
-        assert record["adapter"]["sha256"] == file_sha256(out / "adapter" / "adapter_model.safetensors")
-        card = (out / "merged" / "MODEL_CARD.md").read_text()
-        assert "bank, energy, hospital" in card and record["adapter"]["sha256"] in card
-
-        # The canary never reached the SuperLink, nor anything it or the server wrote; the relay did
-        # see the sites' traffic in clear (their metric names), so a leak would have shown.
-        received = bytes(network.relay.upstream)
-        assert b"train_loss" in received
-        stored = [p for p in (tmp_path / "superlink").rglob("*") if p.is_file()]
-        stored += [p for p in out.rglob("*") if p.is_file()] + [tmp_path / "superlink.log", tmp_path / "tuned.log"]
-        assert any(p.name.startswith("state.db") for p in stored)
-        for blob, where in [(received, "relay"), *((p.read_bytes(), str(p)) for p in stored)]:
-            for encoding in ("utf-8", "utf-16-le"):
-                assert CANARY.encode(encoding) not in blob, f"the canary reached {where}"
-        assert CANARY in sites["energy"].read_text()  # it was there to leak
+        yield network
     finally:
         network.close()
     assert all(process.poll() is not None for process in network.processes.values())
 
 
-def test_dp_run_records_its_guarantee_adds_its_noise_and_survives_a_site_dropping_out(
-    sites: dict[str, Path], tmp_path: Path
+def test_secagg_run_trains_through_a_mismatched_site_and_no_private_text_reaches_the_superlink(
+    network: FinetuneNetwork, sites: dict[str, Path], tmp_path: Path
 ) -> None:
-    network = FinetuneNetwork(tmp_path)
-    try:
-        for domain in DOMAINS:
-            network.add_site(domain, sites[domain], sites["base"])
-        out = tmp_path / "tuned"
-        run = subprocess.Popen(
-            [sys.executable, "-m", "essaim", "finetune", "run", "--superlink", network.address, "--checkpoint",
-             str(sites["base"]), "--out", str(out), "--log", str(tmp_path / "tuned.log"), "--rounds", "2",
-             "--min-sites", "3", "--local-steps", "5", "--no-secagg", "--dp-epsilon", "8", "--dp-clip", "0.5",
-             "--round-timeout", "40"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        # Drop out as round 2's instructions arrive: the SuperNode logs them as it picks them up,
-        # seconds before its app process could have imported torch, trained and answered.
-        wait_for(lambda: "ROUND 2]" in network.log("bank"), 240, "site bank to receive round 2")
-        network.stop("bank")
-        output, _ = run.communicate(timeout=400)
-        assert run.returncode == 0, output + (tmp_path / "tuned.log").read_text()[-3000:]
-        record = json.loads((out / "finetune.json").read_text())
+    network.add_site("wrong-base", sites["bank"], sites["other-base"])
+    out = tmp_path / "tuned"
+    done = finetune(network, sites["base"], out, "--rounds", "2", "--min-sites", "4", "--local-steps", "15",
+                    "--round-timeout", "120")
+    assert done.returncode == 0, done.stderr + (tmp_path / "tuned.log").read_text()[-3000:]
+    record = json.loads((out / "finetune.json").read_text())
 
-        assert record["rounds"][0]["sites"] == sorted(DOMAINS)
-        assert record["rounds"][1]["sites"] == ["energy", "hospital"]
-        dp = record["privacy"]["differential_privacy"]
-        assert record["privacy"]["secure_aggregation"] is None
-        assert (dp["epsilon_per_round"], dp["clipping_norm"], dp["sensitivity"]) == (8, 0.5, 1.0)
-        assert dp["epsilon_total"] == 16 and dp["delta_total"] == pytest.approx(2e-5)
-        assert "DP per round" in (out / "merged" / "MODEL_CARD.md").read_text()
+    # The mismatched site was told why, and the run went on with the other three.
+    assert "this run fine-tunes" in network.log("wrong-base")
+    assert "copy the run's base checkpoint" in network.log("wrong-base")
+    assert [r["sites"] for r in record["rounds"]] == [sorted(DOMAINS)] * 2
+    assert all(len(r["failures"]) == 1 for r in record["rounds"])
+    assert record["privacy"]["secure_aggregation"]["reconstruction_threshold"] == 3
+    assert record["base"]["params_digest"] == read_checkpoint(sites["base"]).params_digest
 
-        # The noise is there at the recorded scale: lora_B starts at 0 and a few clipped steps move it
-        # by ~1e-3, while each round adds the average of its sites' noise: variance s^2/3 + s^2/2.
-        adapter = load_file(out / "adapter" / "adapter_model.safetensors")
-        lora_b = np.concatenate([v.ravel() for k, v in adapter.items() if "lora_B" in k])
-        expected = dp["noise_stddev"] * np.sqrt(1 / 3 + 1 / 2)
-        assert 0.8 * expected < lora_b.std() < 1.2 * expected, (lora_b.std(), expected)
-    finally:
-        network.close()
+    # Training helped: every site's held-out loss after the run is below its first round's training loss.
+    first = record["rounds"][0]["train_loss"]
+    for site, result in record["evaluation"]["by_site"].items():
+        assert result["loss"] < first[site], (site, result, first)
+
+    # The outputs load with transformers, and the record names the adapter by its hash.
+    from transformers import AutoModelForCausalLM
+    from model.lora import file_sha256
+    AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert record["adapter"]["sha256"] == file_sha256(out / "adapter" / "adapter_model.safetensors")
+    card = (out / "merged" / "MODEL_CARD.md").read_text()
+    assert "bank, energy, hospital" in card and record["adapter"]["sha256"] in card
+
+    # The canary never reached the SuperLink, nor anything it or the server wrote; the relay did
+    # see the sites' traffic in clear (their metric names), so a leak would have shown.
+    received = bytes(network.relay.upstream)
+    assert b"train_loss" in received
+    stored = [p for p in (tmp_path / "superlink").rglob("*") if p.is_file()]
+    stored += [p for p in out.rglob("*") if p.is_file()] + [tmp_path / "superlink.log", tmp_path / "tuned.log"]
+    assert any(p.name.startswith("state.db") for p in stored)
+    for blob, where in [(received, "relay"), *((p.read_bytes(), str(p)) for p in stored)]:
+        for encoding in ("utf-8", "utf-16-le"):
+            assert CANARY.encode(encoding) not in blob, f"the canary reached {where}"
+    assert CANARY in sites["energy"].read_text()  # it was there to leak
+
+
+def test_dp_run_records_its_guarantee_adds_its_noise_and_survives_a_site_dropping_out(
+    network: FinetuneNetwork, sites: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "tuned"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "essaim", "finetune", "run", "--superlink", network.address, "--checkpoint",
+         str(sites["base"]), "--out", str(out), "--log", str(tmp_path / "tuned.log"), "--rounds", "2",
+         "--min-sites", "3", "--local-steps", "5", "--no-secagg", "--dp-epsilon", "8", "--dp-clip", "0.5",
+         "--round-timeout", "40"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # Drop out as round 2's instructions arrive: the SuperNode logs them as it picks them up,
+    # seconds before its app process could have imported torch, trained and answered.
+    wait_for(lambda: "ROUND 2]" in network.log("bank"), 240, "site bank to receive round 2")
+    network.stop("bank")
+    output, _ = run.communicate(timeout=400)
+    assert run.returncode == 0, output + (tmp_path / "tuned.log").read_text()[-3000:]
+    record = json.loads((out / "finetune.json").read_text())
+
+    assert record["rounds"][0]["sites"] == sorted(DOMAINS)
+    assert record["rounds"][1]["sites"] == ["energy", "hospital"]
+    dp = record["privacy"]["differential_privacy"]
+    assert record["privacy"]["secure_aggregation"] is None
+    assert (dp["epsilon_per_round"], dp["clipping_norm"], dp["sensitivity"]) == (8, 0.5, 1.0)
+    assert dp["epsilon_total"] == 16 and dp["delta_total"] == pytest.approx(2e-5)
+    assert "DP per round" in (out / "merged" / "MODEL_CARD.md").read_text()
+
+    # The noise is there at the recorded scale: lora_B starts at 0 and a few clipped steps move it
+    # by ~1e-3, while each round adds the average of its sites' noise: variance s^2/3 + s^2/2.
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = np.concatenate([v.ravel() for k, v in adapter.items() if "lora_B" in k])
+    expected = dp["noise_stddev"] * np.sqrt(1 / 3 + 1 / 2)
+    assert 0.8 * expected < lora_b.std() < 1.2 * expected, (lora_b.std(), expected)
