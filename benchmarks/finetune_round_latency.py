@@ -39,7 +39,9 @@ import peft  # noqa: F401
 import torch  # noqa: F401
 import transformers  # noqa: F401
 import worker.finetune_site  # noqa: F401
-from worker.finetune_client import app  # noqa: F401
+from worker.finetune_client import app as essaim_app
+
+app = essaim_app  # Flower looks for an assignment to `app` in this file
 '''
 
 
