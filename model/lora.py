@@ -45,17 +45,14 @@ def adapter_arrays(model: PeftModel) -> list[np.ndarray]:
 
 
 def load_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
-    names = sorted(get_peft_model_state_dict(model))
+    expected = get_peft_model_state_dict(model)
+    names = sorted(expected)
     if len(arrays) != len(names):
         raise ValueError(
             f"got {len(arrays)} adapter arrays for {len(names)} adapter tensors: "
             "the sender used other LoRA settings (rank or target modules)"
         )
-    state = {}
-    for name, array in zip(names, arrays):
-        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        state[name] = tensor
-    expected = get_peft_model_state_dict(model)
+    state = {name: torch.from_numpy(np.asarray(array, dtype=np.float32)) for name, array in zip(names, arrays)}
     for name in names:
         if tuple(state[name].shape) != tuple(expected[name].shape):
             raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)}, expected {tuple(expected[name].shape)}")

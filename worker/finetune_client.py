@@ -52,10 +52,10 @@ class SiteClient(NumPyClient):
 def privacy_mod(message: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
     if message.metadata.message_type != MessageType.TRAIN:
         return call_next(message, context)
-    fit_config = message.content.config_records.get(FIT_CONFIG)
+    fit_config = message.content.config_records.get(FIT_CONFIG)  # absent from SecAgg+'s key-exchange messages
+    instructions = SiteInstructions.from_config(dict(fit_config)) if fit_config is not None else None
     inner = call_next
-    if fit_config is not None and float(fit_config.get("dp_epsilon", 0.0)) > 0:
-        instructions = SiteInstructions.from_config(dict(fit_config))
+    if instructions is not None and instructions.dp_enabled:
         # Two datasets of one site can move its clipped update anywhere within 2 x clip.
         local_dp = LocalDpMod(
             clipping_norm=instructions.dp_clip, sensitivity=2 * instructions.dp_clip,
