@@ -1,0 +1,217 @@
+"""What governance decides: the rules a ledger is replayed under, and the run's settings in force at each round.
+
+`RunState` starts from a genesis and takes ledger items one by one (proposal,
+vote, decision), refusing any that breaks a rule with a GovernanceError that
+names it. Accepted changes take effect from their activation round, so every
+node that replays the same ledger agrees on the config of every round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from governance.documents import GovernanceError, digest, proposal_id, signature_valid
+
+POLICY_FIELDS = ("quorum", "threshold", "voting_period_rounds", "activation_delay_rounds")
+COMPRESSIONS = ("none", "fp16", "8bit")
+CONFIG_RULES = {  # what a vote may set in the run config, and what a value must be
+    "inner_lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+    "outer_lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
+    "inner_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "compression": lambda v: v in COMPRESSIONS,
+}
+CHANGE_KINDS = ("config", "mixture", "institutions", "maintainers")
+
+
+def _is_key(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def check_genesis(genesis: dict) -> None:
+    policy = genesis.get("policy")
+    if not isinstance(policy, dict) or sorted(policy) != sorted(POLICY_FIELDS) or not all(
+            isinstance(policy[f], int) and not isinstance(policy[f], bool) and policy[f] >= 1 for f in POLICY_FIELDS):
+        raise GovernanceError(f"genesis policy: needs positive integers {', '.join(POLICY_FIELDS)} and nothing else")
+    maintainers = genesis.get("maintainers")
+    if not isinstance(maintainers, dict) or not maintainers or not all(_is_key(k) for k in maintainers.values()):
+        raise GovernanceError("genesis maintainers: a non-empty map of name -> Ed25519 public key (64 hex digits)")
+    _check_policy_fits(policy, len(maintainers))
+    check_config(genesis.get("config"), "genesis config")
+    institutions = genesis.get("institutions")
+    if institutions is not None and not (isinstance(institutions, list) and all(isinstance(i, str) for i in institutions)):
+        raise GovernanceError("genesis institutions: a list of names, or null to admit any institution")
+
+
+def _check_policy_fits(policy: dict, maintainers: int) -> None:
+    if policy["threshold"] > maintainers or policy["quorum"] > maintainers:
+        raise GovernanceError(
+            f"policy: threshold {policy['threshold']} and quorum {policy['quorum']} must not exceed "
+            f"the {maintainers} maintainer(s), or nothing could ever pass"
+        )
+
+
+def check_config(config: object, where: str) -> None:
+    if not isinstance(config, dict):
+        raise GovernanceError(f"{where}: a map of setting -> value")
+    for key, value in config.items():
+        if key not in CONFIG_RULES:
+            raise GovernanceError(f"{where}: {key!r} is not a setting votes govern ({', '.join(CONFIG_RULES)})")
+        if not CONFIG_RULES[key](value):
+            raise GovernanceError(f"{where}: {key} = {value!r} is out of range")
+
+
+def check_change(change: object) -> None:
+    if not isinstance(change, dict) or not change or set(change) - set(CHANGE_KINDS):
+        raise GovernanceError(f"proposal change: a map with one or more of {', '.join(CHANGE_KINDS)}")
+    check_config(change.get("config", {}), "proposal change 'config'")
+    mixture = change.get("mixture", {})
+    if not isinstance(mixture, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in mixture.values()):
+        raise GovernanceError("proposal change 'mixture': a map of source -> weight >= 0")
+    institutions = change.get("institutions", {})
+    if not isinstance(institutions, dict) or set(institutions) - {"admit", "remove"} or not all(
+            isinstance(v, list) and all(isinstance(i, str) for i in v) for v in institutions.values()):
+        raise GovernanceError("proposal change 'institutions': {admit: [names], remove: [names]}")
+    maintainers = change.get("maintainers", {})
+    if not isinstance(maintainers, dict) or set(maintainers) - {"add", "remove", "rotate"}:
+        raise GovernanceError("proposal change 'maintainers': {add: {name: key}, remove: [names], rotate: {name: key}}")
+    for part in ("add", "rotate"):
+        if not all(_is_key(k) for k in maintainers.get(part, {}).values()):
+            raise GovernanceError(f"proposal change 'maintainers.{part}': keys are 64 hex digits")
+
+
+@dataclass
+class Proposal:
+    id: str
+    author: str
+    change: dict
+    opened_round: int
+    seq: int
+    yes: set[str] = field(default_factory=set)
+    no: set[str] = field(default_factory=set)
+    decided: bool = False
+
+
+@dataclass(frozen=True)
+class Accepted:
+    proposal: str
+    activation_round: int
+    change: dict
+
+
+class RunState:
+    def __init__(self, genesis: dict) -> None:
+        check_genesis(genesis)
+        self.genesis = genesis
+        self.genesis_hash = digest(genesis)
+        self.policy = dict(genesis["policy"])
+        self.proposals: dict[str, Proposal] = {}
+        self.accepted: list[Accepted] = []
+
+    # --- what is in force -----------------------------------------------------------------------
+
+    def in_force(self, round_: int) -> list[Accepted]:
+        return [a for a in self.accepted if a.activation_round <= round_]
+
+    def maintainers_at(self, round_: int) -> dict[str, str]:
+        maintainers = dict(self.genesis["maintainers"])
+        for accepted in self.in_force(round_):
+            change = accepted.change.get("maintainers", {})
+            maintainers.update(change.get("add", {}))
+            for name in change.get("remove", []):
+                maintainers.pop(name, None)
+            maintainers.update({n: k for n, k in change.get("rotate", {}).items() if n in maintainers})
+        return maintainers
+
+    def config_at(self, round_: int) -> dict:
+        config = dict(self.genesis["config"])
+        for accepted in self.in_force(round_):
+            config.update(accepted.change.get("config", {}))
+        return config
+
+    def mixture_at(self, round_: int) -> dict[str, float]:
+        mixture: dict[str, float] = {}
+        for accepted in self.in_force(round_):
+            mixture.update(accepted.change.get("mixture", {}))
+        return mixture
+
+    def institutions_at(self, round_: int) -> list[str] | None:
+        """The admitted institutions, or None while any institution may join."""
+        admitted = self.genesis["institutions"]
+        for accepted in self.in_force(round_):
+            change = accepted.change.get("institutions", {})
+            if change:
+                admitted = list((set(admitted or []) | set(change.get("admit", []))) - set(change.get("remove", [])))
+        return None if admitted is None else sorted(admitted)
+
+    # --- the rules, item by item ----------------------------------------------------------------
+
+    def _check_signed(self, item: dict, signer: str, round_: int) -> None:
+        if item.get("run") != self.genesis_hash:
+            raise GovernanceError(f"{item.get('kind')} for run {str(item.get('run'))[:16]}…, not this run "
+                                  f"{self.genesis_hash[:16]}… (replayed from another run?)")
+        maintainers = self.maintainers_at(round_)
+        if signer not in maintainers:
+            raise GovernanceError(f"{item['kind']} signed by {signer!r}, who is not a maintainer at round {round_}")
+        if "signature" not in item:
+            raise GovernanceError(f"{item['kind']} by {signer!r} is unsigned")
+        if not signature_valid(item, maintainers[signer]):
+            raise GovernanceError(f"{item['kind']} by {signer!r}: the signature does not verify with their key "
+                                  f"at round {round_} (tampered, or signed with another key)")
+
+    def add_proposal(self, item: dict, round_: int, seq: int) -> Proposal:
+        self._check_signed(item, str(item.get("author")), round_)
+        check_change(item.get("change"))
+        pid = proposal_id(item)
+        if pid in self.proposals:
+            raise GovernanceError(f"proposal {pid[:16]}… is already in the ledger (entry {self.proposals[pid].seq}): replayed")
+        change = item["change"]
+        if "maintainers" in change:
+            size = len(self.maintainers_at(round_)) + len(change["maintainers"].get("add", {})) - len(
+                change["maintainers"].get("remove", []))
+            _check_policy_fits(self.policy, size)
+        proposal = Proposal(pid, item["author"], change, round_, seq)
+        self.proposals[pid] = proposal
+        return proposal
+
+    def add_vote(self, item: dict, round_: int) -> None:
+        voter = str(item.get("voter"))
+        self._check_signed(item, voter, round_)
+        proposal = self.proposals.get(str(item.get("proposal")))
+        if proposal is None:
+            raise GovernanceError(f"vote by {voter!r} for proposal {str(item.get('proposal'))[:16]}…, "
+                                  "which is not in the ledger")
+        if item.get("choice") not in ("yes", "no"):
+            raise GovernanceError(f"vote by {voter!r}: choice {item.get('choice')!r} is neither yes nor no")
+        if proposal.decided:
+            raise GovernanceError(f"vote by {voter!r} for proposal {proposal.id[:16]}…: it was already decided")
+        if round_ > proposal.opened_round + self.policy["voting_period_rounds"]:
+            raise GovernanceError(f"vote by {voter!r} at round {round_} for proposal {proposal.id[:16]}…: "
+                                  f"its voting period closed (opened at round {proposal.opened_round}, "
+                                  f"{self.policy['voting_period_rounds']} rounds)")
+        if voter in proposal.yes | proposal.no:
+            raise GovernanceError(f"vote by {voter!r} for proposal {proposal.id[:16]}…: they already voted (replayed)")
+        (proposal.yes if item["choice"] == "yes" else proposal.no).add(voter)
+
+    def decide(self, proposal: Proposal, round_: int) -> dict | None:
+        """The decision due on an open proposal at this round, or None while the vote goes on."""
+        yes, votes = len(proposal.yes), len(proposal.yes) + len(proposal.no)
+        passed = yes >= self.policy["threshold"] and votes >= self.policy["quorum"]
+        if proposal.decided or not (passed or round_ > proposal.opened_round + self.policy["voting_period_rounds"]):
+            return None
+        return {"kind": "decision", "proposal": proposal.id, "accepted": passed, "yes": sorted(proposal.yes),
+                "no": sorted(proposal.no),
+                "activation_round": round_ + self.policy["activation_delay_rounds"] if passed else None}
+
+    def add_decision(self, item: dict, round_: int) -> None:
+        proposal = self.proposals.get(str(item.get("proposal")))
+        if proposal is None:
+            raise GovernanceError(f"decision on proposal {str(item.get('proposal'))[:16]}…, which is not in the ledger")
+        due = self.decide(proposal, round_)
+        if due != item:
+            state = "already decided" if proposal.decided else "still open" if due is None else f"due as {due}"
+            raise GovernanceError(f"decision on proposal {proposal.id[:16]}… at round {round_} does not follow "
+                                  f"from its votes under the policy ({state})")
+        proposal.decided = True
+        if item["accepted"]:
+            self.accepted.append(Accepted(proposal.id, item["activation_round"], proposal.change))
