@@ -1,0 +1,106 @@
+"""`essaim finetune`: the SuperLink, a site's SuperNode, and launching a federated LoRA fine-tune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from essaim.cli_support import DEFAULT_STATE_DIR
+from essaim.cli_support import fail as _fail
+
+finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a checkpoint on private data that stays on each site (Flower).")
+
+
+@finetune_app.command("serve")
+def finetune_serve(
+    workdir: Path = typer.Option(Path("essaim-finetune-server"), help="SuperLink state (state.db) and FLWR_HOME."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(9093, help="The one port sites and `essaim finetune run` connect to."),
+) -> None:
+    """Start a Flower SuperLink (offline settings) that sites join and fine-tune runs are submitted to."""
+    import os
+
+    from essaim.flower import flower_env, superlink_command
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = superlink_command(workdir, host, port)
+    typer.echo(f"SuperLink on {host}:{port}, state in {workdir / 'state.db'}", err=True)
+    os.execve(command[0], command, flower_env(workdir / "flwr-home"))
+
+
+@finetune_app.command("site")
+def finetune_site(
+    superlink: str = typer.Option("127.0.0.1:9093", help="HOST:PORT of the SuperLink (essaim finetune serve)."),
+    name: str = typer.Option(..., help="This site's name, as the tuned model's card lists it."),
+    data: Path = typer.Option(..., "--data", help="Private JSONL: one {\"instruction\", \"answer\"} object per line."),
+    checkpoint: Path = typer.Option(..., help="This site's copy of the base checkpoint (Hugging Face format)."),
+    workdir: Path | None = typer.Option(None, help="FLWR_HOME for this site (default: ~/.essaim/finetune-NAME)."),
+    runtime_port: int = typer.Option(0, help="Port of the SuperNode's local app API (0: a free one)."),
+) -> None:
+    """Join fine-tunes as one site: a Flower SuperNode whose apps read --data here and send only adapters."""
+    import os
+
+    from essaim.flower import flower_env, free_port, supernode_command
+    from model.checkpoints import CheckpointError, load_model, read_checkpoint
+    from model.instructions import InstructionDataError, read_pairs
+
+    try:
+        pairs = read_pairs(data)
+        base = read_checkpoint(checkpoint)
+        load_model(base)  # a site with corrupted weights should fail here, not in round 1
+    except (InstructionDataError, CheckpointError) as error:
+        _fail(str(error))
+    home = (workdir or DEFAULT_STATE_DIR / f"finetune-{name}").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    node_config = {"name": name, "data": str(data.resolve()), "checkpoint": str(checkpoint.resolve())}
+    command = supernode_command(superlink, runtime_port or free_port(), node_config)
+    typer.echo(f"site {name}: {len(pairs)} pairs in {data}, base {base.params_digest[:16]}…; joining {superlink}", err=True)
+    os.execve(command[0], command, flower_env(home))
+
+
+@finetune_app.command("run")
+def finetune_run(
+    checkpoint: Path = typer.Option(..., help="The base checkpoint, as the SuperLink's machine sees it."),
+    out: Path = typer.Option(..., "--out", help="Where adapter/, merged/ and finetune.json go."),
+    rounds: int = typer.Option(3, min=1),
+    superlink: str = typer.Option("127.0.0.1:9093", help="HOST:PORT of the SuperLink."),
+    min_sites: int = typer.Option(2, min=1, help="Start once this many sites are connected."),
+    local_steps: int = typer.Option(20, min=1),
+    learning_rate: float = typer.Option(2e-3),
+    secagg: bool = typer.Option(True, help="SecAgg+: the server only ever sees the sum of the sites' adapters."),
+    dp_epsilon: float = typer.Option(0.0, help="> 0: local differential privacy, this epsilon per round."),
+    dp_delta: float = typer.Option(1e-5),
+    dp_clip: float = typer.Option(1.0, help="L2 bound of a site's update before the noise."),
+    round_timeout: float = typer.Option(300.0, help="Seconds before a silent site counts as dropped."),
+    log: Path | None = typer.Option(None, help="Write Flower's run log here instead of the terminal."),
+) -> None:
+    """Launch a federated LoRA fine-tune on the connected sites; write the adapter, a merged model and the record."""
+    from pydantic import ValidationError
+
+    from coordinator.finetune_config import FinetuneSettings
+    from coordinator.finetune_lineage import RECORD_FILE, SETTINGS_FILE, read_record
+    from essaim.flower import run_app
+    from model.checkpoints import CheckpointError, read_checkpoint
+
+    out = out.resolve()
+    if (out / RECORD_FILE).exists():
+        _fail(f"{out} already holds a fine-tune ({RECORD_FILE}); choose another --out")
+    try:
+        read_checkpoint(checkpoint)
+        settings = FinetuneSettings(
+            checkpoint=checkpoint.resolve(), out=out, rounds=rounds, min_sites=min_sites, local_steps=local_steps,
+            learning_rate=learning_rate, secagg=secagg, dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_clip=dp_clip,
+            round_timeout=round_timeout,
+        )
+    except (CheckpointError, ValidationError) as error:
+        _fail(str(error))
+    settings.save(out / SETTINGS_FILE)
+    code = run_app(superlink, out / ".flwr-home", out / SETTINGS_FILE, log)
+    if not (out / RECORD_FILE).exists():
+        _fail(f"the run ended (flwr run exit {code}) without writing {out / RECORD_FILE}; see the log above"
+              + (f" ({log})" if log else ""))
+    record = read_record(out)
+    typer.echo(f"fine-tuned {rounds} round(s) with sites {', '.join(record['sites'])}: adapter {out / 'adapter'} "
+               f"(sha256 {record['adapter']['sha256'][:16]}…), merged model {out / 'merged'}")
