@@ -61,9 +61,10 @@ def gov_init(
              "activation_delay_rounds": activation_delay},
             {k: _value(v) for k, v in map(_pair, config)}, list(institution) or None,
         )
+        book = Ledger(genesis)  # checks the genesis
     except GovernanceError as error:
         _fail(str(error))
-    Ledger(genesis).save(ledger)
+    book.save(ledger)
     typer.echo(f"run {run}: genesis {digest(genesis)}")
 
 

@@ -73,11 +73,16 @@ def check_change(change: object) -> None:
             isinstance(v, list) and all(isinstance(i, str) for i in v) for v in institutions.values()):
         raise GovernanceError("proposal change 'institutions': {admit: [names], remove: [names]}")
     maintainers = change.get("maintainers", {})
+    shape = "proposal change 'maintainers': {add: {name: key}, remove: [names], rotate: {name: key}}, keys of 64 hex digits"
     if not isinstance(maintainers, dict) or set(maintainers) - {"add", "remove", "rotate"}:
-        raise GovernanceError("proposal change 'maintainers': {add: {name: key}, remove: [names], rotate: {name: key}}")
+        raise GovernanceError(shape)
     for part in ("add", "rotate"):
-        if not all(_is_key(k) for k in maintainers.get(part, {}).values()):
-            raise GovernanceError(f"proposal change 'maintainers.{part}': keys are 64 hex digits")
+        named_keys = maintainers.get(part, {})
+        if not isinstance(named_keys, dict) or not all(_is_key(k) for k in named_keys.values()):
+            raise GovernanceError(shape)
+    removed = maintainers.get("remove", [])
+    if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
+        raise GovernanceError(shape)
 
 
 @dataclass

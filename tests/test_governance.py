@@ -82,6 +82,9 @@ def test_votes_change_the_run_from_their_activation_round(history: Ledger) -> No
     (lambda k, g, p: propose(k, g, {"config": {"inner_lr": 5}}), "out of range"),
     (lambda k, g, p: propose(k, g, {"config": {"seed": 1}}), "not a setting votes govern"),
     (lambda k, g, p: propose(k, g, {"maintainers": {"remove": ["bob", "carol"]}}), "must not exceed"),
+    (lambda k, g, p: propose(k, g, {"maintainers": {"add": ["dave"]}}), "proposal change 'maintainers'"),
+    (lambda k, g, p: propose(k, g, {"budget": 1}), "a map with one or more of"),
+    (lambda k, g, p: {"kind": "ballot"}, "item kind 'ballot'"),
 ])
 def test_a_bad_item_is_refused_with_its_rule_and_the_ledger_is_unchanged(keys: dict, make_item, rule: str) -> None:
     genesis = genesis_of(keys)
@@ -94,6 +97,16 @@ def test_a_bad_item_is_refused_with_its_rule_and_the_ledger_is_unchanged(keys: d
         ledger.append(make_item(keys, genesis, proposal), 2)
     assert ledger.entries == before
     assert ledger.state.proposals[next(iter(ledger.state.proposals))].yes == {"bob"}
+
+
+def test_a_genesis_that_could_never_pass_anything_is_refused(keys: dict) -> None:
+    maintainers = {n: keys[n][0] for n in NAMES}
+    with pytest.raises(GovernanceError, match="must not exceed"):
+        Ledger(make_genesis("run", maintainers, {**POLICY, "threshold": 4}, {}, None))
+    with pytest.raises(GovernanceError, match="out of range"):
+        Ledger(make_genesis("run", maintainers, POLICY, {"inner_lr": -1}, None))
+    with pytest.raises(GovernanceError, match="64 hex digits"):
+        Ledger(make_genesis("run", {"alice": "not-a-key"}, POLICY, {}, None))
 
 
 def test_a_vote_after_the_period_and_a_decision_that_does_not_follow_are_refused(keys: dict) -> None:
@@ -116,7 +129,7 @@ def test_a_vote_after_the_period_and_a_decision_that_does_not_follow_are_refused
 
 
 def _edit(entries: list[dict], data: st.DataObject) -> list[dict]:
-    """Change one scalar somewhere inside one entry."""
+    """Change one scalar somewhere inside one entry (always to a different value)."""
     entries = copy.deepcopy(entries)
     target = entries[data.draw(st.integers(0, len(entries) - 1), label="entry")]
     path, node = [], target
@@ -130,7 +143,7 @@ def _edit(entries: list[dict], data: st.DataObject) -> list[dict]:
         if key in leaves:
             value = node[key]
             node[key] = (not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float))
-                         else None if value is None else str(value)[:-1] + ("0" if str(value)[-1:] != "0" else "1"))
+                         else 0 if value is None else str(value)[:-1] + ("0" if str(value)[-1:] != "0" else "1"))
             return entries
         node = node[key]
 
