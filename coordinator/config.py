@@ -59,6 +59,7 @@ class CoordinatorSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
     run: RunSettings = RunSettings()
+    governance: Path | None = None  # the run's ledger (essaim gov init): its votes govern the run
 
 
 def load_run_settings(path: Path) -> RunSettings:

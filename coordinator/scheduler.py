@@ -82,6 +82,7 @@ class Scheduler:
         total_rounds: int,
         clock: Callable[[], float] = time.time,
         policy: LeasePolicy | None = None,
+        mixture: Callable[[int], dict[str, float]] = lambda _round: {},
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
@@ -90,6 +91,7 @@ class Scheduler:
         self._heartbeats = HeartbeatBuffer()
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
+        self._mixture = mixture  # weights voted by the run's maintainers at a round, over the corpus's
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -123,7 +125,7 @@ class Scheduler:
                     "report what is trained, release the rest and stop"
                 )
             max_tokens = min(max_tokens, size)
-        token_range = self._next_pool_range(session)
+        token_range = self._next_pool_range(session, round_number)
         if token_range is None:
             return None
         if token_range.end - token_range.start > max_tokens:
@@ -303,13 +305,13 @@ class Scheduler:
             )
         return lease
 
-    def _next_pool_range(self, session: Session) -> TokenRange | None:
+    def _next_pool_range(self, session: Session, round_number: int) -> TokenRange | None:
         """The oldest pool range of the source furthest below its share of leased tokens.
 
         A source whose ranges are all out opens its next epoch, so each source is
         repeated or left partly unread as its weight asks, whatever its size.
         """
-        for source in mixture_order(self._weights(session), self._assigned_tokens(session)):
+        for source in mixture_order(self._weights(session, round_number), self._assigned_tokens(session)):
             token_range = self._oldest_pool_range(session, source)
             if token_range is None and not self._has_pool_range(session, source):
                 token_range = self._open_next_epoch(session, source)
@@ -317,16 +319,16 @@ class Scheduler:
                 return token_range
         return None  # no tokens, or every pool range is being decided on by another process
 
-    def _weights(self, session: Session) -> dict[str, float]:
-        """Weights of the sources that have tokens to lease (read again every few seconds)."""
+    def _weights(self, session: Session, round_number: int) -> dict[str, float]:
+        """Weights of the sources that have tokens to lease: the corpus's (read again every few seconds), as voted."""
         read_at, weights = self._weights_cache
         if self._clock() - read_at < 5.0:
-            return weights
+            return {**weights, **{k: w for k, w in self._mixture(round_number).items() if k in weights}}
         rows = session.execute(
             select(Source.name, Source.weight).where(Source.name.in_(select(Shard.source).where(Shard.tokens > 0)))
         ).all()
         self._weights_cache = (self._clock(), {name: weight for name, weight in rows})
-        return self._weights_cache[1]
+        return self._weights(session, round_number)
 
     @staticmethod
     def _assigned_tokens(session: Session) -> dict[str, int]:

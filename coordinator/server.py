@@ -22,6 +22,7 @@ from model.shards import Manifest
 from model.tokenizer import tokenizer_sha256
 from protocol import essaim_pb2 as pb
 from protocol.auth import RequestVerifier
+from coordinator.governed import GovernedRun
 from protocol.limits import GRPC_OPTIONS
 from protocol.swarm import Swarm
 
@@ -75,7 +76,10 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     run = settings.run
     policy = LeasePolicy(lease_tokens=run.lease_tokens, leases_per_round=run.leases_per_round,
                          round_seconds=run.round_seconds, min_tokens=run.seq_len)
-    scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds, policy=policy)
+    governed = GovernedRun(settings.governance) if settings.governance else None  # refuses a ledger that fails
+    mixture = (lambda round_: governed.current().state.mixture_at(round_)) if governed else (lambda round_: {})
+    scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds, policy=policy,
+                          mixture=mixture)
     extended = scheduler.extend_leases_after_restart()
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
@@ -83,7 +87,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     swarm = Swarm(settings.host)
     try:
         run_config = build_run_config(settings, manifest, swarm.visible_addresses())
-        service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config)
+        service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config, governed)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((service.generic_handler(),))
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")

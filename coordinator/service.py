@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.config import RunSettings
+from coordinator.governed import GovernedRun
 from coordinator.scheduler import AllocationEnding, Backoff, LeaseError, RoundReport, Scheduler
 from coordinator.status import network_status
 from coordinator.store import Worker
@@ -42,12 +43,14 @@ class CoordinatorService:
         verifier: RequestVerifier,
         run: RunSettings,
         run_config: pb.RunConfig,
+        governed: GovernedRun | None = None,
     ) -> None:
         self._sessions = sessions
         self._scheduler = scheduler
         self._verifier = verifier
         self._run = run
         self._run_config = run_config
+        self._governed = governed
         self._live_workers = 0  # counted at most once a second
         self._live_workers_at = -1.0
         self._round, self._round_at = 0, -1.0
@@ -127,6 +130,12 @@ class CoordinatorService:
         if request.bandwidth_mbit < 0 or request.available_until < 0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "Register: bandwidth_mbit and available_until must be 0 (unknown, open-ended) or positive")
+        institution = request.institution or "independent"
+        if self._governed is not None and not self._governed.admits(institution, self._swarm()[1]):
+            admitted = self._governed.current().state.institutions_at(self._swarm()[1])
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"Register: institution {institution!r} is not admitted to this run (admitted: "
+                          f"{', '.join(admitted or [])}); its maintainers admit institutions by vote")
         worker_id = worker_id_for(request.public_key)
         if request.auth.worker_id != worker_id:
             raise AuthError(f"Register: worker_id {request.auth.worker_id!r} does not belong to this public key")
@@ -138,7 +147,7 @@ class CoordinatorService:
                 worker = Worker(id=worker_id, public_key=request.public_key, registered_at=now)
                 session.add(worker)
             worker.name = request.name or worker_id[:8]
-            worker.institution = request.institution or "independent"
+            worker.institution = institution
             worker.device = request.device or "unknown"
             worker.memory_bytes, worker.bandwidth_mbit = request.memory_bytes, request.bandwidth_mbit
             worker.trust_class = request.trust_class or "volunteer"
@@ -147,12 +156,19 @@ class CoordinatorService:
         return pb.RegisterReply(worker_id=worker_id, run_id=self._run_config.run_id)
 
     def get_run_config(self, request: pb.GetRunConfigRequest) -> pb.RunConfig:
-        return self._run_config
+        if self._governed is None:
+            return self._run_config
+        self._governed.current()
+        config = pb.RunConfig()
+        config.CopyFrom(self._run_config)
+        config.governance_ledger = self._governed.document
+        return config
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
         live_workers, current_round = self._swarm()
-        return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round)
+        head = self._governed.current().head if self._governed is not None else ""
+        return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round, governance_head=head)
 
     def _swarm(self) -> tuple[int, int]:
         """Live workers and the current round: thousands of heartbeats a second share one reading.

@@ -71,6 +71,7 @@ def coordinator_serve(
     port: int = typer.Option(50051, help="0 picks a free port (see --ready-file)."),
     run: Path | None = typer.Option(None, "--run", help="Run settings TOML (keys of RunSettings)."),
     ready_file: Path | None = typer.Option(None, help="Write {address, run_id} JSON here once serving."),
+    governance: Path | None = typer.Option(None, help="The run's ledger (essaim gov init): maintainers' votes govern the run."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Serve leases, rounds and the run config over gRPC until SIGTERM/SIGINT."""
@@ -88,6 +89,7 @@ def coordinator_serve(
             host=host,
             port=port,
             run=load_run_settings(run) if run else RunSettings(),
+            governance=governance,
         )
         serve(settings, ready_file)
     except (ValueError, ValidationError, FileNotFoundError) as error:
@@ -128,6 +130,7 @@ def worker_join(
         "", help="When this machine leaves (ISO date-time or unix seconds); default: the Slurm job's end, else never."
     ),
     bandwidth_mbit: float = typer.Option(0.0, help="Uplink estimate in Mbit/s (0: unknown)."),
+    genesis: str = typer.Option("", help="Join only the governed run whose genesis hash this is."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
@@ -143,7 +146,7 @@ def worker_join(
         coordinator=coordinator, identity_path=identity, name=name, institution=institution,
         host=host, data_dir=data, checkpoint_dir=checkpoint_dir, connect_seconds=connect_seconds,
         trust_class=trust_class, available_until=_moment(available_until) if available_until else None,
-        bandwidth_mbit=bandwidth_mbit,
+        bandwidth_mbit=bandwidth_mbit, genesis=genesis,
     )
     try:
         raise typer.Exit(code=run_worker(options))

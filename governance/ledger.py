@@ -117,3 +117,23 @@ class Ledger:
         temporary = Path(path).with_name(f".{Path(path).name}.tmp")
         temporary.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         temporary.replace(path)
+
+
+def follow(current: Ledger | None, document: bytes) -> Ledger:
+    """The ledger in `document` if it verifies and only extends `current` (same genesis, same earlier entries).
+
+    Coordinator and workers call this on every new ledger they receive: a history
+    that changes what they already accepted is refused, whoever signed it.
+    """
+    try:
+        newer = Ledger.from_json(json.loads(document))
+    except ValueError as error:
+        raise GovernanceError(f"not a readable ledger ({error})") from None
+    if current is not None:
+        if newer.state.genesis_hash != current.state.genesis_hash:
+            raise GovernanceError(f"the ledger's genesis is {newer.state.genesis_hash[:16]}…, not this run's "
+                                  f"{current.state.genesis_hash[:16]}…")
+        if newer.entries[: len(current.entries)] != current.entries:
+            raise GovernanceError(f"the ledger rewrites history: its first {len(current.entries)} entries differ "
+                                  "from the ones already accepted")
+    return newer

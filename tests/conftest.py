@@ -60,7 +60,7 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
     """Start `essaim coordinator serve` with run settings given as keyword arguments (again: a restart)."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(port: int = 0, **run_settings: object) -> CoordinatorProcess:
+    def start(port: int = 0, governance: Path | None = None, **run_settings: object) -> CoordinatorProcess:
         run_file = tmp_path / "run.toml"
         run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_settings.items()))
         database_url = sqlite_url(tmp_path / "coordinator.db")
@@ -68,7 +68,8 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
         ready.unlink(missing_ok=True)  # a restart must not read the previous run's address
         process = start_role(
             ["coordinator", "serve", "--data", str(corpus_dir), "--database", database_url, "--port", str(port),
-             "--run", str(run_file), "--ready-file", str(ready)],
+             "--run", str(run_file), "--ready-file", str(ready),
+             *(["--governance", str(governance)] if governance else [])],
             log,
         )
         started.append(process)

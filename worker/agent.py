@@ -31,6 +31,7 @@ from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import ShardReader, batches
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
+from worker.governance import RunGovernance
 
 log = logging.getLogger("essaim.worker")
 
@@ -50,6 +51,7 @@ class WorkerOptions:
     trust_class: str = "volunteer"        # hpc, institution or volunteer
     available_until: float | None = None  # unix seconds; None: the Slurm job's end, else open-ended
     bandwidth_mbit: float = 0.0           # 0: unknown
+    genesis: str = ""                     # a run genesis hash to insist on (a governed run's name)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Worker:
         self._round_clock = time.perf_counter()
         self._checkpointed_round = -1
         self._lineage_head = 0  # the newest lineage record the coordinator reported back
+        self._learning_rates: tuple[float, float] | None = None  # in force, as last applied to the trainer
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -87,6 +90,7 @@ class Worker:
         capabilities = detect(options.trust_class, options.available_until, options.bandwidth_mbit)
         self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities)
         config = self.client.run_config()
+        self.governance = RunGovernance(config, options.genesis)  # refuses a ledger that does not verify
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
         reader = ShardReader(options.data_dir or Path(config.shard_dir))
         checkpoint = self._checkpoint_to_resume(config)
@@ -128,6 +132,7 @@ class Worker:
 
     def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
+        config = self._governed(config, trainer)
         progress = RoundProgress()
         try:
             if not self._train_inner_steps(config, trainer, reader, progress):
@@ -176,6 +181,28 @@ class Worker:
         if self.options.checkpoint_dir is not None and every > 0 and (result.round + 1) % every == 0:
             self._save_checkpoint(trainer, config, reply.lineage_head)
         return True
+
+    def _governed(self, config: pb.RunConfig, trainer: DiLoCoTrainer) -> pb.RunConfig:
+        """This round's config: the ledger's settings in force at it, the ledger checked for news first."""
+        if self.governance.ledger is None:
+            return config
+        try:
+            reply = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
+            if reply.governance_head != self.governance.head:
+                self.governance.refresh(self.client.run_config())
+        except (CoordinatorUnreachable, CoordinatorRefused) as error:
+            log.warning("could not check the ledger for news (%s): training under the one verified before", error)
+        governed = self.governance.round_config(config, trainer.round)
+        lrs = (governed.inner_lr, governed.outer_lr)
+        if lrs != self._learning_rates:
+            log.info("round %d: learning rates inner %g, outer %g (ledger head %s)",
+                     trainer.round, *lrs, self.governance.head[:16])
+            trainer.set_learning_rates(*lrs)
+            self._learning_rates = lrs
+        if governed.compression != trainer.settings.compression:
+            log.warning("round %d: the ledger sets compression %r; this worker applies it when restarted",
+                        trainer.round, governed.compression)
+        return governed
 
     def _nobody_finished(self, round_number: int) -> bool:
         """No group formed: go on alone only if no other worker has finished this round."""
@@ -284,6 +311,8 @@ class Worker:
             try:
                 reply = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
                 self.live_workers, self.swarm_round = reply.live_workers, reply.current_round
+                if reply.governance_head and reply.governance_head != self.governance.head:
+                    self.governance.refresh(self.client.run_config())
             except Exception as error:
                 log.warning("heartbeat failed: %s", error)
 

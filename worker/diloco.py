@@ -200,6 +200,14 @@ class DiLoCoTrainer:
         log.info("loaded the swarm state of round %d from a peer", self.round)
         return True
 
+    def set_learning_rates(self, inner_lr: float, outer_lr: float) -> None:
+        """From the next step on (a governance vote changes them at a round boundary, on every worker alike)."""
+        for group in self.inner_optimizer.param_groups:
+            group["lr"] = inner_lr
+        with self._outer_lock:
+            for group in self.outer_optimizer.param_groups:
+                group["lr"] = outer_lr
+
     def params_digest(self) -> str:
         with self._outer_lock:
             return tensors_digest(self.global_params)

@@ -1,0 +1,106 @@
+"""Governance enforced by real processes: a vote changes the inner learning rate, and every worker switches at once."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from coordinator.store import Round
+from essaim.processes import essaim_command, start_role
+from governance.documents import digest, generate_key, load_key, make_genesis, make_proposal, make_vote
+from governance.ledger import Ledger
+from support import wait_all, wait_for
+
+pytestmark = pytest.mark.e2e
+
+POLICY = {"quorum": 2, "threshold": 2, "voting_period_rounds": 3, "activation_delay_rounds": 2}
+
+
+@pytest.fixture
+def maintainers(tmp_path: Path) -> dict:
+    public = {name: generate_key(tmp_path / f"{name}.key") for name in ("alice", "bob", "carol")}
+    return {name: (public[name], load_key(tmp_path / f"{name}.key")) for name in public}
+
+
+def new_ledger(maintainers: dict, path: Path) -> Ledger:
+    genesis = make_genesis("e2e", {n: k[0] for n, k in maintainers.items()}, POLICY, {"inner_lr": 0.003},
+                           ["Inria", "GENCI"])
+    ledger = Ledger(genesis)
+    ledger.save(path)
+    return ledger
+
+
+def test_a_vote_changes_the_inner_lr_and_every_worker_switches_at_the_same_round(
+    start_coordinator, maintainers: dict, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = new_ledger(maintainers, path)
+    coordinator = start_coordinator(
+        governance=path, total_rounds=6, target_group_size=2, inner_steps=30, batch_size=4, seq_len=64,
+        matchmaking_seconds=5.0, heartbeat_seconds=1,
+    )
+    outsider = subprocess.run(
+        essaim_command("worker", "join", "--coordinator", coordinator.address, "--institution", "Unknown Corp",
+                       "--identity", str(tmp_path / "outsider.key")), capture_output=True, text=True, timeout=120)
+    assert outsider.returncode == 2 and "'Unknown Corp' is not admitted" in outsider.stderr
+    pinned_elsewhere = subprocess.run(
+        essaim_command("worker", "join", "--coordinator", coordinator.address, "--institution", "Inria",
+                       "--genesis", "0" * 64, "--identity", str(tmp_path / "pinned.key")),
+        capture_output=True, text=True, timeout=120)
+    assert pinned_elsewhere.returncode == 2 and "not the pinned" in pinned_elsewhere.stderr
+
+    workers = [
+        start_role(["worker", "join", "--coordinator", coordinator.address, "--name", f"w{i}", "--institution",
+                    institution, "--identity", str(tmp_path / f"w{i}.key")], tmp_path / f"w{i}.log",
+                   env={"OMP_NUM_THREADS": "1"})
+        for i, institution in enumerate(["Inria", "GENCI"])
+    ]
+    sessions = coordinator.sessions()
+
+    def current_round() -> int:
+        with sessions() as session:
+            last = session.scalar(select(func.max(Round.number)))
+        return 0 if last is None else last + 1
+
+    wait_for(lambda: current_round() >= 1, 180, "round 0 to complete")
+    # The maintainers vote, each signing on their own; the operator appends and tallies at the current round.
+    genesis_hash = digest(ledger.genesis)
+    proposal = make_proposal(genesis_hash, "alice", {"config": {"inner_lr": 0.0005}}, "calmer", maintainers["alice"][1])
+    decided_at = current_round()
+    ledger.append(proposal, decided_at)
+    for voter in ("bob", "carol"):
+        ledger.append(make_vote(genesis_hash, proposal, voter, "yes", maintainers[voter][1]), decided_at)
+    (decision,) = ledger.tally(decided_at)
+    ledger.save(path)
+    activation = decision["item"]["activation_round"]
+    assert activation == decided_at + 2
+
+    wait_all(workers, timeout=300)
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert [w.returncode for w in workers] == [0, 0], [log[-3000:] for log in logs]
+    for log in logs:
+        switches = [(int(r), float(lr)) for r, lr in re.findall(r"round (\d+): learning rates inner ([\d.e-]+)", log)]
+        assert switches[0][1] == 0.003  # the genesis config
+        assert switches[-1] == (activation, 0.0005), switches  # both switch at the activation round, not before
+    assert "ledger head" in (tmp_path / "coordinator.log").read_text()
+
+
+def test_a_coordinator_refuses_to_start_on_a_tampered_ledger(maintainers: dict, tmp_path: Path, corpus_dir: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = new_ledger(maintainers, path)
+    proposal = make_proposal(digest(ledger.genesis), "alice", {"config": {"inner_lr": 0.0005}}, "why",
+                             maintainers["alice"][1])
+    ledger.append(proposal, 1)
+    ledger.save(path)
+    document = json.loads(path.read_text())
+    document["entries"][0]["item"]["change"]["config"]["inner_lr"] = 0.5
+    path.write_text(json.dumps(document))
+    started = start_role(["coordinator", "serve", "--data", str(corpus_dir), "--port", "0", "--governance", str(path),
+                          "--database", f"sqlite:///{tmp_path / 'c.db'}"], tmp_path / "c.log")
+    assert started.wait(timeout=120) == 2
+    assert "ledger entry 0" in (tmp_path / "c.log").read_text()
