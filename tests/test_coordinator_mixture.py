@@ -85,3 +85,22 @@ def test_a_source_is_leased_oldest_shard_first(database_url: str) -> None:
     order = [scheduler.acquire("w1", 50, 0).lease.shard_id for _ in range(4)]
     assert order == ["news-1", "news-2", "news-0", "news-1"]  # then the next epoch, oldest first again
     assert accounting_problems(store) == []
+
+
+def test_voted_mixture_weights_take_over_from_their_round(database_url: str) -> None:
+    shards = [ShardInfo(f"{name}-0", f"{name}.bin", "0" * 64, 100_000, "uint16", "fr", name, "CC-BY-4.0",
+                        "2020-01-01", "2020-12-31") for name in ("news", "books")]
+    sources = [SourceInfo(name, "fr", "CC-BY-4.0", 1.0, "2020-01-01", "2020-12-31") for name in ("news", "books")]
+    store = _store(database_url, shards, sources)
+    # As governance would have it: from round 5, books weigh 3 to news's 1 (an unknown source is ignored).
+    scheduler = Scheduler(store, lease_seconds=30, total_rounds=100,
+                          mixture=lambda round_: {"books": 3.0, "gone": 9.0} if round_ >= 5 else {})
+
+    def leased(round_: int, leases: int) -> dict[str, int]:
+        counts = {"news": 0, "books": 0}
+        for _ in range(leases):
+            counts[scheduler.acquire("w1", 100, round_).lease.shard_id.split("-")[0]] += 1
+        return counts
+
+    assert leased(0, 40) == {"news": 20, "books": 20}
+    assert leased(5, 80) == {"news": 10, "books": 70}  # 30 and 90 of the 120 leases so far: 1:3, as voted
