@@ -190,3 +190,20 @@ def test_cut_bytes_of_a_saved_ledger_are_refused(history: Ledger, tmp_path: Path
         with pytest.raises(GovernanceError, match="not a readable ledger"):
             Ledger.load(path)
     assert json.loads(text)["genesis"] == history.genesis
+
+
+def test_a_rotated_key_signs_from_the_activation_round_and_the_old_one_no_longer_does(keys: dict, tmp_path: Path) -> None:
+    genesis = genesis_of(keys)
+    ledger = Ledger(genesis)
+    new_public = generate_key(tmp_path / "bob-2026.key")
+    rotate = propose(keys, genesis, {"maintainers": {"rotate": {"bob": new_public}}}, "bob")
+    ledger.append(rotate, 1)
+    ledger.append(vote(keys, genesis, rotate, "alice"), 1)
+    ledger.append(vote(keys, genesis, rotate, "carol"), 1)
+    ledger.tally(1)  # in force from round 3
+    later = propose(keys, genesis, {"config": {"outer_lr": 0.5}})
+    ledger.append(later, 3)
+    with pytest.raises(GovernanceError, match="signature does not verify"):
+        ledger.append(vote(keys, genesis, later, "bob"), 3)  # bob's old key
+    ledger.append(make_vote(digest(genesis), later, "bob", "yes", load_key(tmp_path / "bob-2026.key")), 3)
+    assert ledger.state.maintainers_at(3)["bob"] == new_public != ledger.state.maintainers_at(2)["bob"]
