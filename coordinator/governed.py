@@ -52,7 +52,3 @@ class GovernedRun:
                     self._stamp = (stat.st_mtime_ns, stat.st_size)
                     log.error("governance: %s refused, the run keeps the ledger it had: %s", self.path, error)
             return self.ledger
-
-    def admits(self, institution: str, round_: int) -> bool:
-        admitted = self.current().state.institutions_at(round_)
-        return admitted is None or institution in admitted

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.config import CoordinatorSettings
+from coordinator.governed import GovernedRun
 from coordinator.lease_sizing import LeasePolicy
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorService
@@ -22,7 +23,6 @@ from model.shards import Manifest
 from model.tokenizer import tokenizer_sha256
 from protocol import essaim_pb2 as pb
 from protocol.auth import RequestVerifier
-from coordinator.governed import GovernedRun
 from protocol.limits import GRPC_OPTIONS
 from protocol.swarm import Swarm
 

@@ -131,11 +131,11 @@ class CoordinatorService:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "Register: bandwidth_mbit and available_until must be 0 (unknown, open-ended) or positive")
         institution = request.institution or "independent"
-        if self._governed is not None and not self._governed.admits(institution, self._swarm()[1]):
-            admitted = self._governed.current().state.institutions_at(self._swarm()[1])
+        admitted = self._governed.current().state.institutions_at(self._swarm()[1]) if self._governed else None
+        if admitted is not None and institution not in admitted:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                           f"Register: institution {institution!r} is not admitted to this run (admitted: "
-                          f"{', '.join(admitted or [])}); its maintainers admit institutions by vote")
+                          f"{', '.join(admitted) or 'none'}); its maintainers admit institutions by vote")
         worker_id = worker_id_for(request.public_key)
         if request.auth.worker_id != worker_id:
             raise AuthError(f"Register: worker_id {request.auth.worker_id!r} does not belong to this public key")
