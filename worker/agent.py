@@ -83,6 +83,7 @@ class Worker:
         self._checkpointed_round = -1
         self._lineage_head = 0  # the newest lineage record the coordinator reported back
         self._learning_rates: tuple[float, float] | None = None  # in force, as last applied to the trainer
+        self._compression_noted = ""  # a voted compression this worker said it cannot apply live
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -199,9 +200,10 @@ class Worker:
                      trainer.round, *lrs, self.governance.head[:16])
             trainer.set_learning_rates(*lrs)
             self._learning_rates = lrs
-        if governed.compression != trainer.settings.compression:
+        if governed.compression != trainer.settings.compression and governed.compression != self._compression_noted:
             log.warning("round %d: the ledger sets compression %r; this worker applies it when restarted",
                         trainer.round, governed.compression)
+            self._compression_noted = governed.compression
         return governed
 
     def _nobody_finished(self, round_number: int) -> bool:
