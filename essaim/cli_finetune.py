@@ -42,7 +42,8 @@ def finetune_site(
     """Join fine-tunes as one site: a Flower SuperNode whose apps read --data here and send only adapters."""
     import os
 
-    from essaim.flower import flower_env, free_port, supernode_command
+    from essaim.flower import flower_env, supernode_command
+    from essaim.processes import free_port
     from model.checkpoints import CheckpointError, load_model, read_checkpoint
     from model.instructions import InstructionDataError, read_pairs
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from essaim.processes import start_role
+from essaim.processes import free_port, start_role
 
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "essaim"  # the name `flwr run` is given for the SuperLink in FLWR_HOME/config.toml
@@ -37,12 +37,6 @@ def flower_env(home: Path) -> dict[str, str]:
 def _tool(name: str) -> str:
     """A Flower executable of this environment, whether or not its bin directory is on PATH."""
     return str(Path(sys.executable).parent / name)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def superlink_command(workdir: Path, host: str, port: int) -> list[str]:

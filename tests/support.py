@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,14 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from coordinator.store import Contribution
-from essaim.processes import start_role
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from essaim.processes import free_port, start_role  # noqa: F401  (free_port: tests import it from here)
 
 
 def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
