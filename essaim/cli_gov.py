@@ -86,10 +86,13 @@ def gov_propose(
     state = _gov_ledger(ledger).state
     try:
         parsed = json.loads(change)
+    except ValueError as error:
+        _fail(f"--change is not JSON ({error})")
+    try:
         check_change(parsed)
         proposal = make_proposal(state.genesis_hash, author, parsed, reason, load_key(key))
-    except (GovernanceError, ValueError) as error:
-        _fail(f"--change: {error}")
+    except GovernanceError as error:
+        _fail(str(error))
     write_document(out, proposal)
     typer.echo(f"proposal {proposal_id(proposal)} written to {out}")
 
