@@ -26,7 +26,9 @@ def test_a_killed_and_restarted_coordinator_loses_no_round_and_no_token(start_co
     workers = [start_worker(coordinator, tmp_path, name) for name in ("w0", "w1")]
     sessions = coordinator.sessions()
     try:
-        wait_for(lambda: len(contributions_by_round(sessions).get(1, [])) == 2, 120, "round 1 reported by both")
+        # Round 1 recorded; not necessarily by both, since under load both may miss a group and the
+        # second to report alone is refused (the same race the round-count check below allows for).
+        wait_for(lambda: 1 in contributions_by_round(sessions), 120, "round 1 recorded")
         kill_group(coordinator.process)  # SIGKILL, mid-round 2: no chance to tidy anything
         assert accounting_problems(sessions) == []
         time.sleep(4)  # longer than a lease: only the restart's grace keeps the workers' leases
