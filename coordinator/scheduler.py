@@ -20,13 +20,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.heartbeats import HeartbeatBuffer
-from coordinator.lease_sizing import LeasePolicy, WorkerFacts, backoff_seconds, lease_size
+from coordinator.lease_sizing import WorkerFacts, backoff_seconds, lease_size
 from coordinator.mixture import mixture_order
+from coordinator.round_terms import RoundTerms
 from coordinator.store import (
     Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker, count_assigned,
 )
-
-GENESIS_CONFIG_VERSION = "genesis"
 
 
 class LeaseError(Exception):
@@ -81,17 +80,15 @@ class Scheduler:
         lease_seconds: float,
         total_rounds: int,
         clock: Callable[[], float] = time.time,
-        policy: LeasePolicy | None = None,
-        mixture: Callable[[int], dict[str, float]] = lambda _round: {},
+        terms: Callable[[int], RoundTerms] = lambda _round: RoundTerms(),
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
         self.total_rounds = total_rounds
-        self.policy = policy  # None: leases are bounded by what the worker asks for only
+        self._terms = terms  # lease policy, mixture and config version in force at a round
         self._heartbeats = HeartbeatBuffer()
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
-        self._mixture = mixture  # weights voted by the run's maintainers at a round, over the corpus's
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -116,9 +113,10 @@ class Scheduler:
         worker = session.get(Worker, worker_id)
         if worker.backoff_until > now:
             raise Backoff(worker.backoff_until - now, worker.failures)
-        if self.policy is not None:
-            size = lease_size(self.policy, WorkerFacts(worker.tokens_per_second, worker.available_until,
-                                                       worker.failures), now)
+        policy = self._terms(round_number).policy
+        if policy is not None:
+            facts = WorkerFacts(worker.tokens_per_second, worker.available_until, worker.failures)
+            size = lease_size(policy, facts, now)
             if size is None:
                 raise AllocationEnding(
                     f"the allocation ends in {worker.available_until - now:.0f} s, too soon to train a lease: "
@@ -250,7 +248,7 @@ class Scheduler:
             lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
             start=lease.start, end=trained_end, loss=report.loss,
             pseudo_gradient_digest=report.pseudo_gradient_digest,
-            config_version=GENESIS_CONFIG_VERSION, created_at=now,
+            config_version=self._terms(report.round).config_version, created_at=now,
         )
         session.add(record)
         return record
@@ -323,7 +321,8 @@ class Scheduler:
         """Weights of the sources that have tokens to lease: the corpus's (read again every few seconds), as voted."""
         read_at, weights = self._weights_cache
         if self._clock() - read_at < 5.0:
-            return {**weights, **{k: w for k, w in self._mixture(round_number).items() if k in weights}}
+            voted = self._terms(round_number).mixture
+            return {**weights, **{k: w for k, w in voted.items() if k in weights}}
         rows = session.execute(
             select(Source.name, Source.weight).where(Source.name.in_(select(Shard.source).where(Shard.tokens > 0)))
         ).all()

@@ -15,7 +15,7 @@ import grpc
 
 from coordinator.config import CoordinatorSettings
 from coordinator.governed import GovernedRun
-from coordinator.lease_sizing import LeasePolicy
+from coordinator.round_terms import round_terms
 from coordinator.scheduler import Scheduler
 from coordinator.service import CoordinatorService
 from coordinator.store import load_manifest, open_engine, session_factory
@@ -29,17 +29,21 @@ from protocol.swarm import Swarm
 log = logging.getLogger("essaim.coordinator")
 
 
-def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str) -> str:
-    """The run is named by what defines it: the corpus and the run settings."""
-    payload = json.dumps({"corpus": corpus_root_hash, "run": settings.run.model_dump()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str, genesis_hash: str = "") -> str:
+    """The run is named by what defines it: the corpus, the run settings and, when governed, its genesis."""
+    defined_by = {"corpus": corpus_root_hash, "run": settings.run.model_dump()}
+    if genesis_hash:  # two governed runs on the same corpus and settings are still two runs (two swarms)
+        defined_by["genesis"] = genesis_hash
+    return hashlib.sha256(json.dumps(defined_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_run_config(settings: CoordinatorSettings, manifest: Manifest, peers: list[str]) -> pb.RunConfig:
+def build_run_config(
+    settings: CoordinatorSettings, manifest: Manifest, peers: list[str], genesis_hash: str = ""
+) -> pb.RunConfig:
     run = settings.run
     tokenizer_json = (settings.data_dir / "tokenizer" / "tokenizer.json").read_bytes()
     root_hash = manifest.root_hash()
-    run_id = run_id_for(settings, root_hash)
+    run_id = run_id_for(settings, root_hash, genesis_hash)
     return pb.RunConfig(
         run_id=run_id, model_preset=run.model_preset, vocab_size=manifest.vocab_size, seed=run.seed,
         seq_len=run.seq_len, batch_size=run.batch_size, inner_steps=run.inner_steps,
@@ -74,19 +78,17 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     sessions = session_factory(open_engine(settings.database_url))
     load_manifest(sessions, manifest)
     run = settings.run
-    policy = LeasePolicy(lease_tokens=run.lease_tokens, leases_per_round=run.leases_per_round,
-                         round_seconds=run.round_seconds, min_tokens=run.seq_len)
     governed = GovernedRun(settings.governance) if settings.governance else None  # refuses a ledger that fails
-    mixture = (lambda round_: governed.current().state.mixture_at(round_)) if governed else (lambda round_: {})
-    scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds, policy=policy,
-                          mixture=mixture)
+    scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds,
+                          terms=round_terms(run, governed))
     extended = scheduler.extend_leases_after_restart()
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
 
     swarm = Swarm(settings.host)
     try:
-        run_config = build_run_config(settings, manifest, swarm.visible_addresses())
+        genesis_hash = governed.current().state.genesis_hash if governed else ""
+        run_config = build_run_config(settings, manifest, swarm.visible_addresses(), genesis_hash)
         service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config, governed)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((service.generic_handler(),))

@@ -21,6 +21,7 @@ CONFIG_RULES = {  # what a vote may set in the run config, and what a value must
     "compression": lambda v: v in COMPRESSIONS,
 }
 CHANGE_KINDS = ("config", "mixture", "institutions", "maintainers")
+UNGOVERNED_CONFIG_VERSION = "genesis"  # what lineage records for a run without a ledger: its one config
 
 
 def _is_key(value: object) -> bool:
@@ -133,6 +134,11 @@ class RunState:
         for accepted in self.in_force(round_):
             config.update(accepted.change.get("config", {}))
         return config
+
+    def version_at(self, round_: int) -> str:
+        """The config version in force: the newest accepted proposal active at this round, else the genesis."""
+        in_force = self.in_force(round_)
+        return in_force[-1].proposal if in_force else self.genesis_hash
 
     def mixture_at(self, round_: int) -> dict[str, float]:
         mixture: dict[str, float] = {}

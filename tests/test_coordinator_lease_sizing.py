@@ -4,6 +4,7 @@ import pytest
 
 from coordinator.accounting import accounting_problems
 from coordinator.lease_sizing import LeasePolicy, WorkerFacts, backoff_seconds, lease_size
+from coordinator.round_terms import RoundTerms
 from coordinator.scheduler import AllocationEnding, Backoff, RoundReport, Scheduler
 from coordinator.store import Worker, load_manifest, open_engine, session_factory
 from model.shards import Manifest, ShardInfo, SourceInfo
@@ -42,7 +43,8 @@ def scheduler(database_url: str):
         session.add(Worker(id="w", public_key=b"k" * 32, name="w", institution="lab", device="cpu",
                            registered_at=0.0, last_seen=0.0, tokens_per_second=0.0))
     clock = {"now": NOW}
-    return Scheduler(sessions, lease_seconds=30, total_rounds=100, clock=lambda: clock["now"], policy=POLICY), clock
+    return Scheduler(sessions, lease_seconds=30, total_rounds=100, clock=lambda: clock["now"],
+                     terms=lambda _round: RoundTerms(POLICY)), clock
 
 
 def test_a_worker_whose_leases_expire_waits_then_gets_smaller_leases_until_it_reports(scheduler) -> None:

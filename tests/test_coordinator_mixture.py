@@ -6,6 +6,7 @@ from sqlalchemy import func, select
 
 from coordinator.accounting import accounting_problems
 from coordinator.mixture import mixture_order, target_shares
+from coordinator.round_terms import RoundTerms
 from coordinator.scheduler import RoundReport, Scheduler
 from coordinator.store import LineageRecord, Shard, Worker, load_manifest, open_engine, session_factory
 from model.shards import Manifest, ShardInfo, SourceInfo
@@ -93,8 +94,9 @@ def test_voted_mixture_weights_take_over_from_their_round(database_url: str) -> 
     sources = [SourceInfo(name, "fr", "CC-BY-4.0", 1.0, "2020-01-01", "2020-12-31") for name in ("news", "books")]
     store = _store(database_url, shards, sources)
     # As governance would have it: from round 5, books weigh 3 to news's 1 (an unknown source is ignored).
+    voted = {"books": 3.0, "gone": 9.0}
     scheduler = Scheduler(store, lease_seconds=30, total_rounds=100,
-                          mixture=lambda round_: {"books": 3.0, "gone": 9.0} if round_ >= 5 else {})
+                          terms=lambda round_: RoundTerms(mixture=voted if round_ >= 5 else {}))
 
     def leased(round_: int, leases: int) -> dict[str, int]:
         counts = {"news": 0, "books": 0}

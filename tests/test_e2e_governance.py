@@ -1,4 +1,4 @@
-"""Governance enforced by real processes: a vote changes the inner learning rate, and every worker switches at once."""
+"""Governance enforced by real processes: a vote changes the training config, and every worker switches at once."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from coordinator.store import Round
+from coordinator.config import RunSettings
+from coordinator.store import Contribution, Lease, Round
 from essaim.processes import essaim_command, start_role
 from governance.documents import digest, generate_key, load_key, make_genesis, make_proposal, make_vote
 from governance.ledger import Ledger
+from model.presets import build_model
+from model.shards import Manifest
 from support import wait_all, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -35,8 +38,8 @@ def new_ledger(maintainers: dict, path: Path) -> Ledger:
     return ledger
 
 
-def test_a_vote_changes_the_inner_lr_and_every_worker_switches_at_the_same_round(
-    start_coordinator, maintainers: dict, tmp_path: Path
+def test_a_vote_changes_the_training_config_and_every_worker_switches_at_the_same_round(
+    start_coordinator, maintainers: dict, tmp_path: Path, corpus_dir: Path
 ) -> None:
     path = tmp_path / "ledger.json"
     ledger = new_ledger(maintainers, path)
@@ -70,7 +73,8 @@ def test_a_vote_changes_the_inner_lr_and_every_worker_switches_at_the_same_round
     wait_for(lambda: current_round() >= 1, 180, "round 0 to complete")
     # The maintainers vote, each signing on their own; the operator appends and tallies at the current round.
     genesis_hash = digest(ledger.genesis)
-    proposal = make_proposal(genesis_hash, "alice", {"config": {"inner_lr": 0.0005}}, "calmer", maintainers["alice"][1])
+    change = {"config": {"inner_lr": 0.0005, "inner_steps": 45, "compression": "8bit"}}
+    proposal = make_proposal(genesis_hash, "alice", change, "calmer, longer, lighter rounds", maintainers["alice"][1])
     decided_at = current_round()
     ledger.append(proposal, decided_at)
     for voter in ("bob", "carol"):
@@ -87,7 +91,22 @@ def test_a_vote_changes_the_inner_lr_and_every_worker_switches_at_the_same_round
         switches = [(int(r), float(lr)) for r, lr in re.findall(r"round (\d+): learning rates inner ([\d.e-]+)", log)]
         assert switches[0][1] == 0.003  # the genesis config
         assert switches[-1] == (activation, 0.0005), switches  # both switch at the activation round, not before
+        assert re.findall(r"round (\d+): compression (\w+)", log) == [(str(activation), "8bit")]
     assert "ledger head" in (tmp_path / "coordinator.log").read_text()
+
+    # The coordinator sizes leases from the voted inner_steps (a round's tokens over 4 leases) from that round on.
+    with sessions() as session:
+        leases = session.execute(select(Lease.round, Lease.end - Lease.start)).all()
+        grouped = session.execute(select(Contribution.round, Contribution.bytes_sent)
+                                  .where(Contribution.group_size == 2)).all()
+    assert max(size for round_, size in leases if round_ < activation) == 30 * 4 * 64 // 4
+    assert max(size for round_, size in leases if round_ >= activation) == 45 * 4 * 64 // 4
+    # Averaged in 8 bits from that round on: a peer of two sends about half the payload and gets half back.
+    vocab_size = Manifest.load(corpus_dir / "manifest.json").vocab_size
+    payload = sum(p.numel() * 4 for p in build_model(RunSettings().model_preset, vocab_size, 0).parameters())
+    widths = [(round_ >= activation, sent / payload) for round_, sent in grouped]
+    assert any(after for after, _ in widths), grouped
+    assert all(0.2 < width < 0.3 if after else 0.9 < width < 1.2 for after, width in widths), widths
 
 
 def test_a_coordinator_refuses_to_start_on_a_tampered_ledger(maintainers: dict, tmp_path: Path, corpus_dir: Path) -> None:

@@ -107,3 +107,24 @@ def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compr
             trainer.shutdown()
         for swarm in swarms:
             swarm.close()
+
+
+def test_a_compression_set_between_rounds_applies_to_the_next_average(two_peers) -> None:
+    first_swarm, second_swarm, trainers = two_peers
+    settings = dataclasses.replace(SETTINGS, matchmaking_seconds=2.0, averaging_timeout_seconds=20.0)
+    trainers += [DiLoCoTrainer(build_model("tiny", 300, seed=0), settings, swarm.dht)
+                 for swarm in (first_swarm, second_swarm)]
+    payload_bytes = sum(p.numel() * 4 for p in trainers[0].global_params)
+    sent_per_round = []
+    for compression in ("none", "8bit"):
+        for trainer in trainers:
+            trainer.set_compression(compression)  # what a vote does at its activation round
+        _train_apart(trainers, 300)
+        results = _outer_steps_together(trainers, tokens=[64, 64])
+        assert [r.group_size for r in results] == [2, 2], f"{compression}: {results}"
+        assert len({r.params_digest for r in results}) == 1, f"{compression}: peers disagree after averaging"
+        sent_per_round.append(sum(r.bytes_sent for r in results) / 2 / payload_bytes)
+    # Two peers each send half the payload and get half back: 1.0 of it uncompressed, about a quarter in 8 bits.
+    assert 0.9 < sent_per_round[0] < 1.2 and 0.2 < sent_per_round[1] < 0.3, sent_per_round
+    with pytest.raises(ValueError, match="unknown compression 'zip'"):
+        trainers[0].set_compression("zip")

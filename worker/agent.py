@@ -83,7 +83,6 @@ class Worker:
         self._checkpointed_round = -1
         self._lineage_head = 0  # the newest lineage record the coordinator reported back
         self._learning_rates: tuple[float, float] | None = None  # in force, as last applied to the trainer
-        self._compression_noted = ""  # a voted compression this worker said it cannot apply live
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -200,10 +199,10 @@ class Worker:
                      trainer.round, *lrs, self.governance.head[:16])
             trainer.set_learning_rates(*lrs)
             self._learning_rates = lrs
-        if governed.compression != trainer.settings.compression and governed.compression != self._compression_noted:
-            log.warning("round %d: the ledger sets compression %r; this worker applies it when restarted",
-                        trainer.round, governed.compression)
-            self._compression_noted = governed.compression
+        compression = governed.compression or "none"
+        if compression != trainer.compression:
+            log.info("round %d: compression %s (ledger head %s)", trainer.round, compression, self.governance.head[:16])
+            trainer.set_compression(compression)
         return governed
 
     def _nobody_finished(self, round_number: int) -> bool:
@@ -284,7 +283,8 @@ class Worker:
 
     def _save_checkpoint(self, trainer: DiLoCoTrainer, config: pb.RunConfig, lineage_head: int) -> None:
         assert self.options.checkpoint_dir is not None
-        path = save_checkpoint(self.options.checkpoint_dir, trainer, config, lineage_head)
+        path = save_checkpoint(self.options.checkpoint_dir, trainer, config, lineage_head,
+                               self.governance.config_version(trainer.round - 1))
         self._checkpointed_round = trainer.round
         log.info("checkpoint of round %d saved to %s", trainer.round - 1, path)
 

@@ -136,21 +136,27 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-class ExactAverager(DecentralizedAverager):
-    """A DecentralizedAverager on ExactAllReduceRunner, with a group size that can follow membership.
+COMPRESSION_NAMES = tuple(COMPRESSIONS)  # shared with the background process by index
 
-    The counters and residual buffers live in shared memory, created before
-    hivemind forks its background process, so the trainer reads what that process wrote.
+
+class ExactAverager(DecentralizedAverager):
+    """A DecentralizedAverager on ExactAllReduceRunner, whose group size and compression can change between steps.
+
+    The counters, residual buffers and live settings live in shared memory, created
+    before hivemind forks its background process, so each side sees what the other wrote.
     """
 
     def __init__(self, averaged_tensors: Sequence[torch.Tensor], *args: object, error_feedback: bool,
-                 target_group_size: int, **kwargs: object) -> None:
+                 target_group_size: int, compression: str, **kwargs: object) -> None:
         self._bytes_sent = mp.Value(ctypes.c_int64, 0)
         self._live_target_group_size = mp.Value(ctypes.c_int32, target_group_size)
+        self._live_compression = mp.Value(ctypes.c_int32, COMPRESSION_NAMES.index(compression))
+        self._compression_in_use = compression  # in the background process: what allreduce_kwargs holds
         self.residuals: list[torch.Tensor] | None = None
         if error_feedback:
             self.residuals = [torch.zeros_like(t).share_memory_() for t in averaged_tensors]
-        super().__init__(averaged_tensors, *args, target_group_size=target_group_size, **kwargs)
+        super().__init__(averaged_tensors, *args, target_group_size=target_group_size,
+                         compression=COMPRESSIONS[compression](), **kwargs)
 
     @property
     def bytes_sent(self) -> int:
@@ -161,10 +167,18 @@ class ExactAverager(DecentralizedAverager):
         """Form groups of up to `size` peers: a group that reaches it starts without waiting."""
         self._live_target_group_size.value = max(2, size)
 
+    def set_compression(self, name: str) -> None:
+        """Send from the next step on compressed this way (a key of COMPRESSIONS)."""
+        self._live_compression.value = COMPRESSION_NAMES.index(name)
+
     async def _step(self, **kwargs: object) -> None:  # runs in hivemind's background process
         size = int(self._live_target_group_size.value)
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
+        compression = COMPRESSION_NAMES[self._live_compression.value]
+        if compression != self._compression_in_use:
+            self.allreduce_kwargs["compression"] = COMPRESSIONS[compression]()
+            self._compression_in_use = compression
         await super()._step(**kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):  # type: ignore[no-untyped-def]

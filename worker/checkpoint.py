@@ -21,7 +21,7 @@ from worker.diloco import DiLoCoTrainer
 
 
 def save_checkpoint(
-    directory: Path, trainer: DiLoCoTrainer, config: pb.RunConfig, lineage_head: int
+    directory: Path, trainer: DiLoCoTrainer, config: pb.RunConfig, lineage_head: int, config_version: str
 ) -> Path:
     """Write the trainer's state after its last outer step as DIR/round-NNNNNN and point DIR/latest at it."""
     completed = trainer.round - 1
@@ -36,7 +36,7 @@ def save_checkpoint(
     # The local parameters equal the global ones after an outer step.
     write_checkpoint_files(partial, trainer.model, tokenizer_from_json(config.tokenizer_json), {
         "run_id": config.run_id, "completed_round": completed, "next_round": trainer.round,
-        "lineage_head": lineage_head, "config_version": "genesis", "run_config": run_config, "saved_at": time.time(),
+        "lineage_head": lineage_head, "config_version": config_version, "run_config": run_config, "saved_at": time.time(),
     })
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)

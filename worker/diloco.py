@@ -74,6 +74,7 @@ class DiLoCoTrainer:
             raise ValueError(f"unknown compression {settings.compression!r}: use one of {sorted(COMPRESSIONS)}")
         self.model = model
         self.settings = settings
+        self.compression = settings.compression  # in force; a governance vote may change it
         self.round = 0
         self.round_started_at = time.time()  # wall clock, shared with peers that download our state
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -96,7 +97,7 @@ class DiLoCoTrainer:
             min_matchmaking_time=settings.matchmaking_seconds,
             request_timeout=max(1.0, settings.matchmaking_seconds / 2),
             allreduce_timeout=settings.averaging_timeout_seconds,
-            compression=COMPRESSIONS[settings.compression](),
+            compression=settings.compression,
             error_feedback=settings.error_feedback,
             start=True,
         )
@@ -199,6 +200,17 @@ class DiLoCoTrainer:
             return False
         log.info("loaded the swarm state of round %d from a peer", self.round)
         return True
+
+    def set_compression(self, name: str) -> None:
+        """Average compressed this way from the next outer step on (a governance vote, at a round boundary).
+
+        Peers of a group need not agree on it: each reducer's average goes out as one
+        set of bytes that every peer decompresses alike, so parameters stay identical.
+        """
+        if name not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {name!r}: use one of {sorted(COMPRESSIONS)}")
+        self.averager.set_compression(name)
+        self.compression = name
 
     def set_learning_rates(self, inner_lr: float, outer_lr: float) -> None:
         """From the next step on (a governance vote changes them at a round boundary, on every worker alike)."""

@@ -14,6 +14,7 @@ import logging
 
 from governance.documents import GovernanceError
 from governance.ledger import Ledger, follow
+from governance.state import UNGOVERNED_CONFIG_VERSION
 from protocol import essaim_pb2 as pb
 
 log = logging.getLogger("essaim.worker")
@@ -37,6 +38,10 @@ class RunGovernance:
     @property
     def head(self) -> str:
         return self.ledger.head if self.ledger else ""
+
+    def config_version(self, round_: int) -> str:
+        """The accepted proposal in force at this round (the genesis hash before any): what a checkpoint records."""
+        return self.ledger.state.version_at(round_) if self.ledger else UNGOVERNED_CONFIG_VERSION
 
     def refresh(self, config: pb.RunConfig) -> None:
         try:
