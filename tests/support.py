@@ -8,7 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from coordinator.store import Contribution
+from coordinator.store import Contribution, Worker, load_manifest, open_engine, session_factory
+from model.shards import Manifest, ShardInfo, SourceInfo
 from essaim.processes import free_port, start_role  # noqa: F401  (free_port: tests import it from here)
 
 
@@ -36,6 +37,18 @@ def wait_all(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
     while any(p.poll() is None for p in processes):
         assert time.monotonic() < deadline, "workers did not finish in time"
         time.sleep(0.5)
+
+
+def one_shard_store(database_url: str):  # type: ignore[no-untyped-def]
+    """A store holding one 100k-token shard and one registered worker "w", not yet measured; its session factory."""
+    sessions = session_factory(open_engine(database_url))
+    source = SourceInfo("s", "fr", "CC0-1.0", 1.0, "2020-01-01", "2020-12-31")
+    shard = ShardInfo("s-0", "s-0.bin", "0" * 64, 100_000, "uint16", "fr", "s", "CC0-1.0", "2020-01-01", "2020-12-31")
+    load_manifest(sessions, Manifest(1000, "t" * 64, [source], [shard]))
+    with sessions.begin() as session:
+        session.add(Worker(id="w", public_key=b"k" * 32, name="w", institution="lab", device="cpu",
+                           registered_at=0.0, last_seen=0.0, tokens_per_second=0.0))
+    return sessions
 
 
 def contributions_by_round(sessions) -> dict[int, list[Contribution]]:  # type: ignore[no-untyped-def]

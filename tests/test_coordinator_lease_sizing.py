@@ -6,8 +6,8 @@ from coordinator.accounting import accounting_problems
 from coordinator.lease_sizing import LeasePolicy, WorkerFacts, backoff_seconds, lease_size
 from coordinator.round_terms import RoundTerms
 from coordinator.scheduler import AllocationEnding, Backoff, RoundReport, Scheduler
-from coordinator.store import Worker, load_manifest, open_engine, session_factory
-from model.shards import Manifest, ShardInfo, SourceInfo
+from coordinator.store import Worker
+from support import one_shard_store
 
 POLICY = LeasePolicy(lease_tokens=4096, leases_per_round=4, round_seconds=10.0, min_tokens=64, drain_seconds=60.0)
 NOW = 1_000_000.0
@@ -35,15 +35,8 @@ def test_failures_halve_leases_and_double_the_back_off() -> None:
 
 @pytest.fixture
 def scheduler(database_url: str):
-    sessions = session_factory(open_engine(database_url))
-    source = SourceInfo("s", "fr", "CC0-1.0", 1.0, "2020-01-01", "2020-12-31")
-    shard = ShardInfo("s-0", "s-0.bin", "0" * 64, 100_000, "uint16", "fr", "s", "CC0-1.0", "2020-01-01", "2020-12-31")
-    load_manifest(sessions, Manifest(1000, "t" * 64, [source], [shard]))
-    with sessions.begin() as session:
-        session.add(Worker(id="w", public_key=b"k" * 32, name="w", institution="lab", device="cpu",
-                           registered_at=0.0, last_seen=0.0, tokens_per_second=0.0))
     clock = {"now": NOW}
-    return Scheduler(sessions, lease_seconds=30, total_rounds=100, clock=lambda: clock["now"],
+    return Scheduler(one_shard_store(database_url), lease_seconds=30, total_rounds=100, clock=lambda: clock["now"],
                      terms=lambda _round: RoundTerms(POLICY)), clock
 
 

@@ -10,11 +10,11 @@ from coordinator.config import RunSettings
 from coordinator.governed import GovernedRun
 from coordinator.round_terms import round_terms
 from coordinator.scheduler import RoundReport, Scheduler
-from coordinator.store import LineageRecord, Worker, load_manifest, open_engine, session_factory
+from coordinator.store import LineageRecord
 from governance.documents import digest, generate_key, load_key, make_genesis, make_proposal, make_vote
 from governance.ledger import Ledger
 from governance.state import UNGOVERNED_CONFIG_VERSION
-from model.shards import Manifest, ShardInfo, SourceInfo
+from support import one_shard_store
 
 POLICY = {"quorum": 2, "threshold": 2, "voting_period_rounds": 3, "activation_delay_rounds": 2}
 RUN = RunSettings(inner_steps=20, batch_size=4, seq_len=64, leases_per_round=4)  # leases of 20*4*64/4 = 1280
@@ -40,13 +40,7 @@ def _ledger_raising_inner_steps(tmp_path: Path) -> tuple[Path, str, str, int]:
 
 
 def _scheduler(database_url: str, governed: GovernedRun | None):  # type: ignore[no-untyped-def]
-    sessions = session_factory(open_engine(database_url))
-    source = SourceInfo("s", "fr", "CC0-1.0", 1.0, "2020-01-01", "2020-12-31")
-    shard = ShardInfo("s-0", "s-0.bin", "0" * 64, 100_000, "uint16", "fr", "s", "CC0-1.0", "2020-01-01", "2020-12-31")
-    load_manifest(sessions, Manifest(1000, "t" * 64, [source], [shard]))
-    with sessions.begin() as session:
-        session.add(Worker(id="w", public_key=b"k" * 32, name="w", institution="lab", device="cpu",
-                           registered_at=0.0, last_seen=0.0))
+    sessions = one_shard_store(database_url)
     return Scheduler(sessions, lease_seconds=30, total_rounds=100, terms=round_terms(RUN, governed)), sessions
 
 
