@@ -17,7 +17,7 @@ from model.checkpoints import latest_checkpoint
 from model.evaluate import mean_loss
 from model.presets import build_model
 from model.shards import Manifest, read_tokens
-from support import wait_all
+from support import logs, wait_all
 
 pytestmark = pytest.mark.e2e
 
@@ -48,15 +48,15 @@ def test_two_workers_train_compressed_rounds_together_and_end_identical(
         for i in range(2)
     ]
     wait_all(workers, timeout=240)
-    logs = [(tmp_path / f"w{i}.log").read_text()[-3000:] for i in range(2)]
-    assert [w.returncode for w in workers] == [0, 0], logs
+    assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, "w0", "w1")
     # A clean exit takes hivemind down with it: nothing of either worker is left.
     assert not any(group_alive(w.pid) for w in workers)
 
     sessions = coordinator.sessions()
     with sessions() as session:
         rounds = session.scalars(select(Round).order_by(Round.number)).all()
-        assert [(r.number, r.reports, r.max_group_size) for r in rounds] == [(n, 2, 2) for n in range(ROUNDS)]
+        assert [(r.number, r.reports, r.max_group_size) for r in rounds] == [(n, 2, 2) for n in range(ROUNDS)], \
+            logs(tmp_path, "w0", "w1")
         for number in range(ROUNDS):
             digests = {r.pseudo_gradient_digest for r in session.scalars(
                 select(LineageRecord).where(LineageRecord.round == number))}
