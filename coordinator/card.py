@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.mixture import target_shares
 from coordinator.store import LineageRecord, Shard, Source, Worker, meta_value
+from governance.documents import proposal_id
+from governance.ledger import Ledger
 from model.checkpoints import Checkpoint
 from model.corpus import REPORT_FILE
 from model.shards import Manifest
@@ -33,8 +35,10 @@ class CardError(ValueError):
     """The checkpoint and the run's records do not belong together."""
 
 
-def build_card(sessions: sessionmaker[Session], checkpoint: Checkpoint, data_dir: Path) -> dict:
-    """The card's figures, as a JSON-ready dict."""
+def build_card(
+    sessions: sessionmaker[Session], checkpoint: Checkpoint, data_dir: Path, ledger: Ledger | None = None
+) -> dict:
+    """The card's figures, as a JSON-ready dict; with the run's ledger, what each config version changed."""
     manifest = Manifest.load(data_dir / "manifest.json")
     with sessions() as session:
         corpus_root = meta_value(session, "corpus_root_hash")
@@ -98,7 +102,32 @@ def build_card(sessions: sessionmaker[Session], checkpoint: Checkpoint, data_dir
     report = data_dir / REPORT_FILE
     if report.is_file():
         card["data_preparation"] = _preparation_summary(json.loads(report.read_text(encoding="utf-8")))
+    if ledger is not None:
+        card["configs"]["governance"] = _governance_summary(ledger, config_versions)
     return card
+
+
+def _governance_summary(ledger: Ledger, versions: set[str]) -> dict:
+    """Each config version in the lineage as the ledger has it: the genesis config, or a vote's change."""
+    state = ledger.state
+    reasons = {proposal_id(e["item"]): e["item"].get("reason", "") for e in ledger.entries
+               if e["item"].get("kind") == "proposal"}
+    accepted = {a.proposal: a for a in state.accepted}
+    described = {}
+    for version in sorted(versions):
+        if version == state.genesis_hash:
+            described[version] = {"genesis": True, "config": state.genesis["config"]}
+        elif version in accepted:
+            proposal = state.proposals[version]
+            described[version] = {
+                "activation_round": accepted[version].activation_round, "change": proposal.change,
+                "reason": reasons[version], "author": proposal.author, "yes": sorted(proposal.yes),
+                "no": sorted(proposal.no),
+            }
+        else:
+            raise CardError(f"the lineage names config version {version[:16]}…, which this ledger (genesis "
+                            f"{state.genesis_hash[:16]}…) never accepted: give the ledger of the run that trained it")
+    return {"genesis": state.genesis_hash, "ledger_head": ledger.head, "versions": described}
 
 
 def _check_same_run(checkpoint: Checkpoint, corpus_root: str | None, manifest: Manifest) -> None:
@@ -179,6 +208,19 @@ def card_markdown(card: dict) -> str:
             *(f"- {reason}: {count:,}" for reason, count in preparation["removed_documents"].items()),
             "",
         ]
+    governance = card["configs"].get("governance")
+    if governance:
+        lines += ["## Governance", "",
+                  f"Run genesis `{governance['genesis']}`, ledger head `{governance['ledger_head']}`. "
+                  "The config versions this checkpoint was trained under:", ""]
+        for version, entry in governance["versions"].items():
+            if entry.get("genesis"):
+                lines.append(f"- `{version[:16]}` (genesis): {json.dumps(entry['config'], sort_keys=True)}")
+            else:
+                lines.append(f"- `{version[:16]}` from round {entry['activation_round']}: "
+                             f"{json.dumps(entry['change'], sort_keys=True)}, proposed by {entry['author']} "
+                             f"(\"{entry['reason']}\"), yes: {', '.join(entry['yes'])}; no: {', '.join(entry['no']) or '-'}")
+        lines.append("")
     lines += ["## Run configuration", "", "```json", json.dumps(card["configs"]["run_config"], indent=2), "```", ""]
     return "\n".join(lines)
 

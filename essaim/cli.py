@@ -236,14 +236,18 @@ def audit_card(
     data: Path = typer.Option(..., "--data", help="The run's prepared corpus directory."),
     database: str = typer.Option("", help="SQLAlchemy URL; default: SQLite file coordinator.db in --data."),
     out: Path | None = typer.Option(None, "--out", help="Where MODEL_CARD.md and model_card.json go (default: CHECKPOINT)."),
+    governance: Path | None = typer.Option(
+        None, "--governance", help="The run's ledger: the card then says what each config version changed."),
 ) -> None:
     """Write a model/data card for a checkpoint from the lineage records: data, contributors, configs."""
     from coordinator.card import CardError, build_card, write_card
+    from governance.ledger import Ledger
     from model.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
 
     try:
         path = latest_checkpoint(checkpoint) or checkpoint
-        card = build_card(_run_database(data, database), read_checkpoint(path), data)
+        ledger = Ledger.load(governance) if governance else None
+        card = build_card(_run_database(data, database), read_checkpoint(path), data, ledger)
     except (CardError, CheckpointError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
     markdown, document = write_card(card, out or path)

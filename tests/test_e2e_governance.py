@@ -15,6 +15,7 @@ from coordinator.store import Contribution, Lease, Round
 from essaim.processes import essaim_command, start_role
 from governance.documents import digest, generate_key, load_key, make_genesis, make_proposal, make_vote
 from governance.ledger import Ledger
+from model.checkpoints import latest_checkpoint, read_checkpoint
 from model.presets import build_model
 from model.shards import Manifest
 from support import wait_all, wait_for
@@ -59,8 +60,8 @@ def test_a_vote_changes_the_training_config_and_every_worker_switches_at_the_sam
 
     workers = [
         start_role(["worker", "join", "--coordinator", coordinator.address, "--name", f"w{i}", "--institution",
-                    institution, "--identity", str(tmp_path / f"w{i}.key")], tmp_path / f"w{i}.log",
-                   env={"OMP_NUM_THREADS": "1"})
+                    institution, "--identity", str(tmp_path / f"w{i}.key"), "--checkpoint-dir", str(tmp_path / f"ckpt{i}")],
+                   tmp_path / f"w{i}.log", env={"OMP_NUM_THREADS": "1"})
         for i, institution in enumerate(["Inria", "GENCI"])
     ]
     sessions = coordinator.sessions()
@@ -107,6 +108,28 @@ def test_a_vote_changes_the_training_config_and_every_worker_switches_at_the_sam
     widths = [(round_ >= activation, sent / payload) for round_, sent in grouped]
     assert any(after for after, _ in widths), grouped
     assert all(0.2 < width < 0.3 if after else 0.9 < width < 1.2 for after, width in widths), widths
+
+    # The checkpoint and its card name the configs that trained it, as the ledger has them.
+    checkpoint = latest_checkpoint(tmp_path / "ckpt0")
+    proposal_id = decision["item"]["proposal"]
+    assert read_checkpoint(checkpoint).config_version == proposal_id
+    card_command = ["audit", "card", str(checkpoint), "--data", str(corpus_dir), "--database",
+                    coordinator.database_url, "--out", str(tmp_path / "card")]
+    made = subprocess.run(essaim_command(*card_command, "--governance", str(path)), capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr
+    card = json.loads((tmp_path / "card" / "model_card.json").read_text())
+    assert card["configs"]["versions"] == sorted([genesis_hash, proposal_id])
+    versions = card["configs"]["governance"]["versions"]
+    assert versions[genesis_hash] == {"genesis": True, "config": {"inner_lr": 0.003}}
+    assert versions[proposal_id] == {"activation_round": activation, "change": change,
+                                     "reason": "calmer, longer, lighter rounds", "author": "alice",
+                                     "yes": ["bob", "carol"], "no": []}
+    assert f"`{proposal_id[:16]}` from round {activation}" in (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    new_ledger(maintainers, tmp_path / "other.json")  # the same genesis, but a history without this vote
+    other_run = subprocess.run(essaim_command(*card_command, "--governance", str(tmp_path / "other.json")),
+                               capture_output=True, text=True, timeout=120)
+    assert other_run.returncode == 2 and "never accepted" in other_run.stderr
 
 
 def test_a_coordinator_refuses_to_start_on_a_tampered_ledger(maintainers: dict, tmp_path: Path, corpus_dir: Path) -> None:
