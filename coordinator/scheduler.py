@@ -280,7 +280,12 @@ class Scheduler:
             return 0 if last is None else last + 1
 
     def run_complete(self, round_number: int) -> bool:
-        return round_number >= self.total_rounds
+        """True once the worker's round, or the last round recorded, is the run's last.
+
+        A worker that missed the last round cannot catch up once the peers holding that
+        round's state have left: for it too the run is over, not a round to train again.
+        """
+        return round_number >= self.total_rounds or self.current_round() >= self.total_rounds
 
     def live_workers(self, within_seconds: float) -> int:
         self.flush_heartbeats()

@@ -199,6 +199,14 @@ def test_rounds_advance_with_reports(scheduler: Scheduler) -> None:
     assert not scheduler.run_complete(4) and scheduler.run_complete(5)
 
 
+def test_a_worker_that_missed_the_last_round_is_told_the_run_is_complete(scheduler: Scheduler) -> None:
+    for round_number in range(5):  # the fixture's run has 5 rounds
+        assert not scheduler.run_complete(3)  # behind, but the swarm may still be caught up with
+        lease = scheduler.acquire("w1", 10, round_number).lease
+        scheduler.complete_round("w1", done(lease.id, 10, round_number=round_number))
+    assert scheduler.run_complete(3)  # the last round is recorded: nothing is left to catch up to
+
+
 def test_accounting_detects_a_lost_range(scheduler: Scheduler, store) -> None:
     scheduler.acquire("w1", 30, 0)
     with store.begin() as session:
