@@ -113,17 +113,17 @@ class Scheduler:
         worker = session.get(Worker, worker_id)
         if worker.backoff_until > now:
             raise Backoff(worker.backoff_until - now, worker.failures)
-        policy = self._terms(round_number).policy
-        if policy is not None:
+        terms = self._terms(round_number)
+        if terms.policy is not None:
             facts = WorkerFacts(worker.tokens_per_second, worker.available_until, worker.failures)
-            size = lease_size(policy, facts, now)
+            size = lease_size(terms.policy, facts, now)
             if size is None:
                 raise AllocationEnding(
                     f"the allocation ends in {worker.available_until - now:.0f} s, too soon to train a lease: "
                     "report what is trained, release the rest and stop"
                 )
             max_tokens = min(max_tokens, size)
-        token_range = self._next_pool_range(session, round_number)
+        token_range = self._next_pool_range(session, terms.mixture)
         if token_range is None:
             return None
         if token_range.end - token_range.start > max_tokens:
@@ -169,8 +169,10 @@ class Scheduler:
                     self._own_granted_lease(session, worker_id, lease_id)
                 return RoundRecorded(False, round_row.params_digest, [], self._lineage_head(session))
             worker = session.get(Worker, worker_id)
+            config_version = self._terms(report.round).config_version
             records = [
-                self._record_lease(session, worker, report, lease_id, tokens, now) for lease_id, tokens in report.leases
+                self._record_lease(session, worker, report, config_version, lease_id, tokens, now)
+                for lease_id, tokens in report.leases
             ]
             tokens = sum(tokens for _, tokens in report.leases)
             session.add(
@@ -230,7 +232,8 @@ class Scheduler:
         return session.scalar(select(func.max(LineageRecord.id))) or 0
 
     def _record_lease(
-        self, session: Session, worker: Worker, report: RoundReport, lease_id: int, tokens_consumed: int, now: float
+        self, session: Session, worker: Worker, report: RoundReport, config_version: str, lease_id: int,
+        tokens_consumed: int, now: float,
     ) -> LineageRecord:
         lease = self._own_granted_lease(session, worker.id, lease_id)
         size = lease.end - lease.start
@@ -248,7 +251,7 @@ class Scheduler:
             lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
             start=lease.start, end=trained_end, loss=report.loss,
             pseudo_gradient_digest=report.pseudo_gradient_digest,
-            config_version=self._terms(report.round).config_version, created_at=now,
+            config_version=config_version, created_at=now,
         )
         session.add(record)
         return record
@@ -308,13 +311,13 @@ class Scheduler:
             )
         return lease
 
-    def _next_pool_range(self, session: Session, round_number: int) -> TokenRange | None:
+    def _next_pool_range(self, session: Session, voted: dict[str, float]) -> TokenRange | None:
         """The oldest pool range of the source furthest below its share of leased tokens.
 
         A source whose ranges are all out opens its next epoch, so each source is
         repeated or left partly unread as its weight asks, whatever its size.
         """
-        for source in mixture_order(self._weights(session, round_number), self._assigned_tokens(session)):
+        for source in mixture_order(self._weights(session, voted), self._assigned_tokens(session)):
             token_range = self._oldest_pool_range(session, source)
             if token_range is None and not self._has_pool_range(session, source):
                 token_range = self._open_next_epoch(session, source)
@@ -322,17 +325,16 @@ class Scheduler:
                 return token_range
         return None  # no tokens, or every pool range is being decided on by another process
 
-    def _weights(self, session: Session, round_number: int) -> dict[str, float]:
+    def _weights(self, session: Session, voted: dict[str, float]) -> dict[str, float]:
         """Weights of the sources that have tokens to lease: the corpus's (read again every few seconds), as voted."""
         read_at, weights = self._weights_cache
         if self._clock() - read_at < 5.0:
-            voted = self._terms(round_number).mixture
             return {**weights, **{k: w for k, w in voted.items() if k in weights}}
         rows = session.execute(
             select(Source.name, Source.weight).where(Source.name.in_(select(Shard.source).where(Shard.tokens > 0)))
         ).all()
         self._weights_cache = (self._clock(), {name: weight for name, weight in rows})
-        return self._weights(session, round_number)
+        return self._weights(session, voted)
 
     @staticmethod
     def _assigned_tokens(session: Session) -> dict[str, int]:
