@@ -18,7 +18,6 @@ from governance.state import UNGOVERNED_CONFIG_VERSION
 from protocol import essaim_pb2 as pb
 
 log = logging.getLogger("essaim.worker")
-GOVERNED = ("inner_lr", "outer_lr", "inner_steps", "compression")
 
 
 class RunGovernance:
