@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RunSettings(BaseModel):
@@ -39,6 +39,17 @@ class RunSettings(BaseModel):
     # A worker trains a round on this many leases at once, a batch from each in turn, so its
     # pseudo-gradient mixes shards (sources) like its peers' do: averaging non-IID workers hurts.
     leases_per_round: int = Field(4, ge=1)
+    # > 0: each batch trains in passes of this many rows, gradients accumulated, so a GPU too small
+    # for batch_size rows at once trains the same tokens to the same result. 0: one pass.
+    micro_batch_size: int = Field(0, ge=0)
+    compile: bool = False              # workers wrap the model in torch.compile (faster on GPUs, slow to start)
+
+    @model_validator(mode="after")
+    def _micro_batch_fits(self) -> "RunSettings":
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} is larger than batch_size {self.batch_size}: "
+                             "use at most batch_size, or 0 for one pass per batch")
+        return self
 
     @property
     def tokens_per_round(self) -> int:

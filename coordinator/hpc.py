@@ -5,6 +5,12 @@ EndTime) itself and declares them at Register, so the coordinator never leases i
 tokens it cannot train before the walltime. Slurm sends every task SIGTERM
 ``drain_seconds`` before the walltime (--signal): the workers report what they
 trained, release the rest of their leases, and leave.
+
+What each task gets: with GPUs (``--gpus-per-node N``) a node runs N tasks, and
+each has one GPU of its own (Slurm sets its CUDA_VISIBLE_DEVICES to that GPU, so
+the worker's ``--device cuda`` is it), ``cpus_per_task`` CPUs (8 unless told) and
+as many OpenMP threads. Without GPUs a node runs ``tasks_per_node`` tasks with
+``--device cpu``, so no task reaches for a GPU that is not its own.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from pathlib import Path
 
 JOB_NAME = "essaim-worker"
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+# CPUs per GPU task unless told: data loading, the host-side DiLoCo outer step and hivemind's
+# averaging each want a few cores, and GPU nodes commonly have 8 or more cores per GPU.
+CPUS_PER_GPU_TASK = 8
 
 
 class SlurmError(Exception):
@@ -32,8 +41,9 @@ class SlurmJob:
     time: str                      # walltime, [D-]HH:MM:SS
     workdir: Path                  # keys, logs and checkpoints go here (a shared file system)
     account: str = ""
-    gpus_per_node: int = 0         # > 0: one worker per GPU
+    gpus_per_node: int = 0         # > 0: one worker per GPU, each bound to its own GPU
     tasks_per_node: int = 1        # workers per node when there are no GPUs
+    cpus_per_task: int = 0         # 0: CPUS_PER_GPU_TASK with GPUs, Slurm's default (1) without
     institution: str = "hpc"
     listen_host: str = "127.0.0.1"  # where each worker's hivemind peer listens; "node": the node's first address
     drain_seconds: int = 120       # SIGTERM this long before the walltime
@@ -44,20 +54,62 @@ class SlurmJob:
             raise SlurmError(f"--time {self.time!r}: write the walltime as HH:MM:SS or D-HH:MM:SS")
         if self.nodes < 1 or self.tasks_per_node < 1 or self.gpus_per_node < 0:
             raise SlurmError("--nodes and tasks per node must be at least 1, --gpus-per-node at least 0")
+        if self.cpus_per_task < 0:
+            raise SlurmError(f"--cpus-per-task {self.cpus_per_task}: give a number of CPUs per worker, "
+                             f"or 0 for {CPUS_PER_GPU_TASK} per GPU worker and Slurm's default without GPUs")
         if not self.partition:
             raise SlurmError("--partition is required: name the partition to run on (sinfo lists them)")
 
+    @property
+    def tasks(self) -> int:
+        """Workers per node: one per GPU, else tasks_per_node."""
+        return self.gpus_per_node or self.tasks_per_node
+
+    @property
+    def task_cpus(self) -> int:
+        """CPUs (and OpenMP threads) each worker gets; 0 leaves it to Slurm."""
+        if self.cpus_per_task or not self.gpus_per_node:
+            return self.cpus_per_task
+        return CPUS_PER_GPU_TASK
+
 
 def render_sbatch(job: SlurmJob, essaim: list[str] | None = None) -> str:
-    """The batch script for ``job``; ``essaim`` is the command that runs Essaim on the nodes."""
-    essaim = essaim or [sys.executable, "-m", "essaim"]
-    tasks = job.gpus_per_node or job.tasks_per_node
+    """The batch script for ``job``; ``essaim`` is the command that runs Essaim on the nodes.
+
+    Each task runs one worker. With GPUs, each task gets one GPU of its own as its
+    CUDA_VISIBLE_DEVICES, ``job.task_cpus`` CPUs and as many OpenMP threads, and its
+    worker trains with ``--device cuda``; without GPUs, its worker trains with ``--device cpu``.
+    """
     workdir = job.workdir.resolve()
+    worker = _worker_command(job, essaim or [sys.executable, "-m", "essaim"], workdir)
+    return "\n".join([
+        "#!/bin/bash",
+        "# Written by `essaim hpc submit`: one Essaim worker per Slurm task. Each worker declares the job id",
+        "# and the walltime to the coordinator; Slurm's SIGTERM before the walltime makes it report and leave.",
+        _what_each_task_gets(job),
+        *(f"#SBATCH {directive}" for directive in _directives(job, workdir)),
+        "",
+        f"mkdir -p {shlex.quote(str(workdir))}/keys",
+        "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+        # One shell per task, so each expands its own SLURM_PROCID; exec makes the worker the task itself.
+        f"{' '.join(_srun(job))} bash -c {shlex.quote('exec ' + ' '.join(worker))}",
+        "",
+    ])
+
+
+def _what_each_task_gets(job: SlurmJob) -> str:
+    cpus = f"{job.task_cpus} CPUs and {job.task_cpus} OpenMP threads" if job.task_cpus else "one OpenMP thread"
+    if job.gpus_per_node:
+        return f"# Each task: one GPU of its own (its CUDA_VISIBLE_DEVICES, --device cuda), {cpus}."
+    return f"# Each task: no GPU (--device cpu), {cpus}."
+
+
+def _directives(job: SlurmJob, workdir: Path) -> list[str]:
     directives = [
         f"--job-name={JOB_NAME}",
         f"--partition={job.partition}",
         f"--nodes={job.nodes}",
-        f"--ntasks-per-node={tasks}",
+        f"--ntasks-per-node={job.tasks}",
         f"--time={job.time}",
         f"--signal=TERM@{job.drain_seconds}",
         f"--output={workdir}/slurm-%j.out",
@@ -65,29 +117,40 @@ def render_sbatch(job: SlurmJob, essaim: list[str] | None = None) -> str:
     if job.account:
         directives.append(f"--account={job.account}")
     if job.gpus_per_node:
-        directives.append(f"--gpus-per-node={job.gpus_per_node}")
+        # Asked per task, not per node: with --ntasks-per-node=N this already is N GPUs a node, and a
+        # --gpus-per-node too would say that count twice. srun below binds each task to its own GPU.
+        directives.append("--gpus-per-task=1")
+    if job.task_cpus:
+        directives.append(f"--cpus-per-task={job.task_cpus}")
+    return directives
+
+
+def _srun(job: SlurmJob) -> list[str]:
+    srun = ["srun", "--kill-on-bad-exit=0"]
+    if job.gpus_per_node:
+        # Implies --gpu-bind=per_task:1 (Slurm 22.05+): exactly one GPU per task, as its CUDA_VISIBLE_DEVICES.
+        # closest may bind a task to every GPU of its NUMA node; single:1 needs gres.conf's core affinity.
+        srun.append("--gpus-per-task=1")
+    if job.task_cpus:
+        # srun 22.05 to 23.02 does not inherit sbatch's --cpus-per-task (23.11 does again), and an
+        # inherited value that disagrees with SLURM_TRES_PER_TASK is fatal: say it on every version.
+        srun.append(f"--cpus-per-task={job.task_cpus}")
+    return srun
+
+
+def _worker_command(job: SlurmJob, essaim: list[str], workdir: Path) -> list[str]:
     task_id = "$SLURM_JOB_ID-$SLURM_PROCID"
     host = "\"$(hostname -I | cut -d' ' -f1)\"" if job.listen_host == "node" else shlex.quote(job.listen_host)
+    # A GPU task sees only its own GPU, so cuda is that GPU; a CPU task must not take a GPU it was not given.
+    device = "cuda" if job.gpus_per_node else "cpu"
     worker = [
         *map(shlex.quote, essaim), "worker", "join", "--coordinator", shlex.quote(job.coordinator),
-        "--institution", shlex.quote(job.institution), "--trust-class", "hpc", "--host", host,
+        "--institution", shlex.quote(job.institution), "--trust-class", "hpc", "--host", host, "--device", device,
         "--name", f'"slurm-{task_id}"', "--identity", f'"{workdir}/keys/slurm-{task_id}.key"',
     ]
     if job.checkpoints:
         worker += ["--checkpoint-dir", f'"{workdir}/checkpoints/$SLURM_PROCID"']
-    srun = ["srun", "--kill-on-bad-exit=0"] + (["--gpus-per-task=1"] if job.gpus_per_node else [])
-    return "\n".join([
-        "#!/bin/bash",
-        "# Written by `essaim hpc submit`: one Essaim worker per Slurm task. Each worker declares the job id",
-        "# and the walltime to the coordinator; Slurm's SIGTERM before the walltime makes it report and leave.",
-        *(f"#SBATCH {directive}" for directive in directives),
-        "",
-        f"mkdir -p {shlex.quote(str(workdir))}/keys",
-        "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
-        # One shell per task, so each expands its own SLURM_PROCID; exec makes the worker the task itself.
-        f"{' '.join(srun)} bash -c {shlex.quote('exec ' + ' '.join(worker))}",
-        "",
-    ])
+    return worker
 
 
 def submit(job: SlurmJob, env: dict[str, str] | None = None, essaim: list[str] | None = None) -> str:

@@ -251,7 +251,7 @@ class Scheduler:
             lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
             start=lease.start, end=trained_end, loss=report.loss,
             pseudo_gradient_digest=report.pseudo_gradient_digest,
-            config_version=config_version, created_at=now,
+            config_version=config_version, device=worker.device, precision=worker.precision, created_at=now,
         )
         session.add(record)
         return record

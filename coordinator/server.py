@@ -53,6 +53,7 @@ def build_run_config(
         lease_seconds=run.lease_seconds, heartbeat_seconds=run.heartbeat_seconds,
         compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
         checkpoint_every_rounds=run.checkpoint_every_rounds, leases_per_round=run.leases_per_round,
+        micro_batch_size=run.micro_batch_size, compile=run.compile,
         initial_peers=peers, dht_prefix=f"essaim-{run_id}",
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),

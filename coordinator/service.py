@@ -24,7 +24,8 @@ from protocol.auth import AuthError, RequestVerifier
 from protocol.identity import PUBLIC_KEY_BYTES, worker_id_for
 
 TRUST_CLASSES = ("hpc", "institution", "volunteer")
-UNSIGNED = ("Register", "GetStatus")  # Register proves its key itself; GetStatus is public
+PRECISIONS = ("fp32", "bf16")
+UNSIGNED = ("Register", "GetStatus", "GetTrainingShape")  # Register proves its key itself; the others are public
 
 SERVICE_NAME = "essaim.v1.Coordinator"
 
@@ -65,6 +66,7 @@ class CoordinatorService:
             "CompleteRound": (pb.CompleteRoundRequest, self.complete_round),
             "ReleaseLease": (pb.ReleaseLeaseRequest, self.release_lease),
             "GetStatus": (pb.StatusRequest, self.get_status),
+            "GetTrainingShape": (pb.TrainingShapeRequest, self.get_training_shape),
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -127,6 +129,9 @@ class CoordinatorService:
         if request.trust_class not in ("", *TRUST_CLASSES):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"Register: trust_class {request.trust_class!r} is not one of {', '.join(TRUST_CLASSES)}")
+        if request.precision not in ("", *PRECISIONS):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Register: precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
         if request.bandwidth_mbit < 0 or request.available_until < 0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "Register: bandwidth_mbit and available_until must be 0 (unknown, open-ended) or positive")
@@ -149,6 +154,7 @@ class CoordinatorService:
             worker.name = request.name or worker_id[:8]
             worker.institution = institution
             worker.device = request.device or "unknown"
+            worker.precision = request.precision or "fp32"
             worker.memory_bytes, worker.bandwidth_mbit = request.memory_bytes, request.bandwidth_mbit
             worker.trust_class = request.trust_class or "volunteer"
             worker.available_until, worker.slurm_job_id = request.available_until, request.slurm_job_id
@@ -223,6 +229,14 @@ class CoordinatorService:
     def get_status(self, request: pb.StatusRequest) -> pb.StatusReply:
         return network_status(self._sessions, self._run_config.run_id, self._run.total_rounds,
                               live_within_seconds=3 * self._run.heartbeat_seconds)
+
+    def get_training_shape(self, request: pb.TrainingShapeRequest) -> pb.TrainingShape:
+        config = self._run_config
+        return pb.TrainingShape(
+            run_id=config.run_id, model_preset=config.model_preset, vocab_size=config.vocab_size,
+            seq_len=config.seq_len, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+            error_feedback=config.error_feedback,
+        )
 
     def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
         self._scheduler.release(request.auth.worker_id, request.lease_id)

@@ -26,7 +26,7 @@ def network_status(
         ).all())
         workers = [
             pb.WorkerStatus(
-                name=w.name, institution=w.institution, trust_class=w.trust_class, device=w.device,
+                name=w.name, institution=w.institution, trust_class=w.trust_class, device=w.device, precision=w.precision,
                 tokens_per_second=w.tokens_per_second, round=w.last_round, live=w.last_seen >= now - live_within_seconds,
                 leases=leases_by_worker.get(w.id, 0), available_until=w.available_until,
             )

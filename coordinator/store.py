@@ -38,6 +38,7 @@ class Worker(Base):
     name: Mapped[str] = mapped_column(String(128))
     institution: Mapped[str] = mapped_column(String(128))
     device: Mapped[str] = mapped_column(String(128))
+    precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")  # autocast: fp32 | bf16
     registered_at: Mapped[float]
     last_seen: Mapped[float] = mapped_column(index=True)
     last_round: Mapped[int] = mapped_column(default=0)
@@ -175,6 +176,9 @@ class LineageRecord(Base):
     loss: Mapped[float]
     pseudo_gradient_digest: Mapped[str] = mapped_column(String(64))
     config_version: Mapped[str] = mapped_column(String(64))
+    # The hardware and precision that trained these tokens, as the worker declared them at Register.
+    device: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    precision: Mapped[str] = mapped_column(String(8), default="", server_default="")
     created_at: Mapped[float]
     rewound_at: Mapped[float | None] = mapped_column(default=None)  # set: no model holds these tokens any more
 

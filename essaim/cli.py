@@ -131,11 +131,17 @@ def worker_join(
     ),
     bandwidth_mbit: float = typer.Option(0.0, help="Uplink estimate in Mbit/s (0: unknown)."),
     genesis: str = typer.Option("", help="Join only the governed run whose genesis hash this is."),
+    device: str = typer.Option("auto", help="auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast where the GPU has it, else fp32), fp32 or bf16."),
+    micro_batch_size: int | None = typer.Option(
+        None, min=1, help="Rows per forward/backward pass, gradients accumulated (default: the run's setting)."
+    ),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
     from model.shards import ShardIntegrityError
-    from worker.agent import WorkerOptions, run_worker
+    from worker.agent import OutOfDeviceMemory, WorkerOptions, run_worker
+    from worker.memory import DoesNotFit
     from model.checkpoints import CheckpointError
     from worker.client import CoordinatorRefused, CoordinatorUnreachable
 
@@ -146,11 +152,13 @@ def worker_join(
         coordinator=coordinator, identity_path=identity, name=name, institution=institution,
         host=host, data_dir=data, checkpoint_dir=checkpoint_dir, connect_seconds=connect_seconds,
         trust_class=trust_class, available_until=_moment(available_until) if available_until else None,
-        bandwidth_mbit=bandwidth_mbit, genesis=genesis,
+        bandwidth_mbit=bandwidth_mbit, genesis=genesis, device=device, precision=precision,
+        micro_batch_size=micro_batch_size,
     )
     try:
         raise typer.Exit(code=run_worker(options))
-    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError) as error:
+    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError,
+            DoesNotFit, OutOfDeviceMemory) as error:  # DeviceError is a ValueError
         _fail(str(error))
 
 
@@ -161,8 +169,11 @@ def hpc_submit(
     nodes: int = typer.Option(1, min=1),
     time: str = typer.Option(..., "--time", help="Walltime, HH:MM:SS or D-HH:MM:SS."),
     account: str = typer.Option("", help="The project account to charge, where the centre asks for one."),
-    gpus_per_node: int = typer.Option(0, min=0, help="> 0: one worker per GPU."),
+    gpus_per_node: int = typer.Option(0, min=0, help="> 0: one worker per GPU, each bound to its own GPU."),
     tasks_per_node: int = typer.Option(1, min=1, help="Workers per node when there are no GPUs."),
+    cpus_per_task: int = typer.Option(
+        0, min=0, help="CPUs (and OpenMP threads) per worker; 0: 8 per GPU worker, Slurm's default without GPUs."
+    ),
     workdir: Path = typer.Option(Path("essaim-slurm"), help="Shared directory for keys, logs and checkpoints."),
     institution: str = typer.Option("hpc", help="Shown in the model card's contributors."),
     listen_host: str = typer.Option(
@@ -171,14 +182,17 @@ def hpc_submit(
     drain_seconds: int = typer.Option(120, min=10, help="SIGTERM the workers this long before the walltime."),
     dry_run: bool = typer.Option(False, help="Print the sbatch script instead of submitting it."),
 ) -> None:
-    """Submit a Slurm job that starts one worker per task (srun), each tagged with the job id and walltime."""
+    """Submit a Slurm job that starts one worker per task (srun), each tagged with the job id and walltime.
+
+    With --gpus-per-node N, each node runs N workers and each has one GPU of its own (--device cuda).
+    """
     from coordinator.hpc import SlurmError, SlurmJob, render_sbatch, submit
 
     try:
         job = SlurmJob(
             coordinator=coordinator, partition=partition, nodes=nodes, time=time, workdir=workdir, account=account,
-            gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, institution=institution,
-            listen_host=listen_host, drain_seconds=drain_seconds,
+            gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+            institution=institution, listen_host=listen_host, drain_seconds=drain_seconds,
         )
         if dry_run:
             typer.echo(render_sbatch(job), nl=False)

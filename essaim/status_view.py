@@ -47,13 +47,13 @@ def render(status: pb.StatusReply) -> Group:
     for (institution, trust_class), members in sorted(by_group.items()):
         groups.add_row(institution, trust_class, str(sum(w.live for w in members)), str(len(members)),
                        f"{sum(w.tokens_per_second for w in members if w.live):,.0f}", str(sum(w.leases for w in members)))
-    workers = Table("worker", "institution", "class", "device", "round", "tokens/s", "leases", "leaves in",
+    workers = Table("worker", "institution", "class", "device", "precision", "round", "tokens/s", "leases", "leaves in",
                     title="Workers")
     now = time.time()
     for worker in status.workers:
         leaves = _duration(worker.available_until - now) if worker.available_until else "-"
         workers.add_row(worker.name + ("" if worker.live else " (gone)"), worker.institution, worker.trust_class,
-                        worker.device, str(worker.round), f"{worker.tokens_per_second:,.0f}", str(worker.leases), leaves)
+                        worker.device, worker.precision, str(worker.round), f"{worker.tokens_per_second:,.0f}", str(worker.leases), leaves)
     rounds = Table("round", "reports", "group", "tokens", "mean loss", title="Recent rounds")
     for r in status.recent_rounds:
         rounds.add_row(str(r.number), str(r.reports), str(r.group_size), f"{r.tokens:,}", f"{r.mean_loss:.3f}")

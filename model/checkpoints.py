@@ -38,10 +38,14 @@ class Checkpoint:
 
 
 def tensors_digest(tensors: list[torch.Tensor]) -> str:
-    """sha256 over the tensors' bytes, in order: equal digests mean bit-identical parameters."""
+    """sha256 over the tensors' bytes, in order: equal digests mean bit-identical parameters.
+
+    Any device and dtype (bf16 has no numpy twin): the bytes are read as uint8 on the host.
+    """
     digest = hashlib.sha256()
     for tensor in tensors:
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

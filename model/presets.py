@@ -36,6 +36,30 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
+    # GPT-3 Small's size as a Llama: 75.5 M non-embedding parameters, 125.5 M in all with
+    # the 65,024-token Lucie vocabulary; a consumer GPU trains it for real.
+    "125m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
+    # A Lucie-1B-like Llama: 0.97 G non-embedding parameters, 1.11 G in all with the
+    # 65,024-token vocabulary (tied embeddings). 17.7 GB of weights, gradients and
+    # AdamW state in float32, plus activations: a datacentre GPU's model.
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=2048,
+        rope_theta=500_000.0,
+        tie_word_embeddings=True,
+    ),
     # The shape of OpenLLM-France's Lucie-7B (its tokenizer has 65024 tokens).
     # Only ever configured in tests, never built: it needs ~27 GiB in float32.
     "lucie-7b": dict(
@@ -72,8 +96,16 @@ def llama_config(preset: str, vocab_size: int) -> transformers.LlamaConfig:
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
+        attn_implementation="sdpa",  # PyTorch's fused attention (flash or memory-efficient on CUDA)
         **PRESETS[preset],
     )
+
+
+def parameter_count(preset: str, vocab_size: int) -> int:
+    """Trainable parameters of the preset's model (tied embeddings counted once), without building it."""
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(llama_config(preset, vocab_size))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def build_model(preset: str, vocab_size: int, seed: int) -> transformers.LlamaForCausalLM:

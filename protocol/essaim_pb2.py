@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protocol/essaim.proto\x12\tessaim.v1\"X\n\x0bRequestAuth\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xf0\x01\n\x0fRegisterRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0binstitution\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x62\x61ndwidth_mbit\x18\x07 \x01(\x01\x12\x13\n\x0btrust_class\x18\x08 \x01(\t\x12\x17\n\x0f\x61vailable_until\x18\t \x01(\x01\x12\x14\n\x0cslurm_job_id\x18\n \x01(\t\"2\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\";\n\x13GetRunConfigRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\"\x90\x05\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_preset\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x0f\n\x07seq_len\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x13\n\x0binner_steps\x18\x07 \x01(\x05\x12\x10\n\x08inner_lr\x18\x08 \x01(\x01\x12\x10\n\x08outer_lr\x18\t \x01(\x01\x12\x16\n\x0eouter_momentum\x18\n \x01(\x01\x12\x14\n\x0ctotal_rounds\x18\x0b \x01(\x05\x12\x19\n\x11target_group_size\x18\x0c \x01(\x05\x12\x1b\n\x13matchmaking_seconds\x18\r \x01(\x01\x12!\n\x19\x61veraging_timeout_seconds\x18\x0e \x01(\x01\x12\x15\n\rlease_seconds\x18\x0f \x01(\x05\x12\x19\n\x11heartbeat_seconds\x18\x10 \x01(\x05\x12\x15\n\rinitial_peers\x18\x11 \x03(\t\x12\x12\n\ndht_prefix\x18\x12 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x13 \x01(\x0c\x12\x18\n\x10tokenizer_sha256\x18\x14 \x01(\t\x12\x18\n\x10\x63orpus_root_hash\x18\x15 \x01(\t\x12\x11\n\tshard_dir\x18\x16 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x17 \x01(\t\x12\x16\n\x0e\x65rror_feedback\x18\x18 \x01(\x08\x12\x15\n\rround_seconds\x18\x19 \x01(\x01\x12\x1f\n\x17\x63heckpoint_every_rounds\x18\x1a \x01(\x05\x12\x18\n\x10leases_per_round\x18\x1b \x01(\x05\x12\x19\n\x11governance_ledger\x18\x1c \x01(\x0c\"p\n\x10HeartbeatRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"V\n\x0eHeartbeatReply\x12\x14\n\x0clive_workers\x18\x01 \x01(\x05\x12\x15\n\rcurrent_round\x18\x02 \x01(\x05\x12\x17\n\x0fgovernance_head\x18\x03 \x01(\t\"\xba\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x12\n\nshard_file\x18\x03 \x01(\t\x12\x14\n\x0cshard_sha256\x18\x04 \x01(\t\x12\x14\n\x0cshard_tokens\x18\x05 \x01(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05start\x18\x07 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x08 \x01(\x03\x12\r\n\x05round\x18\t \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\x03\"^\n\x13\x41\x63quireLeaseRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\x12\n\nmax_tokens\x18\x02 \x01(\x03\x12\r\n\x05round\x18\x03 \x01(\x05\"\xde\x01\n\x11\x41\x63quireLeaseReply\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.essaim.v1.AcquireLeaseReply.Status\x12\x1f\n\x05lease\x18\x02 \x01(\x0b\x32\x10.essaim.v1.Lease\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x03\"[\n\x06Status\x12\x0b\n\x07GRANTED\x10\x00\x12\x0e\n\nPOOL_EMPTY\x10\x01\x12\x10\n\x0cRUN_COMPLETE\x10\x02\x12\x0b\n\x07\x42\x41\x43KOFF\x10\x03\x12\x15\n\x11\x41LLOCATION_ENDING\x10\x04\"7\n\nLeaseUsage\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x17\n\x0ftokens_consumed\x18\x02 \x01(\x03\"\x8c\x02\n\x14\x43ompleteRoundRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\r\n\x05round\x18\x02 \x01(\x05\x12%\n\x06leases\x18\x03 \x03(\x0b\x32\x15.essaim.v1.LeaseUsage\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x1e\n\x16pseudo_gradient_digest\x18\x05 \x01(\t\x12\x15\n\rparams_digest\x18\x06 \x01(\t\x12\x12\n\ngroup_size\x18\x07 \x01(\x05\x12\x12\n\nbytes_sent\x18\x08 \x01(\x03\x12\x15\n\rinner_seconds\x18\t \x01(\x01\x12\x14\n\x0cwall_seconds\x18\n \x01(\x01\"n\n\x12\x43ompleteRoundReply\x12\x13\n\x0blineage_ids\x18\x01 \x03(\x03\x12\x14\n\x0clineage_head\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x1b\n\x13round_params_digest\x18\x04 \x01(\t\"]\n\x13ReleaseLeaseRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11ReleaseLeaseReply\"\x0f\n\rStatusRequest\"\xb7\x01\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12\x13\n\x0btrust_class\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x0c\n\x04live\x18\x07 \x01(\x08\x12\x0e\n\x06leases\x18\x08 \x01(\x05\x12\x17\n\x0f\x61vailable_until\x18\t \x01(\x01\"e\n\x0bRoundStatus\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0f\n\x07reports\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\"\xbe\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rcurrent_round\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x05\x12(\n\x07workers\x18\x04 \x03(\x0b\x32\x17.essaim.v1.WorkerStatus\x12\x12\n\nleases_out\x18\x05 \x01(\x03\x12\x12\n\ntokens_out\x18\x06 \x01(\x03\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x14\n\x0c\x65poch_tokens\x18\x08 \x01(\x03\x12\x1c\n\x14\x65poch_tokens_trained\x18\t \x01(\x03\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0b \x01(\x01\x12-\n\rrecent_rounds\x18\x0c \x03(\x0b\x32\x16.essaim.v1.RoundStatus2\x86\x04\n\x0b\x43oordinator\x12@\n\x08Register\x12\x1a.essaim.v1.RegisterRequest\x1a\x18.essaim.v1.RegisterReply\x12\x44\n\x0cGetRunConfig\x12\x1e.essaim.v1.GetRunConfigRequest\x1a\x14.essaim.v1.RunConfig\x12\x43\n\tHeartbeat\x12\x1b.essaim.v1.HeartbeatRequest\x1a\x19.essaim.v1.HeartbeatReply\x12L\n\x0c\x41\x63quireLease\x12\x1e.essaim.v1.AcquireLeaseRequest\x1a\x1c.essaim.v1.AcquireLeaseReply\x12O\n\rCompleteRound\x12\x1f.essaim.v1.CompleteRoundRequest\x1a\x1d.essaim.v1.CompleteRoundReply\x12L\n\x0cReleaseLease\x12\x1e.essaim.v1.ReleaseLeaseRequest\x1a\x1c.essaim.v1.ReleaseLeaseReply\x12=\n\tGetStatus\x12\x18.essaim.v1.StatusRequest\x1a\x16.essaim.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protocol/essaim.proto\x12\tessaim.v1\"X\n\x0bRequestAuth\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\x83\x02\n\x0fRegisterRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0binstitution\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x62\x61ndwidth_mbit\x18\x07 \x01(\x01\x12\x13\n\x0btrust_class\x18\x08 \x01(\t\x12\x17\n\x0f\x61vailable_until\x18\t \x01(\x01\x12\x14\n\x0cslurm_job_id\x18\n \x01(\t\x12\x11\n\tprecision\x18\x0b \x01(\t\"2\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\";\n\x13GetRunConfigRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\"\xbb\x05\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_preset\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x0f\n\x07seq_len\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x13\n\x0binner_steps\x18\x07 \x01(\x05\x12\x10\n\x08inner_lr\x18\x08 \x01(\x01\x12\x10\n\x08outer_lr\x18\t \x01(\x01\x12\x16\n\x0eouter_momentum\x18\n \x01(\x01\x12\x14\n\x0ctotal_rounds\x18\x0b \x01(\x05\x12\x19\n\x11target_group_size\x18\x0c \x01(\x05\x12\x1b\n\x13matchmaking_seconds\x18\r \x01(\x01\x12!\n\x19\x61veraging_timeout_seconds\x18\x0e \x01(\x01\x12\x15\n\rlease_seconds\x18\x0f \x01(\x05\x12\x19\n\x11heartbeat_seconds\x18\x10 \x01(\x05\x12\x15\n\rinitial_peers\x18\x11 \x03(\t\x12\x12\n\ndht_prefix\x18\x12 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x13 \x01(\x0c\x12\x18\n\x10tokenizer_sha256\x18\x14 \x01(\t\x12\x18\n\x10\x63orpus_root_hash\x18\x15 \x01(\t\x12\x11\n\tshard_dir\x18\x16 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x17 \x01(\t\x12\x16\n\x0e\x65rror_feedback\x18\x18 \x01(\x08\x12\x15\n\rround_seconds\x18\x19 \x01(\x01\x12\x1f\n\x17\x63heckpoint_every_rounds\x18\x1a \x01(\x05\x12\x18\n\x10leases_per_round\x18\x1b \x01(\x05\x12\x19\n\x11governance_ledger\x18\x1c \x01(\x0c\x12\x18\n\x10micro_batch_size\x18\x1d \x01(\x05\x12\x0f\n\x07\x63ompile\x18\x1e \x01(\x08\"\x16\n\x14TrainingShapeRequest\"\xa0\x01\n\rTrainingShape\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_preset\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x18\n\x10micro_batch_size\x18\x06 \x01(\x05\x12\x16\n\x0e\x65rror_feedback\x18\x07 \x01(\x08\"p\n\x10HeartbeatRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"V\n\x0eHeartbeatReply\x12\x14\n\x0clive_workers\x18\x01 \x01(\x05\x12\x15\n\rcurrent_round\x18\x02 \x01(\x05\x12\x17\n\x0fgovernance_head\x18\x03 \x01(\t\"\xba\x01\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x12\n\nshard_file\x18\x03 \x01(\t\x12\x14\n\x0cshard_sha256\x18\x04 \x01(\t\x12\x14\n\x0cshard_tokens\x18\x05 \x01(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05start\x18\x07 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x08 \x01(\x03\x12\r\n\x05round\x18\t \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\x03\"^\n\x13\x41\x63quireLeaseRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\x12\n\nmax_tokens\x18\x02 \x01(\x03\x12\r\n\x05round\x18\x03 \x01(\x05\"\xde\x01\n\x11\x41\x63quireLeaseReply\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.essaim.v1.AcquireLeaseReply.Status\x12\x1f\n\x05lease\x18\x02 \x01(\x0b\x32\x10.essaim.v1.Lease\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x03\"[\n\x06Status\x12\x0b\n\x07GRANTED\x10\x00\x12\x0e\n\nPOOL_EMPTY\x10\x01\x12\x10\n\x0cRUN_COMPLETE\x10\x02\x12\x0b\n\x07\x42\x41\x43KOFF\x10\x03\x12\x15\n\x11\x41LLOCATION_ENDING\x10\x04\"7\n\nLeaseUsage\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x17\n\x0ftokens_consumed\x18\x02 \x01(\x03\"\x8c\x02\n\x14\x43ompleteRoundRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\r\n\x05round\x18\x02 \x01(\x05\x12%\n\x06leases\x18\x03 \x03(\x0b\x32\x15.essaim.v1.LeaseUsage\x12\x0c\n\x04loss\x18\x04 \x01(\x02\x12\x1e\n\x16pseudo_gradient_digest\x18\x05 \x01(\t\x12\x15\n\rparams_digest\x18\x06 \x01(\t\x12\x12\n\ngroup_size\x18\x07 \x01(\x05\x12\x12\n\nbytes_sent\x18\x08 \x01(\x03\x12\x15\n\rinner_seconds\x18\t \x01(\x01\x12\x14\n\x0cwall_seconds\x18\n \x01(\x01\"n\n\x12\x43ompleteRoundReply\x12\x13\n\x0blineage_ids\x18\x01 \x03(\x03\x12\x14\n\x0clineage_head\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x1b\n\x13round_params_digest\x18\x04 \x01(\t\"]\n\x13ReleaseLeaseRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.essaim.v1.RequestAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11ReleaseLeaseReply\"\x0f\n\rStatusRequest\"\xca\x01\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binstitution\x18\x02 \x01(\t\x12\x13\n\x0btrust_class\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x0c\n\x04live\x18\x07 \x01(\x08\x12\x0e\n\x06leases\x18\x08 \x01(\x05\x12\x17\n\x0f\x61vailable_until\x18\t \x01(\x01\x12\x11\n\tprecision\x18\n \x01(\t\"e\n\x0bRoundStatus\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0f\n\x07reports\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\x12\x12\n\ngroup_size\x18\x05 \x01(\x05\"\xbe\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rcurrent_round\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x05\x12(\n\x07workers\x18\x04 \x03(\x0b\x32\x17.essaim.v1.WorkerStatus\x12\x12\n\nleases_out\x18\x05 \x01(\x03\x12\x12\n\ntokens_out\x18\x06 \x01(\x03\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\x12\x14\n\x0c\x65poch_tokens\x18\x08 \x01(\x03\x12\x1c\n\x14\x65poch_tokens_trained\x18\t \x01(\x03\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x0b \x01(\x01\x12-\n\rrecent_rounds\x18\x0c \x03(\x0b\x32\x16.essaim.v1.RoundStatus2\xd5\x04\n\x0b\x43oordinator\x12@\n\x08Register\x12\x1a.essaim.v1.RegisterRequest\x1a\x18.essaim.v1.RegisterReply\x12\x44\n\x0cGetRunConfig\x12\x1e.essaim.v1.GetRunConfigRequest\x1a\x14.essaim.v1.RunConfig\x12\x43\n\tHeartbeat\x12\x1b.essaim.v1.HeartbeatRequest\x1a\x19.essaim.v1.HeartbeatReply\x12L\n\x0c\x41\x63quireLease\x12\x1e.essaim.v1.AcquireLeaseRequest\x1a\x1c.essaim.v1.AcquireLeaseReply\x12O\n\rCompleteRound\x12\x1f.essaim.v1.CompleteRoundRequest\x1a\x1d.essaim.v1.CompleteRoundReply\x12L\n\x0cReleaseLease\x12\x1e.essaim.v1.ReleaseLeaseRequest\x1a\x1c.essaim.v1.ReleaseLeaseReply\x12=\n\tGetStatus\x12\x18.essaim.v1.StatusRequest\x1a\x16.essaim.v1.StatusReply\x12M\n\x10GetTrainingShape\x12\x1f.essaim.v1.TrainingShapeRequest\x1a\x18.essaim.v1.TrainingShapeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,43 +34,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTAUTH']._serialized_start=36
   _globals['_REQUESTAUTH']._serialized_end=124
   _globals['_REGISTERREQUEST']._serialized_start=127
-  _globals['_REGISTERREQUEST']._serialized_end=367
-  _globals['_REGISTERREPLY']._serialized_start=369
-  _globals['_REGISTERREPLY']._serialized_end=419
-  _globals['_GETRUNCONFIGREQUEST']._serialized_start=421
-  _globals['_GETRUNCONFIGREQUEST']._serialized_end=480
-  _globals['_RUNCONFIG']._serialized_start=483
-  _globals['_RUNCONFIG']._serialized_end=1139
-  _globals['_HEARTBEATREQUEST']._serialized_start=1141
-  _globals['_HEARTBEATREQUEST']._serialized_end=1253
-  _globals['_HEARTBEATREPLY']._serialized_start=1255
-  _globals['_HEARTBEATREPLY']._serialized_end=1341
-  _globals['_LEASE']._serialized_start=1344
-  _globals['_LEASE']._serialized_end=1530
-  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1532
-  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1626
-  _globals['_ACQUIRELEASEREPLY']._serialized_start=1629
-  _globals['_ACQUIRELEASEREPLY']._serialized_end=1851
-  _globals['_ACQUIRELEASEREPLY_STATUS']._serialized_start=1760
-  _globals['_ACQUIRELEASEREPLY_STATUS']._serialized_end=1851
-  _globals['_LEASEUSAGE']._serialized_start=1853
-  _globals['_LEASEUSAGE']._serialized_end=1908
-  _globals['_COMPLETEROUNDREQUEST']._serialized_start=1911
-  _globals['_COMPLETEROUNDREQUEST']._serialized_end=2179
-  _globals['_COMPLETEROUNDREPLY']._serialized_start=2181
-  _globals['_COMPLETEROUNDREPLY']._serialized_end=2291
-  _globals['_RELEASELEASEREQUEST']._serialized_start=2293
-  _globals['_RELEASELEASEREQUEST']._serialized_end=2386
-  _globals['_RELEASELEASEREPLY']._serialized_start=2388
-  _globals['_RELEASELEASEREPLY']._serialized_end=2407
-  _globals['_STATUSREQUEST']._serialized_start=2409
-  _globals['_STATUSREQUEST']._serialized_end=2424
-  _globals['_WORKERSTATUS']._serialized_start=2427
-  _globals['_WORKERSTATUS']._serialized_end=2610
-  _globals['_ROUNDSTATUS']._serialized_start=2612
-  _globals['_ROUNDSTATUS']._serialized_end=2713
-  _globals['_STATUSREPLY']._serialized_start=2716
-  _globals['_STATUSREPLY']._serialized_end=3034
-  _globals['_COORDINATOR']._serialized_start=3037
-  _globals['_COORDINATOR']._serialized_end=3555
+  _globals['_REGISTERREQUEST']._serialized_end=386
+  _globals['_REGISTERREPLY']._serialized_start=388
+  _globals['_REGISTERREPLY']._serialized_end=438
+  _globals['_GETRUNCONFIGREQUEST']._serialized_start=440
+  _globals['_GETRUNCONFIGREQUEST']._serialized_end=499
+  _globals['_RUNCONFIG']._serialized_start=502
+  _globals['_RUNCONFIG']._serialized_end=1201
+  _globals['_TRAININGSHAPEREQUEST']._serialized_start=1203
+  _globals['_TRAININGSHAPEREQUEST']._serialized_end=1225
+  _globals['_TRAININGSHAPE']._serialized_start=1228
+  _globals['_TRAININGSHAPE']._serialized_end=1388
+  _globals['_HEARTBEATREQUEST']._serialized_start=1390
+  _globals['_HEARTBEATREQUEST']._serialized_end=1502
+  _globals['_HEARTBEATREPLY']._serialized_start=1504
+  _globals['_HEARTBEATREPLY']._serialized_end=1590
+  _globals['_LEASE']._serialized_start=1593
+  _globals['_LEASE']._serialized_end=1779
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1781
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1875
+  _globals['_ACQUIRELEASEREPLY']._serialized_start=1878
+  _globals['_ACQUIRELEASEREPLY']._serialized_end=2100
+  _globals['_ACQUIRELEASEREPLY_STATUS']._serialized_start=2009
+  _globals['_ACQUIRELEASEREPLY_STATUS']._serialized_end=2100
+  _globals['_LEASEUSAGE']._serialized_start=2102
+  _globals['_LEASEUSAGE']._serialized_end=2157
+  _globals['_COMPLETEROUNDREQUEST']._serialized_start=2160
+  _globals['_COMPLETEROUNDREQUEST']._serialized_end=2428
+  _globals['_COMPLETEROUNDREPLY']._serialized_start=2430
+  _globals['_COMPLETEROUNDREPLY']._serialized_end=2540
+  _globals['_RELEASELEASEREQUEST']._serialized_start=2542
+  _globals['_RELEASELEASEREQUEST']._serialized_end=2635
+  _globals['_RELEASELEASEREPLY']._serialized_start=2637
+  _globals['_RELEASELEASEREPLY']._serialized_end=2656
+  _globals['_STATUSREQUEST']._serialized_start=2658
+  _globals['_STATUSREQUEST']._serialized_end=2673
+  _globals['_WORKERSTATUS']._serialized_start=2676
+  _globals['_WORKERSTATUS']._serialized_end=2878
+  _globals['_ROUNDSTATUS']._serialized_start=2880
+  _globals['_ROUNDSTATUS']._serialized_end=2981
+  _globals['_STATUSREPLY']._serialized_start=2984
+  _globals['_STATUSREPLY']._serialized_end=3302
+  _globals['_COORDINATOR']._serialized_start=3305
+  _globals['_COORDINATOR']._serialized_end=3902
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class RequestAuth(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id")
+    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id", "precision")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class RegisterRequest(_message.Message):
     TRUST_CLASS_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     SLURM_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     public_key: bytes
     name: str
@@ -41,7 +42,8 @@ class RegisterRequest(_message.Message):
     trust_class: str
     available_until: float
     slurm_job_id: str
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_id", "run_id")
@@ -58,7 +60,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,8 @@ class RunConfig(_message.Message):
     CHECKPOINT_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LEASES_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     GOVERNANCE_LEDGER_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -115,7 +119,31 @@ class RunConfig(_message.Message):
     checkpoint_every_rounds: int
     leases_per_round: int
     governance_ledger: bytes
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ...) -> None: ...
+    micro_batch_size: int
+    compile: bool
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ...) -> None: ...
+
+class TrainingShapeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TrainingShape(_message.Message):
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seq_len", "batch_size", "micro_batch_size", "error_feedback")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_preset: str
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    micro_batch_size: int
+    error_feedback: bool
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("auth", "round", "loss", "tokens_per_second")
@@ -258,7 +286,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("name", "institution", "trust_class", "device", "tokens_per_second", "round", "live", "leases", "available_until")
+    __slots__ = ("name", "institution", "trust_class", "device", "tokens_per_second", "round", "live", "leases", "available_until", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INSTITUTION_FIELD_NUMBER: _ClassVar[int]
     TRUST_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +296,7 @@ class WorkerStatus(_message.Message):
     LIVE_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     institution: str
     trust_class: str
@@ -277,7 +306,8 @@ class WorkerStatus(_message.Message):
     live: bool
     leases: int
     available_until: float
-    def __init__(self, name: _Optional[str] = ..., institution: _Optional[str] = ..., trust_class: _Optional[str] = ..., device: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., round: _Optional[int] = ..., live: _Optional[bool] = ..., leases: _Optional[int] = ..., available_until: _Optional[float] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., institution: _Optional[str] = ..., trust_class: _Optional[str] = ..., device: _Optional[str] = ..., tokens_per_second: _Optional[float] = ..., round: _Optional[int] = ..., live: _Optional[bool] = ..., leases: _Optional[int] = ..., available_until: _Optional[float] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("number", "reports", "tokens", "mean_loss", "group_size")

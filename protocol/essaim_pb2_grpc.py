@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_essaim__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protocol_dot_essaim__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.GetTrainingShape = channel.unary_unary(
+                '/essaim.v1.Coordinator/GetTrainingShape',
+                request_serializer=protocol_dot_essaim__pb2.TrainingShapeRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.TrainingShape.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -117,7 +122,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """What the network looks like now. Public and read-only: the one call that is not signed.
+        """What the network looks like now. Public and read-only, like GetTrainingShape: neither is signed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrainingShape(self, request, context):
+        """What a worker must hold in memory to train this run: asked before Register, so a worker
+        whose device cannot fit the model says so before it joins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +173,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protocol_dot_essaim__pb2.StatusRequest.FromString,
                     response_serializer=protocol_dot_essaim__pb2.StatusReply.SerializeToString,
+            ),
+            'GetTrainingShape': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainingShape,
+                    request_deserializer=protocol_dot_essaim__pb2.TrainingShapeRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.TrainingShape.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class Coordinator:
             '/essaim.v1.Coordinator/GetStatus',
             protocol_dot_essaim__pb2.StatusRequest.SerializeToString,
             protocol_dot_essaim__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingShape(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/essaim.v1.Coordinator/GetTrainingShape',
+            protocol_dot_essaim__pb2.TrainingShapeRequest.SerializeToString,
+            protocol_dot_essaim__pb2.TrainingShape.FromString,
             options,
             channel_credentials,
             insecure,

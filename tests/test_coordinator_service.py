@@ -97,19 +97,32 @@ def test_a_silent_address_gives_a_clear_error_quickly() -> None:
 def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordinator) -> None:
     from coordinator.store import Worker
     from worker.capabilities import detect
+    from worker.device import plan_device
 
     identity = Identity.generate()
     client = CoordinatorClient(coordinator.address, identity)
-    declared = detect("hpc", available_until=1_900_000_000.0, bandwidth_mbit=100.0)
+    declared = detect(plan_device("cpu", "bf16"), "hpc", available_until=1_900_000_000.0, bandwidth_mbit=100.0)
     client.register("node-7", "GENCI", declared)
     with coordinator.sessions()() as session:
         worker = session.get(Worker, identity.worker_id)
         assert (worker.device, worker.memory_bytes, worker.trust_class) == (declared.device, declared.memory_bytes, "hpc")
-        assert (worker.available_until, worker.bandwidth_mbit) == (1_900_000_000.0, 100.0)
-    assert declared.device.startswith("cpu:") and declared.memory_bytes > 2**30
+        assert (worker.available_until, worker.bandwidth_mbit, worker.precision) == (1_900_000_000.0, 100.0, "bf16")
+    assert declared.device.startswith("cpu ") and declared.memory_bytes > 2**30
     with pytest.raises(CoordinatorRefused, match="trust_class 'friend' is not one of hpc, institution, volunteer"):
         CoordinatorClient(coordinator.address, Identity.generate()).register(
             "x", "y", Capabilities("cpu", 0, "friend", 0.0, "", 0.0))
+    with pytest.raises(CoordinatorRefused, match="precision 'fp8' is not one of fp32, bf16"):
+        CoordinatorClient(coordinator.address, Identity.generate()).register(
+            "x", "y", Capabilities("cpu", 0, "volunteer", 0.0, "", 0.0, "fp8"))
+
+
+def test_the_training_shape_is_public_so_a_worker_can_check_its_memory_before_registering(coordinator) -> None:
+    shape = CoordinatorClient(coordinator.address, Identity.generate()).training_shape()  # an unregistered key
+    member = CoordinatorClient(coordinator.address, Identity.generate())
+    member.register("member", "Inria", CPU)
+    config = member.run_config()
+    assert (shape.run_id, shape.model_preset, shape.vocab_size) == (config.run_id, config.model_preset, config.vocab_size)
+    assert (shape.seq_len, shape.batch_size, shape.micro_batch_size) == (config.seq_len, config.batch_size, 0)
 
 
 def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coordinator, tmp_path) -> None:
@@ -118,7 +131,7 @@ def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coor
     from essaim.processes import essaim_command
 
     hpc, volunteer = Identity.generate(), Identity.generate()
-    gpu = Capabilities("cuda:H100", 80 << 30, "hpc", 0.0, "42", 0.0)
+    gpu = Capabilities("cuda:0 H100", 80 << 30, "hpc", 0.0, "42", 0.0, "bf16")
     CoordinatorClient(coordinator.address, hpc).register("node-1", "GENCI", gpu)
     client = CoordinatorClient(coordinator.address, volunteer)
     client.register("pc", "volunteer", CPU)
@@ -131,7 +144,7 @@ def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coor
     out = result.stdout
     assert "2/2 workers live" in out and "1,234 tokens/s" in out
     assert f"1 leases out ({lease.end - lease.start:,} tokens)" in out
-    assert "GENCI" in out and "hpc" in out and "cuda:H100" in out and "volunteer" in out
+    assert "GENCI" in out and "hpc" in out and "cuda:0 H100" in out and "bf16" in out and "volunteer" in out
     assert "epoch 0: 0.0% of" in out and "ETA" in out
 
     gone = subprocess.run(essaim_command("status", "--coordinator", "127.0.0.1:1", "--once"),

@@ -31,7 +31,10 @@ def fixed_sample(corpus_dir: Path) -> torch.Tensor:
     )
 
 
-def test_two_workers_train_compressed_rounds_together_and_end_identical(
+PRECISIONS = ("fp32", "bf16")  # bf16 autocast runs on the CPU too: a GPU worker's precision, tested in CI
+
+
+def test_two_workers_in_different_precisions_train_compressed_rounds_together_and_end_identical(
     start_coordinator, tmp_path: Path, corpus_dir: Path
 ):
     coordinator = start_coordinator(
@@ -41,7 +44,8 @@ def test_two_workers_train_compressed_rounds_together_and_end_identical(
     workers = [
         start_role(
             ["worker", "join", "--coordinator", coordinator.address, "--name", f"w{i}",
-             "--identity", str(tmp_path / f"w{i}.key"), "--checkpoint-dir", str(tmp_path / f"ckpt{i}")],
+             "--identity", str(tmp_path / f"w{i}.key"), "--checkpoint-dir", str(tmp_path / f"ckpt{i}"),
+             "--device", "cpu", "--precision", PRECISIONS[i]],
             tmp_path / f"w{i}.log",
             env={"OMP_NUM_THREADS": "1"},
         )
@@ -64,6 +68,10 @@ def test_two_workers_train_compressed_rounds_together_and_end_identical(
             contributions = session.scalars(select(Contribution).where(Contribution.round == number)).all()
             assert len({c.params_digest for c in contributions}) == 1, f"round {number}: parameters differ"
             assert all(c.bytes_sent > 0 and 0 < c.inner_seconds < c.wall_seconds for c in contributions)
+        # Lineage says which hardware and precision trained each range.
+        trained_in = {(r.worker_id, r.device.split()[0], r.precision) for r in session.scalars(select(LineageRecord))}
+        assert {precision for _, _, precision in trained_in} == set(PRECISIONS) and len(trained_in) == 2
+        assert {device for _, device, _ in trained_in} == {"cpu"}
     assert accounting_problems(sessions) == []
 
     checkpoints = [latest_checkpoint(tmp_path / f"ckpt{i}") for i in range(2)]

@@ -1,10 +1,15 @@
+import re
+import shlex
+import subprocess
 from pathlib import Path
 
 from coordinator.config import load_run_settings
+from essaim.processes import essaim_command
 from model.corpus import prepare_corpus
 from model.corpus_config import load_corpus_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+README = EXAMPLES.parent / "README.md"
 
 
 def test_example_run_settings_load_and_define_a_lease_size() -> None:
@@ -32,16 +37,14 @@ def test_run_settings_refuse_unknown_keys(tmp_path: Path) -> None:
         raise AssertionError("a misspelt key was accepted")
 
 
-def test_the_gpu_partition_example_is_what_hpc_submit_writes() -> None:
-    from coordinator.hpc import SlurmJob, render_sbatch
-
-    # essaim hpc submit --coordinator coordinator.example.org:50051 --partition gpu_p13 --nodes 2 --time 20:00:00
-    #   --account abc@v100 --gpus-per-node 4 --workdir /gpfswork/essaim-run --institution "GENCI Jean Zay"
-    #   --listen-host node --dry-run   (with `essaim` on the nodes' PATH)
-    job = SlurmJob(coordinator="coordinator.example.org:50051", partition="gpu_p13", nodes=2, time="20:00:00",
-                   workdir=Path("/gpfswork/essaim-run"), account="abc@v100", gpus_per_node=4,
-                   institution="GENCI Jean Zay", listen_host="node")
-    assert (EXAMPLES / "slurm-gpu.sbatch").read_text() == render_sbatch(job, essaim=["essaim"])
+def test_the_gpu_partition_example_is_what_the_readmes_hpc_submit_command_writes() -> None:
+    # The README's command, run as written with --dry-run; the example runs `essaim` from the nodes' PATH.
+    [command] = re.findall(r"^essaim hpc submit --coordinator .*?[^\\]$", README.read_text(), re.MULTILINE | re.DOTALL)
+    args = shlex.split(command.replace("\\\n", " "))[1:]
+    result = subprocess.run(essaim_command(*args, "--dry-run"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    written = result.stdout.replace(shlex.join(essaim_command()), "essaim")
+    assert (EXAMPLES / "slurm-gpu.sbatch").read_text() == written
 
 
 def test_a_slurm_job_with_a_malformed_walltime_is_refused() -> None:

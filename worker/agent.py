@@ -1,5 +1,9 @@
 """`essaim worker join`: register, then lease -> train -> average -> report, until the run ends.
 
+Before it registers, the worker settles its device and precision (worker/device.py)
+and checks that the run's model fits there (worker/memory.py), so a worker that
+cannot train is refused before it holds any lease.
+
 The worker makes itself a process-group leader so that its supervisor (the demo,
 Slurm, a test) can stop the agent and every hivemind child with one signal. On
 SIGTERM or SIGINT it gives its leases back, saves a checkpoint if it keeps any,
@@ -8,6 +12,7 @@ and shuts hivemind down before exiting.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,6 +32,8 @@ from protocol import essaim_pb2 as pb
 from protocol.identity import Identity
 from protocol.swarm import Swarm
 from worker.capabilities import calibrate, detect
+from worker.device import DevicePlan, plan_device
+from worker.memory import TrainingShape, check_fits
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import ShardReader, batches
@@ -52,6 +59,9 @@ class WorkerOptions:
     available_until: float | None = None  # unix seconds; None: the Slurm job's end, else open-ended
     bandwidth_mbit: float = 0.0           # 0: unknown
     genesis: str = ""                     # a run genesis hash to insist on (a governed run's name)
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"               # auto | fp32 | bf16
+    micro_batch_size: int | None = None   # rows per pass; None: the run's setting
 
 
 @dataclass
@@ -61,8 +71,16 @@ class RoundProgress:
     leases: list[pb.Lease] = field(default_factory=list)
     consumed: dict[int, int] = field(default_factory=dict)  # lease id -> tokens trained (a prefix)
     tokens: int = 0
-    losses: list[float] = field(default_factory=list)
+    loss_sum: torch.Tensor | None = None  # on the device: read once, at the end of the round
+    steps: int = 0
     inner_seconds: float = 0.0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / self.steps if self.steps else 0.0
 
     def unused_leases(self) -> list[pb.Lease]:
         return [lease for lease in self.leases if lease.lease_id not in self.consumed]
@@ -87,7 +105,12 @@ class Worker:
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
         options = self.options
-        capabilities = detect(options.trust_class, options.available_until, options.bandwidth_mbit)
+        plan = plan_device(options.device, options.precision)  # DeviceError: refused before Register
+        shape = self._training_shape()
+        estimate = check_fits(shape, plan)  # DoesNotFit: refused before Register
+        log.info("training on %s in %s; the model needs about %.1f GiB there", plan.describe(), plan.precision,
+                 estimate.device_bytes / (1 << 30))
+        capabilities = detect(plan, options.trust_class, options.available_until, options.bandwidth_mbit)
         self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities)
         config = self.client.run_config()
         self.governance = RunGovernance(config, options.genesis)  # refuses a ledger that does not verify
@@ -98,12 +121,15 @@ class Worker:
         swarm = Swarm(options.host, initial_peers=list(config.initial_peers))
         trainer: DiLoCoTrainer | None = None
         try:
-            trainer = DiLoCoTrainer(model, _diloco_settings(config), swarm.dht)
+            trainer = DiLoCoTrainer(model, _diloco_settings(config, shape.micro_batch_size), swarm.dht, plan)
             if checkpoint is not None:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
                 log.info("resumed from %s at round %d", checkpoint.path, trainer.round)
-            self.tokens_per_second = calibrate(model, config.vocab_size, config.batch_size, config.seq_len, config.inner_lr)
+            with _out_of_memory_refused(plan, shape):
+                self.tokens_per_second = calibrate(trainer.forward_model, plan, config.vocab_size, config.batch_size,
+                                                   config.seq_len, config.inner_lr, shape.micro_batch_size)
+            trainer.discard_local_progress()  # calibration trained the real model
             log.info("%s: calibrated at %.0f tokens/s", capabilities.device, self.tokens_per_second)
             status = self.client.heartbeat(trainer.round, 0.0, self.tokens_per_second)
             self.live_workers, self.swarm_round = status.live_workers, status.current_round
@@ -115,8 +141,9 @@ class Worker:
             threading.Thread(target=self._heartbeat_loop, args=(config, trainer), daemon=True).start()
             self._round_clock = time.perf_counter()
             try:
-                while not (self.stop_requested.is_set() or self.draining) and self._train_one_round(config, trainer, reader):
-                    pass
+                with _out_of_memory_refused(plan, shape):
+                    while not (self.stop_requested.is_set() or self.draining) and self._train_one_round(config, trainer, reader):
+                        pass
             except AveragingCancelled as stopped:
                 log.info("%s; the round's leases were released", stopped)
             if options.checkpoint_dir is not None and trainer.round > max(self._checkpointed_round, 0):
@@ -130,6 +157,13 @@ class Worker:
             swarm.close()
             self.client.close()
 
+    def _training_shape(self) -> TrainingShape:
+        """What the run needs this worker to hold in memory (public, asked before Register)."""
+        shape = self.client.training_shape()
+        micro = shape.micro_batch_size if self.options.micro_batch_size is None else self.options.micro_batch_size
+        return TrainingShape(shape.model_preset, shape.vocab_size, shape.seq_len, shape.batch_size,
+                             min(micro, shape.batch_size), shape.error_feedback)
+
     def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
         config = self._governed(config, trainer)
@@ -139,8 +173,10 @@ class Worker:
                 return False
             for lease in progress.unused_leases():
                 self._release_quietly(lease.lease_id, "the round ended before training on it")
+            drain_started = time.perf_counter()
+            self.last_loss = progress.mean_loss()  # the one read of the device per round: it waits for the queued steps
+            progress.inner_seconds += time.perf_counter() - drain_started
             self.tokens_per_second = progress.tokens / max(progress.inner_seconds, 1e-9)
-            self.last_loss = sum(progress.losses) / max(len(progress.losses), 1)
             trainer.expect_peers(self.live_workers)
             result = trainer.outer_step(
                 progress.tokens, cancel=self.stop_requested,
@@ -274,7 +310,7 @@ class Worker:
                 raise AveragingCancelled("stop requested during inner steps")
             started = time.perf_counter()
             if batch.shape[1] > 1:
-                progress.losses.append(trainer.inner_step(batch))
+                progress.add_loss(trainer.inner_step(batch))
             progress.inner_seconds += time.perf_counter() - started
             progress.consumed[lease.lease_id] = progress.consumed.get(lease.lease_id, 0) + batch.numel()
             progress.tokens += batch.numel()
@@ -319,13 +355,39 @@ class Worker:
                 log.warning("heartbeat failed: %s", error)
 
 
-def _diloco_settings(config: pb.RunConfig) -> DiLoCoSettings:
+def _diloco_settings(config: pb.RunConfig, micro_batch_size: int) -> DiLoCoSettings:
     return DiLoCoSettings(
         inner_lr=config.inner_lr, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
         dht_prefix=config.dht_prefix, target_group_size=config.target_group_size,
         matchmaking_seconds=config.matchmaking_seconds, averaging_timeout_seconds=config.averaging_timeout_seconds,
         compression=config.compression or "none", error_feedback=config.error_feedback,
+        micro_batch_size=micro_batch_size, compile=config.compile,
     )
+
+
+class OutOfDeviceMemory(Exception):
+    """Training ran out of device memory; the leases were released and the message says what to change."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError that says it cannot allocate."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+@contextlib.contextmanager
+def _out_of_memory_refused(plan: DevicePlan, shape: TrainingShape) -> Iterator[None]:
+    """Turn an out-of-memory error (after the round's leases were released) into advice on micro_batch_size."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise OutOfDeviceMemory(
+            f"{plan.describe()} ran out of memory while training ({str(error).splitlines()[0][:160]}); "
+            f"this worker's leases were released. Train fewer rows per pass: --micro-batch-size below "
+            f"{shape.rows_per_pass} (or micro_batch_size in the run settings)"
+        ) from None
 
 
 def run_worker(options: WorkerOptions) -> int:

@@ -1,55 +1,36 @@
-"""What a worker tells the coordinator about itself: device, memory, speed, and until when it is here.
+"""What a worker tells the coordinator about itself: device, precision, memory, speed, and until when it is here.
 
-Throughput comes from a short calibration run on a copy of the model (the real
-parameters are not touched); the allocation's end comes from Slurm when the worker
-runs inside a Slurm job and was not told otherwise.
+The device and precision come from the worker's DevicePlan (worker/device.py).
+Throughput comes from a short calibration run of the real inner step on the
+device the worker trains on; the allocation's end comes from Slurm when the
+worker runs inside a Slurm job and was not told otherwise.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import os
-import platform
 import subprocess
 import time
 from dataclasses import dataclass
 
 import torch
 
+from worker.device import DevicePlan
+from worker.step import inner_optimizer, inner_step
+
 CALIBRATION_STEPS = 3  # the first step warms up (allocations, kernels) and is not timed
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    device: str
-    memory_bytes: int
+    device: str              # "cuda:0 NVIDIA H200", "cpu AMD EPYC 9654 x16"
+    memory_bytes: int        # of the device that trains
     trust_class: str         # hpc, institution or volunteer
     available_until: float   # unix seconds; 0: open-ended
     slurm_job_id: str
     bandwidth_mbit: float    # 0: unknown
-
-
-def detect_device() -> tuple[str, int]:
-    """("cuda:<name>" or "cpu:<model>", memory in bytes of that device)."""
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        return f"cuda:{properties.name}", int(properties.total_memory)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return f"cpu:{_cpu_model()} x{os.cpu_count()}", int(memory)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
+    precision: str = "fp32"  # what its matmuls compute in: fp32 or bf16 (autocast)
 def slurm_job_end(job_id: str) -> float | None:
     """The job's end time (its walltime limit) from `scontrol`, as unix seconds; None if unknown."""
     try:
@@ -65,27 +46,35 @@ def slurm_job_end(job_id: str) -> float | None:
     return None
 
 
-def detect(trust_class: str, available_until: float | None, bandwidth_mbit: float) -> Capabilities:
-    """Capabilities from the machine, the environment (SLURM_JOB_ID) and what the user said."""
-    device, memory = detect_device()
+def detect(plan: DevicePlan, trust_class: str, available_until: float | None, bandwidth_mbit: float) -> Capabilities:
+    """Capabilities from the device plan, the environment (SLURM_JOB_ID) and what the user said."""
     job_id = os.environ.get("SLURM_JOB_ID", "")
     if available_until is None:
         available_until = (slurm_job_end(job_id) or 0.0) if job_id else 0.0
-    return Capabilities(device, memory, trust_class, available_until, job_id, bandwidth_mbit)
+    return Capabilities(plan.describe(), plan.memory_bytes, trust_class, available_until, job_id, bandwidth_mbit,
+                        plan.precision)
 
 
-def calibrate(model: torch.nn.Module, vocab_size: int, batch_size: int, seq_len: int, lr: float) -> float:
-    """Tokens per second of inner AdamW steps on random tokens, measured on a copy of the model."""
-    scratch = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(scratch.parameters(), lr=lr)
+def calibrate(
+    model: torch.nn.Module, plan: DevicePlan, vocab_size: int, batch_size: int, seq_len: int, lr: float,
+    micro_batch_size: int = 0,
+) -> float:
+    """Tokens per second of the real inner step on random tokens, on the model's device.
+
+    It trains the model it is given, with a scratch optimizer: the caller puts the
+    parameters back afterwards (DiLoCoTrainer.discard_local_progress), which costs
+    no second copy of the model on a GPU that may just fit one.
+    """
+    optimizer = inner_optimizer([p for p in model.parameters() if p.requires_grad], lr, plan)
     generator = torch.Generator().manual_seed(0)
-    timed = 0.0
+    started = 0.0
     for step in range(CALIBRATION_STEPS):
+        if step == 1:  # the first step warms up (allocations, kernels, compilation) and is not timed
+            plan.synchronize()
+            started = time.perf_counter()
         batch = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
-        started = time.perf_counter()
-        scratch(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step:
-            timed += time.perf_counter() - started
-    return (CALIBRATION_STEPS - 1) * batch_size * seq_len / timed
+        loss = inner_step(model, optimizer, batch, plan, micro_batch_size)
+    float(loss)  # waits for the device
+    seconds = time.perf_counter() - started
+    del optimizer
+    return (CALIBRATION_STEPS - 1) * batch_size * seq_len / seconds

@@ -53,9 +53,13 @@ class CoordinatorClient:
                 public_key=self.identity.public_key, name=name, institution=institution, device=capabilities.device,
                 memory_bytes=capabilities.memory_bytes, bandwidth_mbit=capabilities.bandwidth_mbit,
                 trust_class=capabilities.trust_class, available_until=capabilities.available_until,
-                slurm_job_id=capabilities.slurm_job_id,
+                slurm_job_id=capabilities.slurm_job_id, precision=capabilities.precision,
             ),
         )
+
+    def training_shape(self) -> pb.TrainingShape:
+        """What the run needs in memory: public, so it can be checked before registering."""
+        return self._call("GetTrainingShape", pb.TrainingShapeRequest, signed=False)
 
     def run_config(self) -> pb.RunConfig:
         return self._call("GetRunConfig", pb.GetRunConfigRequest)
@@ -75,13 +79,13 @@ class CoordinatorClient:
     def release_lease(self, lease_id: int, reason: str) -> pb.ReleaseLeaseReply:
         return self._call("ReleaseLease", lambda: pb.ReleaseLeaseRequest(lease_id=lease_id, reason=reason))
 
-    def _call(self, method: str, make_request: Callable[[], Message]) -> Reply:
+    def _call(self, method: str, make_request: Callable[[], Message], signed: bool = True) -> Reply:
         """Sign a fresh request per attempt (a retried request must not look like a replay)."""
         rpc = getattr(self._stub, method)
         give_up_at = time.monotonic() + self.retry_seconds
         delay = 0.2
         while True:
-            request = sign_request(method, make_request(), self.identity)
+            request = sign_request(method, make_request(), self.identity) if signed else make_request()
             try:
                 return rpc(request, timeout=self.call_timeout)
             except grpc.RpcError as error:

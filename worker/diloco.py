@@ -8,6 +8,10 @@ that averaged together end the round with identical weights. Groups are keyed by
 round number, so peers at different rounds never average together; a peer that
 fell behind downloads the swarm's state (round, global parameters, outer
 momentum) from a peer instead.
+
+The model and inner AdamW live on the worker's device (worker/device.py) and train
+with worker/step.py; the global parameters, the momentum and the outer step live on
+the host in float32 (worker/outer_state.py), whatever the device and precision.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from hivemind.averaging.control import AveragingStage
 
 from model.checkpoints import tensors_digest
 from worker.allreduce import COMPRESSIONS, ExactAverager
+from worker.device import DevicePlan, plan_device
+from worker.outer_state import OuterState
+from worker.step import inner_optimizer, inner_step
 
 log = logging.getLogger("essaim.worker.diloco")
 
@@ -39,6 +46,8 @@ class DiLoCoSettings:
     averaging_timeout_seconds: float
     compression: str = "none"     # a key of worker.allreduce.COMPRESSIONS
     error_feedback: bool = False
+    micro_batch_size: int = 0     # > 0: rows per forward/backward pass, gradients accumulated over the batch
+    compile: bool = False         # torch.compile the model for the inner steps
 
 
 @dataclass(frozen=True)
@@ -69,28 +78,26 @@ class _StateSharingAverager(ExactAverager):
 
 
 class DiLoCoTrainer:
-    def __init__(self, model: torch.nn.Module, settings: DiLoCoSettings, dht: DHT) -> None:
+    """The model and inner AdamW on the plan's device; the outer state on the host (worker/outer_state.py)."""
+
+    def __init__(self, model: torch.nn.Module, settings: DiLoCoSettings, dht: DHT, plan: DevicePlan | None = None) -> None:
         if settings.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {settings.compression!r}: use one of {sorted(COMPRESSIONS)}")
-        self.model = model
+        self.plan = plan or plan_device("cpu", "fp32")
+        self.model = model.to(self.plan.device)
+        # What the inner steps call: the same parameters, compiled into fused kernels if the run asks.
+        self.forward_model = torch.compile(self.model) if settings.compile else self.model
         self.settings = settings
         self.compression = settings.compression  # in force; a governance vote may change it
         self.round = 0
         self.round_started_at = time.time()  # wall clock, shared with peers that download our state
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self.inner_optimizer = torch.optim.AdamW(self._params, lr=settings.inner_lr)
-        self.global_params = [p.detach().clone() for p in self._params]
-        self.outer_optimizer = torch.optim.SGD(
-            self.global_params, lr=settings.outer_lr, momentum=settings.outer_momentum, nesterov=True
-        )
-        # Explicit zero buffers (what SGD would start from) so the state can be shared from round 0.
-        self.momentum = [torch.zeros_like(p) for p in self.global_params]
-        for param, buffer in zip(self.global_params, self.momentum):
-            self.outer_optimizer.state[param]["momentum_buffer"] = buffer
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.inner_optimizer = inner_optimizer(self._params, settings.inner_lr, self.plan)
+        self.outer = OuterState(self._params, settings.outer_lr, settings.outer_momentum, self.plan)
         self._outer_lock = threading.Lock()  # peers read the outer state from another thread
         self.averager = _StateSharingAverager(
             self,
-            [torch.zeros_like(p) for p in self._params],
+            [torch.zeros_like(p) for p in self.outer.global_params],
             dht,
             prefix=f"{settings.dht_prefix}_pseudo_gradients",  # hivemind forbids "." in prefixes
             target_group_size=settings.target_group_size,
@@ -102,14 +109,18 @@ class DiLoCoTrainer:
             start=True,
         )
 
-    def inner_step(self, input_ids: torch.Tensor) -> float:
-        """One AdamW step on a batch of token rows; returns the loss."""
+    @property
+    def global_params(self) -> list[torch.Tensor]:
+        return self.outer.global_params
+
+    @property
+    def momentum(self) -> list[torch.Tensor]:
+        return self.outer.momentum
+
+    def inner_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One AdamW step on a batch of token rows (on the host); returns the loss, on the device."""
         self.model.train()
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        self.inner_optimizer.step()
-        self.inner_optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return inner_step(self.forward_model, self.inner_optimizer, input_ids, self.plan, self.settings.micro_batch_size)
 
     def expect_peers(self, live_workers: int) -> None:
         """Size averaging groups from the live membership: a full group starts at once."""
@@ -129,14 +140,16 @@ class DiLoCoTrainer:
         takes no step, drops its inner progress and returns None, so that it can
         adopt the swarm's state instead.
         """
-        pseudo_gradients = [g - p.detach() for g, p in zip(self.global_params, self._params)]
+        pseudo_gradients = self.outer.pseudo_gradient()
         residuals = self.averager.residuals
         if residuals is not None:  # error feedback: resend what compression dropped last round
             for gradient, residual in zip(pseudo_gradients, residuals):
                 gradient.add_(residual)
                 residual.zero_()
         bytes_before = self.averager.bytes_sent
+        started = time.perf_counter()
         group_size = self._average(pseudo_gradients, float(max(tokens_trained, 1)), cancel, give_up)
+        self.outer.timings.average = time.perf_counter() - started
         if group_size == 1 and residuals is not None:
             for residual in residuals:  # not sent compressed: nothing to carry
                 residual.zero_()
@@ -144,11 +157,7 @@ class DiLoCoTrainer:
             self.discard_local_progress()
             return None
         with self._outer_lock:
-            for global_param, averaged in zip(self.global_params, pseudo_gradients):
-                global_param.grad = averaged
-            self.outer_optimizer.step()
-            self.outer_optimizer.zero_grad(set_to_none=True)
-            self._reset_local_params()
+            self.outer.step(pseudo_gradients)
             result = RoundResult(
                 round=self.round, group_size=group_size, pseudo_gradient_digest=tensors_digest(pseudo_gradients),
                 params_digest=tensors_digest(self.global_params), bytes_sent=self.averager.bytes_sent - bytes_before,
@@ -165,25 +174,18 @@ class DiLoCoTrainer:
     def discard_local_progress(self) -> None:
         """Back to the global parameters: the inner steps since the last outer step are dropped."""
         with self._outer_lock:
-            self._reset_local_params()
+            self.outer.reset_local()
 
     def outer_state(self) -> tuple[dict, list[torch.Tensor], None]:
         """(metadata, tensors, compression infos) as hivemind's state download expects."""
         with self._outer_lock:
-            tensors = [t.detach().clone() for t in (*self.global_params, *self.momentum)]
+            tensors = self.outer.state()
             return {"round": self.round, "round_started_at": self.round_started_at}, tensors, None
 
     def load_outer_state(self, round_number: int, tensors: list[torch.Tensor], round_started_at: float) -> None:
         """Adopt global parameters and outer momentum (from a peer or a checkpoint) at a round."""
-        expected = len(self.global_params) + len(self.momentum)
-        if len(tensors) != expected:
-            raise ValueError(f"an outer state with {len(tensors)} tensors; this model needs {expected}")
-        with self._outer_lock, torch.no_grad():
-            for target, source in zip((*self.global_params, *self.momentum), tensors):
-                if target.shape != source.shape:
-                    raise ValueError(f"an outer state tensor of shape {tuple(source.shape)}, not {tuple(target.shape)}")
-                target.copy_(source)
-            self._reset_local_params()
+        with self._outer_lock:
+            self.outer.load(tensors)
             self.round, self.round_started_at = round_number, round_started_at
         self.averager.state_sharing_priority = self.round
 
@@ -217,17 +219,11 @@ class DiLoCoTrainer:
         for group in self.inner_optimizer.param_groups:
             group["lr"] = inner_lr
         with self._outer_lock:
-            for group in self.outer_optimizer.param_groups:
-                group["lr"] = outer_lr
+            self.outer.set_lr(outer_lr)
 
     def params_digest(self) -> str:
         with self._outer_lock:
             return tensors_digest(self.global_params)
-
-    def _reset_local_params(self) -> None:
-        with torch.no_grad():
-            for param, global_param in zip(self._params, self.global_params):
-                param.copy_(global_param)
 
     def _average(
         self, tensors: list[torch.Tensor], weight: float, cancel: threading.Event, give_up: Callable[[], bool]
