@@ -1,4 +1,4 @@
-"""The accounting invariant of DESIGN.md, checked from the database.
+"""The accounting invariant of docs/ARCHITECTURE.md, checked from the database.
 
 For every shard and epoch, the token ranges tile [0, tokens) with no gap and no
 overlap; each trained range is one completed lease and one lineage record covering

@@ -140,8 +140,8 @@ def worker_join(
 ) -> None:
     """Join a run: lease shards, train DiLoCo rounds with peers, report."""
     from model.shards import ShardIntegrityError
-    from worker.agent import OutOfDeviceMemory, WorkerOptions, run_worker
-    from worker.memory import DoesNotFit
+    from worker.agent import WorkerOptions, run_worker
+    from worker.memory import DoesNotFit, OutOfDeviceMemory
     from model.checkpoints import CheckpointError
     from worker.client import CoordinatorRefused, CoordinatorUnreachable
 

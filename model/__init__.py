@@ -2,5 +2,5 @@
 
 Submodules are imported explicitly (``from model.presets import build_model``) so that
 importing the package stays cheap: torch and transformers load only where they are used.
-This package knows nothing about the network (see DESIGN.md).
+This package knows nothing about the network (see docs/ARCHITECTURE.md).
 """

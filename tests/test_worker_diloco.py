@@ -128,3 +128,13 @@ def test_a_compression_set_between_rounds_applies_to_the_next_average(two_peers)
     assert 0.9 < sent_per_round[0] < 1.2 and 0.2 < sent_per_round[1] < 0.3, sent_per_round
     with pytest.raises(ValueError, match="unknown compression 'zip'"):
         trainers[0].set_compression("zip")
+
+
+def test_a_run_that_asks_for_compile_trains_through_torch_compile_on_the_same_parameters(two_peers) -> None:
+    # Compiling takes ~50 s on these CPUs, so this checks the wiring; benchmarks/overhead.py --compile trains compiled.
+    first_swarm, _, trainers = two_peers
+    trainer = DiLoCoTrainer(build_model("tiny", 300, seed=0), dataclasses.replace(SETTINGS, compile=True), first_swarm.dht)
+    trainers.append(trainer)
+    assert isinstance(trainer.forward_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.forward_model._orig_mod is trainer.model
+    assert trainer.inner_optimizer.param_groups[0]["params"][0] is next(trainer.model.parameters())

@@ -12,7 +12,6 @@ and shuts hivemind down before exiting.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -32,13 +31,13 @@ from protocol import essaim_pb2 as pb
 from protocol.identity import Identity
 from protocol.swarm import Swarm
 from worker.capabilities import calibrate, detect
-from worker.device import DevicePlan, plan_device
-from worker.memory import TrainingShape, check_fits
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import ShardReader, batches
+from worker.device import plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
 from worker.governance import RunGovernance
+from worker.memory import Workload, check_fits, out_of_memory_refused
 
 log = logging.getLogger("essaim.worker")
 
@@ -106,8 +105,8 @@ class Worker:
         """Train until the run is complete or a stop is requested; returns the round reached."""
         options = self.options
         plan = plan_device(options.device, options.precision)  # DeviceError: refused before Register
-        shape = self._training_shape()
-        estimate = check_fits(shape, plan)  # DoesNotFit: refused before Register
+        workload = self._workload()
+        estimate = check_fits(workload, plan)  # DoesNotFit: refused before Register
         log.info("training on %s in %s; the model needs about %.1f GiB there", plan.describe(), plan.precision,
                  estimate.device_bytes / (1 << 30))
         capabilities = detect(plan, options.trust_class, options.available_until, options.bandwidth_mbit)
@@ -121,14 +120,14 @@ class Worker:
         swarm = Swarm(options.host, initial_peers=list(config.initial_peers))
         trainer: DiLoCoTrainer | None = None
         try:
-            trainer = DiLoCoTrainer(model, _diloco_settings(config, shape.micro_batch_size), swarm.dht, plan)
+            trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan)
             if checkpoint is not None:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
                 log.info("resumed from %s at round %d", checkpoint.path, trainer.round)
-            with _out_of_memory_refused(plan, shape):
+            with out_of_memory_refused(plan, workload):
                 self.tokens_per_second = calibrate(trainer.forward_model, plan, config.vocab_size, config.batch_size,
-                                                   config.seq_len, config.inner_lr, shape.micro_batch_size)
+                                                   config.seq_len, config.inner_lr, workload.micro_batch_size)
             trainer.discard_local_progress()  # calibration trained the real model
             log.info("%s: calibrated at %.0f tokens/s", capabilities.device, self.tokens_per_second)
             status = self.client.heartbeat(trainer.round, 0.0, self.tokens_per_second)
@@ -141,7 +140,7 @@ class Worker:
             threading.Thread(target=self._heartbeat_loop, args=(config, trainer), daemon=True).start()
             self._round_clock = time.perf_counter()
             try:
-                with _out_of_memory_refused(plan, shape):
+                with out_of_memory_refused(plan, workload):
                     while not (self.stop_requested.is_set() or self.draining) and self._train_one_round(config, trainer, reader):
                         pass
             except AveragingCancelled as stopped:
@@ -157,12 +156,12 @@ class Worker:
             swarm.close()
             self.client.close()
 
-    def _training_shape(self) -> TrainingShape:
+    def _workload(self) -> Workload:
         """What the run needs this worker to hold in memory (public, asked before Register)."""
         shape = self.client.training_shape()
         micro = shape.micro_batch_size if self.options.micro_batch_size is None else self.options.micro_batch_size
-        return TrainingShape(shape.model_preset, shape.vocab_size, shape.seq_len, shape.batch_size,
-                             min(micro, shape.batch_size), shape.error_feedback)
+        return Workload(shape.model_preset, shape.vocab_size, shape.seq_len, shape.batch_size,
+                        min(micro, shape.batch_size), shape.error_feedback)
 
     def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
@@ -363,31 +362,6 @@ def _diloco_settings(config: pb.RunConfig, micro_batch_size: int) -> DiLoCoSetti
         compression=config.compression or "none", error_feedback=config.error_feedback,
         micro_batch_size=micro_batch_size, compile=config.compile,
     )
-
-
-class OutOfDeviceMemory(Exception):
-    """Training ran out of device memory; the leases were released and the message says what to change."""
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError that says it cannot allocate."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
-
-
-@contextlib.contextmanager
-def _out_of_memory_refused(plan: DevicePlan, shape: TrainingShape) -> Iterator[None]:
-    """Turn an out-of-memory error (after the round's leases were released) into advice on micro_batch_size."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
-            raise
-        raise OutOfDeviceMemory(
-            f"{plan.describe()} ran out of memory while training ({str(error).splitlines()[0][:160]}); "
-            f"this worker's leases were released. Train fewer rows per pass: --micro-batch-size below "
-            f"{shape.rows_per_pass} (or micro_batch_size in the run settings)"
-        ) from None
 
 
 def run_worker(options: WorkerOptions) -> int:

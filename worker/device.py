@@ -89,6 +89,7 @@ def plan_device(device: str = "auto", precision: str = "auto") -> DevicePlan:
         return DevicePlan(torch.device("cpu"), "fp32" if precision == "auto" else precision,
                           f"{_cpu_model()} x{os.cpu_count()}", host_total_bytes())
     chosen = _cuda_device(int(index or 0), device)
+    torch.cuda.set_device(chosen)  # pinned memory, fused kernels and the CUDA context all go to this GPU
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     elif precision == "bf16" and not torch.cuda.is_bf16_supported():

@@ -119,7 +119,8 @@ class DiLoCoTrainer:
 
     def inner_step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One AdamW step on a batch of token rows (on the host); returns the loss, on the device."""
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         return inner_step(self.forward_model, self.inner_optimizer, input_ids, self.plan, self.settings.micro_batch_size)
 
     def expect_peers(self, live_workers: int) -> None:

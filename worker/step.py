@@ -25,16 +25,18 @@ def inner_step(
     rows = batch.shape[0]
     micro = micro_batch_size if 0 < micro_batch_size < rows else rows
     batch = plan.to_device(batch)
-    total = torch.zeros((), device=plan.device)
+    total: torch.Tensor | None = None
     for first in range(0, rows, micro):
         chunk = batch[first : first + micro]  # (micro, seq_len)
         with plan.autocast():
-            loss = model(input_ids=chunk, labels=chunk).loss
-        share = chunk.shape[0] / rows
-        (loss * share).backward()
-        total += loss.detach().float() * share
+            loss = model(input_ids=chunk, labels=chunk).loss  # float32 even under autocast
+        if micro < rows:
+            loss = loss * (chunk.shape[0] / rows)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    assert total is not None
     return total
 
 
