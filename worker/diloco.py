@@ -141,15 +141,18 @@ class DiLoCoTrainer:
         takes no step, drops its inner progress and returns None, so that it can
         adopt the swarm's state instead.
         """
-        pseudo_gradients = self.outer.pseudo_gradient()
+        # The pseudo-gradient goes straight into the averager's shared buffers and is averaged there in
+        # place, and the outer step reads it there: no copy of the model's size on the way in or out.
         residuals = self.averager.residuals
-        if residuals is not None:  # error feedback: resend what compression dropped last round
-            for gradient, residual in zip(pseudo_gradients, residuals):
-                gradient.add_(residual)
-                residual.zero_()
+        with self.averager.get_tensors() as pseudo_gradients:
+            self.outer.pseudo_gradient(into=pseudo_gradients)
+            if residuals is not None:  # error feedback: resend what compression dropped last round
+                for gradient, residual in zip(pseudo_gradients, residuals):
+                    gradient.add_(residual)
+                    residual.zero_()
         bytes_before = self.averager.bytes_sent
         started = time.perf_counter()
-        group_size = self._average(pseudo_gradients, float(max(tokens_trained, 1)), cancel, give_up)
+        group_size = self._average(float(max(tokens_trained, 1)), cancel, give_up)
         self.outer.timings.average = time.perf_counter() - started
         if group_size == 1 and residuals is not None:
             for residual in residuals:  # not sent compressed: nothing to carry
@@ -157,7 +160,7 @@ class DiLoCoTrainer:
         if group_size == 1 and not apply_alone():
             self.discard_local_progress()
             return None
-        with self._outer_lock:
+        with self._outer_lock, self.averager.get_tensors() as pseudo_gradients:
             self.outer.step(pseudo_gradients)
             result = RoundResult(
                 round=self.round, group_size=group_size, pseudo_gradient_digest=tensors_digest(pseudo_gradients),
@@ -226,17 +229,13 @@ class DiLoCoTrainer:
         with self._outer_lock:
             return tensors_digest(self.global_params)
 
-    def _average(
-        self, tensors: list[torch.Tensor], weight: float, cancel: threading.Event, give_up: Callable[[], bool]
-    ) -> int:
-        """Replace `tensors` by the group's weighted average in place; returns the group size.
+    def _average(self, weight: float, cancel: threading.Event, give_up: Callable[[], bool]) -> int:
+        """Replace the averager's tensors by the group's weighted average in place; returns the group size.
 
         When no group forms in time the worker keeps its own pseudo-gradient
         (a group of one) so training goes on; it is reported as group_size 1.
+        A failed all-reduce leaves the tensors as they were (worker/allreduce.py).
         """
-        with self.averager.get_tensors() as shared:
-            for slot, tensor in zip(shared, tensors):
-                slot.copy_(tensor)
         self.averager.set_group_bits(format(self.round % 2**ROUND_BITS, f"0{ROUND_BITS}b"))
         control = self.averager.step(
             weight=weight, gather=self.round, timeout=self.settings.averaging_timeout_seconds, wait=False
@@ -258,10 +257,9 @@ class DiLoCoTrainer:
         rounds = set(gathered.values())
         if rounds != {self.round}:  # same key modulo 2**16 but another round: do not mix
             log.warning("round %d: a group formed with peers at rounds %s; not using it", self.round, sorted(rounds))
+            with self.averager.get_tensors() as pseudo_gradients:
+                self.outer.pseudo_gradient(into=pseudo_gradients)  # ours again, in place of that average
             return 1
-        with self.averager.get_tensors() as shared:
-            for tensor, slot in zip(tensors, shared):
-                tensor.copy_(slot)
         return len(gathered)
 
     def shutdown(self) -> None:

@@ -3,8 +3,8 @@
 Training memory, per trainable parameter: float32 weights (4 bytes), gradients (4)
 and AdamW's two moments (8), plus a bf16 copy of the weights (2) that autocast
 keeps for the forward. The DiLoCo outer state lives in host memory: global
-parameters, momentum, the local parameters' host copy and the averager's buffer
-(4 bytes each), one more with error feedback. Activations grow with the tokens
+parameters, momentum, the averager's buffer and (from a GPU) the local parameters'
+host copy, 4 bytes each, one more with error feedback: counted as 16 (20) everywhere. Activations grow with the tokens
 of one micro-batch; the per-token figures below are upper bounds of what
 autograd saves in a Llama layer (measured on CPU with saved-tensor hooks: 83h
 bytes in fp32 for h = 64 and 512, with intermediate 2.7h), plus the logits,

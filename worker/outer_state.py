@@ -43,22 +43,25 @@ class OuterState:
         self.optimizer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=True)
         for param, buffer in zip(self.global_params, self.momentum):
             self.optimizer.state[param]["momentum_buffer"] = buffer
-        self._staging = [_host_zeros(p, pin) for p in self.global_params]  # the local params' host copy
+        # Where the local parameters land on the host (a GPU's only; the CPU's are read where they are).
+        self._staging = [_host_zeros(p, pin) for p in self.global_params] if plan.is_cuda else None
         self.timings = OuterTimings()
 
-    def pseudo_gradient(self) -> list[torch.Tensor]:
-        """global - local, in float32 on the host: a fresh list of tensors the caller may average in place."""
+    def pseudo_gradient(self, into: list[torch.Tensor]) -> None:
+        """Write global - local, in float32 on the host, into `into` (the averager's buffers)."""
         started = time.perf_counter()
         with torch.no_grad():
-            for staging, param in zip(self._staging, self.local):
-                staging.copy_(param, non_blocking=True)
-            self.plan.synchronize()  # every copy has landed before the host reads them
+            local = [param.detach() for param in self.local]
+            if self._staging is not None:
+                for staging, param in zip(self._staging, local):
+                    staging.copy_(param, non_blocking=True)
+                self.plan.synchronize()  # every copy has landed before the host reads them
+                local = self._staging
             copied = time.perf_counter()
-            for staging, global_param in zip(self._staging, self.global_params):
-                torch.sub(global_param, staging, out=staging)
+            for out, global_param, local_param in zip(into, self.global_params, local):
+                torch.sub(global_param, local_param, out=out)
         self.timings.device_to_host = copied - started
         self.timings.pseudo_gradient = time.perf_counter() - copied
-        return self._staging
 
     def step(self, averaged: list[torch.Tensor]) -> None:
         """The outer Nesterov step on the averaged pseudo-gradient, then the model takes the new parameters."""
