@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hivemind.compression import CompressionInfo
 
 from model.presets import build_model, llama_config, parameter_count
 from model.shards import token_dtype, write_shard
@@ -91,11 +92,24 @@ class Partner:
 
 
 def write_token_shard(directory: Path, vocab: int, tokens: int) -> pb.Lease:
-    """A shard of uniform random token ids: the benchmark measures speed, not learning."""
+    """A shard of uniform random token ids (the benchmark measures speed, not learning), as a lease of all of it."""
     dtype = token_dtype(vocab)
     values = np.random.default_rng(0).integers(0, vocab, tokens)
     sha256 = write_shard(values, directory / "bench.bin", dtype)
-    return pb.Lease(shard_file="bench.bin", shard_sha256=sha256, shard_tokens=tokens, dtype=dtype)
+    return pb.Lease(shard_file="bench.bin", shard_sha256=sha256, shard_tokens=tokens, dtype=dtype, start=0, end=tokens)
+
+
+def leases_by_round(shard: pb.Lease, rounds: int, round_tokens: int, per_round: int = 4) -> list[list[pb.Lease]]:
+    """Each round's leases, `per_round` of them, as the coordinator cuts them (leases_per_round)."""
+    size = round_tokens // per_round
+
+    def lease(start: int) -> pb.Lease:
+        piece = pb.Lease()
+        piece.CopyFrom(shard)
+        piece.start, piece.end = start, min(start + size, shard.end)
+        return piece
+
+    return [[lease(start) for start in range(r * round_tokens, (r + 1) * round_tokens, size)] for r in range(rounds)]
 
 
 def plain_loop(preset: str, vocab: int, plan: DevicePlan, rows: list[torch.Tensor], lr: float, compile: bool,
@@ -157,7 +171,6 @@ def worker_loop(preset: str, vocab: int, plan: DevicePlan, settings: DiLoCoSetti
 def compression_seconds(name: str, like: list[torch.Tensor]) -> float:
     """Compressing a whole pseudo-gradient once on the host, as the all-reduce does per part."""
     compression = COMPRESSIONS[name]()
-    from hivemind.compression import CompressionInfo
     tensors = [torch.randn_like(t) for t in like]
     started = time.perf_counter()
     for tensor in tensors:
@@ -204,17 +217,10 @@ def main() -> None:
                               compile=args.compile)
     with tempfile.TemporaryDirectory(prefix="essaim-bench-") as tmp:
         data = Path(tmp)
-        shard = write_token_shard(data, args.vocab, args.rounds * args.inner_steps * tokens_per_step)
-        # Each round: leases of a quarter of a round each, as the coordinator cuts them (leases_per_round 4).
-        lease_tokens = args.inner_steps * tokens_per_step // 4
-        leases = [[pb.Lease(**{f.name: getattr(shard, f.name) for f, _ in shard.ListFields()},
-                            start=start, end=min(start + lease_tokens, (r + 1) * args.inner_steps * tokens_per_step))
-                   for start in range(r * args.inner_steps * tokens_per_step, (r + 1) * args.inner_steps * tokens_per_step,
-                                      lease_tokens)]
-                  for r in range(args.rounds)]
-        all_tokens = ShardReader(data).tokens(pb.Lease(shard_file=shard.shard_file, shard_sha256=shard.shard_sha256,
-                                                       shard_tokens=shard.shard_tokens, dtype=shard.dtype,
-                                                       start=0, end=shard.shard_tokens))
+        round_tokens = args.inner_steps * tokens_per_step
+        shard = write_token_shard(data, args.vocab, args.rounds * round_tokens)
+        leases = leases_by_round(shard, args.rounds, round_tokens)
+        all_tokens = ShardReader(data).tokens(shard)
         rows = [b.pin_memory() if plan.is_cuda else b for b in batches(all_tokens, args.batch_size, args.seq_len)]
 
         swarm = Swarm("127.0.0.1")

@@ -45,8 +45,8 @@ def test_a_database_at_the_first_revision_upgrades_keeping_its_rows(database_url
                                 "('wiki-0', 0, 40, 100, 'pool')"))
     open_engine(database_url)
     with engine.connect() as connection:
-        row = connection.execute(text("SELECT last_round, trust_class, failures FROM workers")).one()
-        assert tuple(row) == (3, "volunteer", 0)
+        row = connection.execute(text("SELECT last_round, trust_class, failures, precision FROM workers")).one()
+        assert tuple(row) == (3, "volunteer", 0, "fp32")  # a worker from before precisions trained in fp32
         assert connection.execute(text("SELECT assigned_tokens FROM sources")).scalar() == 40
         ranges = connection.execute(text("SELECT DISTINCT source, shard_date FROM token_ranges")).all()
         assert [tuple(r) for r in ranges] == [("wiki", "2020-03-01")]

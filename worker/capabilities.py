@@ -31,6 +31,8 @@ class Capabilities:
     slurm_job_id: str
     bandwidth_mbit: float    # 0: unknown
     precision: str = "fp32"  # what its matmuls compute in: fp32 or bf16 (autocast)
+
+
 def slurm_job_end(job_id: str) -> float | None:
     """The job's end time (its walltime limit) from `scontrol`, as unix seconds; None if unknown."""
     try:

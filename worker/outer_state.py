@@ -25,7 +25,7 @@ class OuterTimings:
 
     device_to_host: float = 0.0
     pseudo_gradient: float = 0.0
-    average: float = 0.0        # compression and all-reduce, in hivemind's averager process
+    average: float = 0.0        # matchmaking, compression and all-reduce (hivemind's averager process)
     outer_step: float = 0.0
     host_to_device: float = 0.0
 
