@@ -21,10 +21,10 @@ from coordinator.status import network_status
 from coordinator.store import Worker
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, RequestVerifier
+from protocol.choices import PRECISIONS
 from protocol.identity import PUBLIC_KEY_BYTES, worker_id_for
 
 TRUST_CLASSES = ("hpc", "institution", "volunteer")
-PRECISIONS = ("fp32", "bf16")
 UNSIGNED = ("Register", "GetStatus", "GetTrainingShape")  # Register proves its key itself; the others are public
 
 SERVICE_NAME = "essaim.v1.Coordinator"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -132,7 +134,6 @@ def test_an_outer_state_that_does_not_fit_the_model_is_refused_and_changes_nothi
 
 def test_the_digest_reads_any_dtype_and_matches_float32_bytes_as_before() -> None:
     values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    import hashlib
     assert tensors_digest([values]) == hashlib.sha256(values.numpy().tobytes()).hexdigest()
     assert tensors_digest([values.bfloat16()]) != tensors_digest([values])
     assert tensors_digest([torch.tensor(1.0)]) == hashlib.sha256(torch.tensor(1.0).numpy().tobytes()).hexdigest()

@@ -18,8 +18,10 @@ from typing import ContextManager
 
 import torch
 
+from protocol.choices import PRECISIONS
+
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 _DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 
@@ -80,8 +82,8 @@ def plan_device(device: str = "auto", precision: str = "auto") -> DevicePlan:
     match = _DEVICE.match(device.strip().lower())
     if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
         raise DeviceError(f"--device {device!r}: use {DEVICES_HELP}")
-    if precision not in PRECISIONS:
-        raise DeviceError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISION_CHOICES:
+        raise DeviceError(f"--precision {precision!r}: use one of {', '.join(PRECISION_CHOICES)}")
     kind, index = match.group(1), match.group(2)
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"

@@ -116,7 +116,7 @@ def out_of_memory_refused(plan: DevicePlan, workload: Workload) -> Iterator[None
     """Turn an out-of-memory error (after the round's leases were released) into advice on micro_batch_size."""
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as error:
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(error):
             raise
         raise OutOfDeviceMemory(
