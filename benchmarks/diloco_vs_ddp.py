@@ -12,7 +12,7 @@ as workers report it; DDP: training loop time less the all-reduce wait, see Comm
 and whether all replicas end identical. The goals: at least 1000x fewer bytes than DDP
 at no more than 3 % higher eval loss (and, with --wan, at least 95 % utilisation).
 With --wan DELAY_MS,RATE_MBIT (root) every process runs in its own network namespace
-behind an emulated WAN link (../shared/tools/wanemu.py) and interface TX counters are
+behind an emulated WAN link (tests/wanemu.py) and interface TX counters are
 read too. The defaults take roughly 10-15 minutes on a 2-core machine.
 
 Usage: python benchmarks/diloco_vs_ddp.py [--steps 1200 --inner-steps 300 --workers 4]
@@ -52,7 +52,7 @@ from worker.data import batches
 VARIANTS = ("ddp", "none", "fp16", "8bit")
 EVAL_ROWS_PER_SHARD = 64
 CHARS_PER_LANGUAGE = 3_000_000  # ~2.9 M tokens at vocab 1024; longer runs go round it in epochs
-WANEMU = Path(os.environ.get("WANEMU", Path(__file__).resolve().parents[2] / "shared" / "tools" / "wanemu.py"))
+WANEMU = Path(os.environ.get("WANEMU", Path(__file__).resolve().parents[1] / "tests" / "wanemu.py"))
 GOAL_BYTES_RATIO, GOAL_LOSS_PERCENT, GOAL_UTILISATION = 1000.0, 3.0, 0.95
 
 

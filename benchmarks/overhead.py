@@ -42,9 +42,10 @@ from protocol.swarm import Swarm
 from worker.agent import RoundProgress
 from worker.allreduce import COMPRESSIONS
 from worker.capabilities import calibrate
-from worker.data import ShardReader, batches
+from worker.data import batches
 from worker.device import DevicePlan, plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
+from worker.shards import ShardStore
 
 logging.getLogger("hivemind").setLevel(logging.CRITICAL)  # a partner looking for a group logs every miss
 logging.getLogger("essaim").setLevel(logging.ERROR)
@@ -145,7 +146,7 @@ def worker_loop(preset: str, vocab: int, plan: DevicePlan, settings: DiLoCoSetti
         calibrate(trainer.forward_model, plan, vocab, args.batch_size, args.seq_len, settings.inner_lr)
         trainer.discard_local_progress()
         trainer.expect_peers(2)
-        reader = ShardReader(data)  # a fresh reader checks the shard's sha256, as a new worker does
+        reader = ShardStore(data)  # a fresh reader checks the shard's sha256, as a new worker does
         outer_parts, tokens = [], 0
         plan.synchronize()
         started = time.perf_counter()
@@ -220,7 +221,7 @@ def main() -> None:
         round_tokens = args.inner_steps * tokens_per_step
         shard = write_token_shard(data, args.vocab, args.rounds * round_tokens)
         leases = leases_by_round(shard, args.rounds, round_tokens)
-        all_tokens = ShardReader(data).tokens(shard)
+        all_tokens = ShardStore(data).tokens(shard)
         rows = [b.pin_memory() if plan.is_cuda else b for b in batches(all_tokens, args.batch_size, args.seq_len)]
 
         swarm = Swarm("127.0.0.1")

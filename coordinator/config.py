@@ -43,6 +43,10 @@ class RunSettings(BaseModel):
     # for batch_size rows at once trains the same tokens to the same result. 0: one pass.
     micro_batch_size: int = Field(0, ge=0)
     compile: bool = False              # workers wrap the model in torch.compile (faster on GPUs, slow to start)
+    # Where workers fetch shards: "" for the coordinator itself, else an fsspec URL of the prepared
+    # directory (https:// with Range support, s3://...). Where the bytes live, not what the run is:
+    # it is left out of the run id, so a community can move its shards without starting over.
+    data_url: str = ""
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunSettings":
@@ -67,10 +71,21 @@ class CoordinatorSettings(BaseModel):
 
     data_dir: Path                  # a prepared corpus: manifest.json, shards, tokenizer/
     database_url: str               # sqlite:///... by default
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"         # the address gRPC and the DHT peer bind (0.0.0.0: every interface)
     port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
+    announce: str = ""              # the address workers dial, when it is not `host` (NAT, 0.0.0.0)
+    dht_port: int = Field(0, ge=0, le=65535)  # the DHT peer's TCP port; 0: a free one
+    tls_cert: Path | None = None    # PEM certificate and key: gRPC over TLS
+    tls_key: Path | None = None
+    insecure: bool = False          # plaintext on an address other than loopback, knowingly
     run: RunSettings = RunSettings()
     governance: Path | None = None  # the run's ledger (essaim gov init): its votes govern the run
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "CoordinatorSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give --tls-cert and --tls-key together (a certificate and its private key)")
+        return self
 
 
 def load_run_settings(path: Path) -> RunSettings:

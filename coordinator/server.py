@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.config import CoordinatorSettings
+from coordinator.corpus_files import CorpusFiles
 from coordinator.governed import GovernedRun
 from coordinator.round_terms import round_terms
 from coordinator.scheduler import Scheduler
@@ -23,15 +24,16 @@ from model.shards import Manifest
 from model.tokenizer import tokenizer_sha256
 from protocol import essaim_pb2 as pb
 from protocol.auth import RequestVerifier
-from protocol.limits import GRPC_OPTIONS
+from protocol.limits import SERVER_OPTIONS
 from protocol.swarm import Swarm
+from protocol.transport import ServerTLS, add_listening_port
 
 log = logging.getLogger("essaim.coordinator")
 
 
 def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str, genesis_hash: str = "") -> str:
     """The run is named by what defines it: the corpus, the run settings and, when governed, its genesis."""
-    defined_by = {"corpus": corpus_root_hash, "run": settings.run.model_dump()}
+    defined_by = {"corpus": corpus_root_hash, "run": settings.run.model_dump(exclude={"data_url"})}
     if genesis_hash:  # two governed runs on the same corpus and settings are still two runs (two swarms)
         defined_by["genesis"] = genesis_hash
     return hashlib.sha256(json.dumps(defined_by, sort_keys=True).encode()).hexdigest()[:16]
@@ -53,7 +55,7 @@ def build_run_config(
         lease_seconds=run.lease_seconds, heartbeat_seconds=run.heartbeat_seconds,
         compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
         checkpoint_every_rounds=run.checkpoint_every_rounds, leases_per_round=run.leases_per_round,
-        micro_batch_size=run.micro_batch_size, compile=run.compile,
+        micro_batch_size=run.micro_batch_size, compile=run.compile, data_url=run.data_url,
         initial_peers=peers, dht_prefix=f"essaim-{run_id}",
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),
@@ -66,6 +68,7 @@ class RunningCoordinator:
     swarm: Swarm
     address: str
     run_config: pb.RunConfig
+    fingerprint: str  # of the TLS certificate, for workers to pin; "" in plaintext
     _stop_expiry: threading.Event
 
     def stop(self) -> None:
@@ -86,16 +89,18 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
 
-    swarm = Swarm(settings.host)
+    tls = ServerTLS.load(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    # Threads: 16 for requests, and as many again for shard downloads (CorpusFiles caps them).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+    # Bound before the DHT starts: a busy port or a refused plaintext address fails fast.
+    port = add_listening_port(server, settings.host, settings.port, tls, settings.insecure)
+    swarm = Swarm(settings.host, port=settings.dht_port, announce=settings.announce)
     try:
         genesis_hash = governed.current().state.genesis_hash if governed else ""
         run_config = build_run_config(settings, manifest, swarm.visible_addresses(), genesis_hash)
-        service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config, governed)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+        service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config,
+                                     CorpusFiles(settings.data_dir, manifest), governed)
         server.add_generic_rpc_handlers((service.generic_handler(),))
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if port == 0:
-            raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}: is the port in use?")
         server.start()
     except BaseException:
         swarm.close()
@@ -105,7 +110,8 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     threading.Thread(
         target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0), daemon=True
     ).start()
-    return RunningCoordinator(server, swarm, f"{settings.host}:{port}", run_config, stop_expiry)
+    address = f"{settings.announce or settings.host}:{port}"
+    return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry)
 
 
 def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:
@@ -125,9 +131,13 @@ def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None
     if ready_file is not None:
         # Written last and atomically: its presence means "accepting requests at this address".
         tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": coordinator.address, "run_id": coordinator.run_config.run_id}))
+        tmp.write_text(json.dumps({"address": coordinator.address, "run_id": coordinator.run_config.run_id,
+                                   "fingerprint": coordinator.fingerprint}))
         tmp.replace(ready_file)
-    log.info("coordinator for run %s listening on %s", coordinator.run_config.run_id, coordinator.address)
+    log.info("coordinator for run %s listening on %s (DHT peer %s)", coordinator.run_config.run_id,
+             coordinator.address, ", ".join(coordinator.run_config.initial_peers))
+    if coordinator.fingerprint:  # what volunteers pin: --coordinator-fingerprint
+        print(f"TLS certificate fingerprint: {coordinator.fingerprint}", flush=True)
     try:
         stop.wait()
     finally:

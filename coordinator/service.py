@@ -15,7 +15,9 @@ from google.protobuf.message import DecodeError, Message
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.config import RunSettings
+from coordinator.corpus_files import CorpusFileError, CorpusFiles
 from coordinator.governed import GovernedRun
+from coordinator.reachability import dial_back, peer_host
 from coordinator.scheduler import AllocationEnding, Backoff, LeaseError, RoundReport, Scheduler
 from coordinator.status import network_status
 from coordinator.store import Worker
@@ -44,6 +46,7 @@ class CoordinatorService:
         verifier: RequestVerifier,
         run: RunSettings,
         run_config: pb.RunConfig,
+        corpus_files: CorpusFiles,
         governed: GovernedRun | None = None,
     ) -> None:
         self._sessions = sessions
@@ -52,6 +55,7 @@ class CoordinatorService:
         self._run = run
         self._run_config = run_config
         self._governed = governed
+        self._corpus_files = corpus_files
         self._live_workers = 0  # counted at most once a second
         self._live_workers_at = -1.0
         self._round, self._round_at = 0, -1.0
@@ -76,12 +80,24 @@ class CoordinatorService:
             )
             for name, (request_type, handle) in methods.items()
         }
+        handlers["CheckReachable"] = grpc.unary_unary_rpc_method_handler(
+            self._guarded("CheckReachable", pb.ReachabilityRequest, self.check_reachable, with_context=True),
+            request_deserializer=None, response_serializer=lambda reply: reply.SerializeToString(),
+        )
+        handlers["ReadCorpusFile"] = grpc.unary_stream_rpc_method_handler(
+            self._guarded("ReadCorpusFile", pb.ReadCorpusFileRequest, self.read_corpus_file, with_context=True),
+            request_deserializer=None, response_serializer=lambda reply: reply.SerializeToString(),
+        )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     def _guarded(
-        self, method: str, request_type: type[Message], handle: Callable[[Any], Message]
-    ) -> Callable[[bytes, grpc.ServicerContext], Message]:
-        def call(raw: bytes, context: grpc.ServicerContext) -> Message:
+        self, method: str, request_type: type[Message], handle: Callable[..., Any], with_context: bool = False
+    ) -> Callable[[bytes, grpc.ServicerContext], Any]:
+        """Parse, authenticate, handle; every refusal becomes a status with its reason.
+
+        ``with_context``: the handler also takes the call (for the peer's address, or to stream).
+        """
+        def call(raw: bytes, context: grpc.ServicerContext) -> Any:
             try:
                 request = request_type.FromString(raw)
             except DecodeError as error:
@@ -93,7 +109,7 @@ class CoordinatorService:
             try:
                 if method not in UNSIGNED:
                     self._authenticate(method, request)
-                return handle(request)
+                return handle(request, context) if with_context else handle(request)
             except Refused as refused:
                 context.abort(refused.code, str(refused))
             except AuthError as error:
@@ -237,6 +253,23 @@ class CoordinatorService:
             seq_len=config.seq_len, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
             error_feedback=config.error_feedback,
         )
+
+    def read_corpus_file(self, request: pb.ReadCorpusFileRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            pieces = self._corpus_files.read(request.file, request.offset, request.length)
+        except CorpusFileError as error:
+            codes = {"not_found": grpc.StatusCode.NOT_FOUND, "out_of_range": grpc.StatusCode.OUT_OF_RANGE,
+                     "busy": grpc.StatusCode.RESOURCE_EXHAUSTED}
+            context.abort(codes[error.kind], f"ReadCorpusFile: {error}")
+        return (pb.CorpusBytes(data=piece) for piece in pieces)
+
+    def check_reachable(self, request: pb.ReachabilityRequest, context: grpc.ServicerContext) -> pb.ReachabilityReply:
+        try:
+            host = peer_host(context.peer())
+        except ValueError as error:
+            return pb.ReachabilityReply(reachable=False, error=str(error))
+        error = dial_back(host, request.port, request.token)
+        return pb.ReachabilityReply(reachable=not error, seen_host=host, error=error)
 
     def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
         self._scheduler.release(request.auth.worker_id, request.lease_id)

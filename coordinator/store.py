@@ -13,7 +13,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, create_engine, event, inspect, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from model.shards import Manifest
@@ -194,8 +194,18 @@ class SchemaError(ValueError):
     """A database whose schema the migrations cannot bring up to date."""
 
 
-def open_engine(database_url: str) -> Engine:
-    """An engine on the database, its schema migrated to the newest revision (Alembic)."""
+class MissingDatabase(ValueError):
+    """A SQLite file that a command expected to find, not to create."""
+
+
+def open_engine(database_url: str, create: bool = True) -> Engine:
+    """An engine on the database, its schema migrated to the newest revision (Alembic).
+
+    With ``create=False`` a SQLite URL naming a file that does not exist is refused, and no file
+    is made: commands that read a run's records (rewind) must not start an empty one.
+    """
+    if not create:
+        _require_sqlite_file(database_url)
     engine = create_engine(database_url)
     if engine.dialect.name == "sqlite":
         # WAL lets readers (status, tests) look while the coordinator writes;
@@ -213,6 +223,18 @@ def open_engine(database_url: str) -> Engine:
 
     migrate(engine)
     return engine
+
+
+def _require_sqlite_file(database_url: str) -> None:
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.query.get("uri"):
+        return  # a server's database, an in-memory one, or a file: URI this check does not parse
+    path = Path(url.database)
+    if not path.is_file():
+        raise MissingDatabase(
+            f"no database at {path.resolve()}, and none was created: point --data at the run's directory "
+            "(the one holding its coordinator.db) or --database at the run's database"
+        )
 
 
 def alembic_config(connection: Connection) -> Config:

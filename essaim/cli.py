@@ -67,33 +67,55 @@ def data_prepare(
 def coordinator_serve(
     data: Path = typer.Option(..., "--data", help="A prepared corpus directory (essaim data prepare)."),
     database: str = typer.Option("", help="SQLAlchemy URL; default: SQLite file coordinator.db in --data."),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(50051, help="0 picks a free port (see --ready-file)."),
+    host: str = typer.Option("127.0.0.1", help="Address gRPC and the DHT peer bind; 0.0.0.0: every interface."),
+    port: int = typer.Option(50051, help="gRPC port; 0 picks a free port (see --ready-file)."),
+    announce: str = typer.Option("", help="Address workers dial when it is not --host (public IP, DNS name)."),
+    dht_port: int = typer.Option(0, help="TCP port of the DHT peer (0: a free one); open it to workers."),
+    tls_cert: Path | None = typer.Option(None, help="PEM certificate: serve gRPC over TLS (essaim coordinator cert)."),
+    tls_key: Path | None = typer.Option(None, help="PEM private key of --tls-cert."),
+    insecure: bool = typer.Option(False, help="Allow plaintext gRPC on an address other than loopback."),
     run: Path | None = typer.Option(None, "--run", help="Run settings TOML (keys of RunSettings)."),
-    ready_file: Path | None = typer.Option(None, help="Write {address, run_id} JSON here once serving."),
+    ready_file: Path | None = typer.Option(None, help="Write {address, run_id, fingerprint} JSON here once serving."),
     governance: Path | None = typer.Option(None, help="The run's ledger (essaim gov init): maintainers' votes govern the run."),
     verbose: bool = typer.Option(True),
 ) -> None:
-    """Serve leases, rounds and the run config over gRPC until SIGTERM/SIGINT."""
+    """Serve leases, rounds, shards and the run config over gRPC until SIGTERM/SIGINT."""
     from pydantic import ValidationError
 
     from coordinator.config import CoordinatorSettings, RunSettings, load_run_settings
     from coordinator.server import serve
     from coordinator.store import sqlite_url
+    from protocol.swarm import SwarmError
 
     _logging(verbose)
     try:
         settings = CoordinatorSettings(
             data_dir=data,
             database_url=database or sqlite_url(data / "coordinator.db"),
-            host=host,
-            port=port,
+            host=host, port=port, announce=announce, dht_port=dht_port,
+            tls_cert=tls_cert, tls_key=tls_key, insecure=insecure,
             run=load_run_settings(run) if run else RunSettings(),
             governance=governance,
         )
         serve(settings, ready_file)
-    except (ValueError, ValidationError, FileNotFoundError) as error:
+    except (ValueError, ValidationError, FileNotFoundError, SwarmError) as error:  # TransportError is a ValueError
         _fail(str(error))
+
+
+@coordinator_app.command("cert")
+def coordinator_cert(
+    host: list[str] = typer.Option(..., "--host", help="Address or DNS name workers dial (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Directory for cert.pem and key.pem."),
+    days: int = typer.Option(365, min=1),
+) -> None:
+    """Make a self-signed TLS certificate for `coordinator serve`; workers pin the fingerprint it prints."""
+    from protocol.transport import ServerTLS, TransportError, write_self_signed
+
+    try:
+        cert, key = write_self_signed(out, host, days)
+    except TransportError as error:
+        _fail(str(error))
+    typer.echo(f"{cert} and {key}; fingerprint {ServerTLS.load(cert, key).fingerprint()}")
 
 
 @coordinator_app.command("rewind")
@@ -104,11 +126,12 @@ def coordinator_rewind(
 ) -> None:
     """After a crash: forget rounds from TO_ROUND on, so the run resumes from a checkpoint."""
     from coordinator.rewind import RewindRefused, rewind
-    from coordinator.store import open_engine, session_factory, sqlite_url
+    from coordinator.store import MissingDatabase, open_engine, session_factory, sqlite_url
 
     try:
-        done = rewind(session_factory(open_engine(database or sqlite_url(data / "coordinator.db"))), to_round)
-    except RewindRefused as error:
+        sessions = session_factory(open_engine(database or sqlite_url(data / "coordinator.db"), create=False))
+        done = rewind(sessions, to_round)
+    except (RewindRefused, MissingDatabase) as error:
         _fail(str(error))
     typer.echo(f"rewound {done.rounds} round(s): {done.leases} lease(s), {done.tokens} tokens back in the pool")
 
@@ -119,8 +142,18 @@ def worker_join(
     identity: Path = typer.Option(DEFAULT_STATE_DIR / "worker.key", help="Ed25519 key (created if missing)."),
     name: str = typer.Option("", help="Worker name shown to others (default: id prefix)."),
     institution: str = typer.Option("independent"),
-    host: str = typer.Option("127.0.0.1", help="Address the hivemind peer listens on."),
-    data: Path | None = typer.Option(None, "--data", help="Local copy of the shards (default: coordinator's)."),
+    host: str = typer.Option("127.0.0.1", help="Address the hivemind peer binds; 0.0.0.0: every interface."),
+    announce: str = typer.Option("", help="Address peers dial when it is not --host (default with 0.0.0.0: as the "
+                                 "coordinator sees this machine)."),
+    dht_port: int = typer.Option(0, help="TCP port of the hivemind peer (0: a free one)."),
+    client_mode: bool = typer.Option(False, help="Never accept connections (behind a NAT); chosen anyway when the "
+                                     "coordinator cannot dial this machine back."),
+    ca_cert: Path | None = typer.Option(None, help="PEM CA (or the coordinator's certificate) to verify its TLS with."),
+    coordinator_fingerprint: str = typer.Option("", help="sha256:... of the coordinator's certificate (it prints it)."),
+    insecure: bool = typer.Option(False, help="Plaintext to a coordinator that is not on loopback."),
+    data: Path | None = typer.Option(None, "--data", help="Shards directory: a full local copy, or where fetched "
+                                     "chunks are cached (default: the coordinator's if visible, else ~/.essaim/data/RUN)."),
+    cache_bytes: str = typer.Option("10G", help="Most bytes of fetched shards to keep (K, M, G suffixes; 0: no cap)."),
     checkpoint_dir: Path | None = typer.Option(
         None, help="Save checkpoints here (Hugging Face format) and resume from the latest one."
     ),
@@ -138,28 +171,46 @@ def worker_join(
     ),
     verbose: bool = typer.Option(True),
 ) -> None:
-    """Join a run: lease shards, train DiLoCo rounds with peers, report."""
-    from model.shards import ShardIntegrityError
-    from worker.agent import WorkerOptions, run_worker
-    from worker.memory import DoesNotFit, OutOfDeviceMemory
+    """Join a run: lease shards (fetched and verified if not here), train DiLoCo rounds with peers, report."""
     from model.checkpoints import CheckpointError
+    from model.shards import ShardIntegrityError
+    from protocol.swarm import SwarmError
+    from protocol.transport import ClientTLS
+    from worker.agent import WorkerOptions, run_worker
     from worker.client import CoordinatorRefused, CoordinatorUnreachable
+    from worker.memory import DoesNotFit, OutOfDeviceMemory
+    from worker.shards import ShardUnavailable
 
     _logging(verbose)
     if trust_class not in ("hpc", "institution", "volunteer"):
         _fail(f"--trust-class {trust_class!r}: use hpc, institution or volunteer")
-    options = WorkerOptions(
-        coordinator=coordinator, identity_path=identity, name=name, institution=institution,
-        host=host, data_dir=data, checkpoint_dir=checkpoint_dir, connect_seconds=connect_seconds,
-        trust_class=trust_class, available_until=_moment(available_until) if available_until else None,
-        bandwidth_mbit=bandwidth_mbit, genesis=genesis, device=device, precision=precision,
-        micro_batch_size=micro_batch_size,
-    )
     try:
+        options = WorkerOptions(
+            coordinator=coordinator, identity_path=identity, name=name, institution=institution,
+            host=host, announce=announce, dht_port=dht_port, client_mode=client_mode,
+            tls=ClientTLS(ca_cert=ca_cert, fingerprint=coordinator_fingerprint, insecure=insecure),
+            data_dir=data, cache_bytes=_byte_count(cache_bytes), checkpoint_dir=checkpoint_dir,
+            connect_seconds=connect_seconds, trust_class=trust_class,
+            available_until=_moment(available_until) if available_until else None,
+            bandwidth_mbit=bandwidth_mbit, genesis=genesis, device=device, precision=precision,
+            micro_batch_size=micro_batch_size,
+        )
         raise typer.Exit(code=run_worker(options))
-    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, CheckpointError, ValueError,
-            DoesNotFit, OutOfDeviceMemory) as error:  # DeviceError is a ValueError
+    except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, ShardUnavailable, CheckpointError,
+            ValueError, DoesNotFit, OutOfDeviceMemory, SwarmError) as error:  # DeviceError, TransportError: ValueError
         _fail(str(error))
+
+
+def _byte_count(text: str) -> int:
+    """"10G" -> 10 * 2**30; plain digits are bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B").rstrip("I"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        _fail(f"{text!r} is not a byte count such as 10G, 512M or 0")
 
 
 @hpc_app.command("submit")
@@ -241,7 +292,7 @@ def _run_database(data: Path, database: str):  # type: ignore[no-untyped-def]
 
     if not database and not (data / "coordinator.db").is_file():
         _fail(f"no coordinator.db in {data}: give the run's database with --database")
-    return session_factory(open_engine(database or sqlite_url(data / "coordinator.db")))
+    return session_factory(open_engine(database or sqlite_url(data / "coordinator.db"), create=False))
 
 
 @audit_app.command("card")
@@ -300,13 +351,18 @@ def status(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
     interval: float = typer.Option(2.0, min=0.2, help="Seconds between refreshes."),
     once: bool = typer.Option(False, help="Print the view once and exit."),
+    ca_cert: Path | None = typer.Option(None, help="PEM CA (or the coordinator's certificate) to verify its TLS with."),
+    coordinator_fingerprint: str = typer.Option("", help="sha256:... of the coordinator's certificate."),
+    insecure: bool = typer.Option(False, help="Plaintext to a coordinator that is not on loopback."),
 ) -> None:
     """A live view of the network: workers by institution and class, leases, rounds, tokens/s, the epoch's ETA."""
     from essaim.status_view import StatusUnavailable, watch
+    from protocol.transport import ClientTLS, TransportError
 
     try:
-        watch(coordinator, interval, once)
-    except StatusUnavailable as error:
+        watch(coordinator, interval, once, ClientTLS(ca_cert=ca_cert, fingerprint=coordinator_fingerprint,
+                                                     insecure=insecure))
+    except (StatusUnavailable, TransportError) as error:
         _fail(str(error))
     except KeyboardInterrupt:
         pass

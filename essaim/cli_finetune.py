@@ -17,16 +17,29 @@ def finetune_serve(
     workdir: Path = typer.Option(Path("essaim-finetune-server"), help="SuperLink state (state.db) and FLWR_HOME."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(9093, help="The one port sites and `essaim finetune run` connect to."),
+    tls_cert: Path | None = typer.Option(None, help="PEM certificate: TLS for sites and runs (essaim coordinator cert)."),
+    tls_key: Path | None = typer.Option(None, help="PEM private key of --tls-cert."),
+    insecure: bool = typer.Option(False, help="Allow plaintext on an address other than loopback."),
 ) -> None:
     """Start a Flower SuperLink (offline settings) that sites join and fine-tune runs are submitted to."""
     import os
 
-    from essaim.flower import flower_env, superlink_command
+    from essaim.flower import check_plaintext, flower_env, superlink_command
+    from protocol.transport import ServerTLS, TransportError
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    command = superlink_command(workdir, host, port)
-    typer.echo(f"SuperLink on {host}:{port}, state in {workdir / 'state.db'}", err=True)
+    try:
+        if (tls_cert is None) != (tls_key is None):
+            raise TransportError("give --tls-cert and --tls-key together (a certificate and its private key)")
+        check_plaintext(host, tls_cert is not None, insecure, "--tls-cert and --tls-key")
+        fingerprint = ServerTLS.load(tls_cert, tls_key).fingerprint() if tls_cert and tls_key else ""
+    except TransportError as error:
+        _fail(str(error))
+    command = superlink_command(workdir, host, port, tls_cert.resolve() if tls_cert else None,
+                                tls_key.resolve() if tls_key else None)
+    typer.echo(f"SuperLink on {host}:{port}, state in {workdir / 'state.db'}"
+               + (f", TLS certificate {fingerprint}" if fingerprint else ""), err=True)
     os.execve(command[0], command, flower_env(workdir / "flwr-home"))
 
 
@@ -38,25 +51,30 @@ def finetune_site(
     checkpoint: Path = typer.Option(..., help="This site's copy of the base checkpoint (Hugging Face format)."),
     workdir: Path | None = typer.Option(None, help="FLWR_HOME for this site (default: ~/.essaim/finetune-NAME)."),
     runtime_port: int = typer.Option(0, help="Port of the SuperNode's local app API (0: a free one)."),
+    ca_cert: Path | None = typer.Option(None, help="PEM CA (or the SuperLink's own certificate) to verify its TLS with."),
+    insecure: bool = typer.Option(False, help="Plaintext to a SuperLink that is not on loopback."),
 ) -> None:
     """Join fine-tunes as one site: a Flower SuperNode whose apps read --data here and send only adapters."""
     import os
 
-    from essaim.flower import flower_env, supernode_command
+    from essaim.flower import check_plaintext, flower_env, supernode_command
     from essaim.processes import free_port
     from model.checkpoints import CheckpointError, load_model, read_checkpoint
     from model.instructions import InstructionDataError, read_pairs
+    from protocol.transport import TransportError, split_address
 
     try:
+        check_plaintext(split_address(superlink)[0], ca_cert is not None, insecure, "--ca-cert")
         pairs = read_pairs(data)
         base = read_checkpoint(checkpoint)
         load_model(base)  # a site with corrupted weights should fail here, not in round 1
-    except (InstructionDataError, CheckpointError) as error:
+    except (InstructionDataError, CheckpointError, TransportError) as error:
         _fail(str(error))
     home = (workdir or DEFAULT_STATE_DIR / f"finetune-{name}").resolve()
     home.mkdir(parents=True, exist_ok=True)
     node_config = {"name": name, "data": str(data.resolve()), "checkpoint": str(checkpoint.resolve())}
-    command = supernode_command(superlink, runtime_port or free_port(), node_config)
+    command = supernode_command(superlink, runtime_port or free_port(), node_config,
+                                ca_cert.resolve() if ca_cert else None)
     typer.echo(f"site {name}: {len(pairs)} pairs in {data}, base {base.params_digest[:16]}…; joining {superlink}", err=True)
     os.execve(command[0], command, flower_env(home))
 
@@ -76,29 +94,33 @@ def finetune_run(
     dp_clip: float = typer.Option(1.0, help="L2 bound of a site's update before the noise."),
     round_timeout: float = typer.Option(300.0, help="Seconds before a silent site counts as dropped."),
     log: Path | None = typer.Option(None, help="Write Flower's run log here instead of the terminal."),
+    ca_cert: Path | None = typer.Option(None, help="PEM CA (or the SuperLink's own certificate) to verify its TLS with."),
+    insecure: bool = typer.Option(False, help="Plaintext to a SuperLink that is not on loopback."),
 ) -> None:
     """Launch a federated LoRA fine-tune on the connected sites; write the adapter, a merged model and the record."""
     from pydantic import ValidationError
 
     from coordinator.finetune_config import FinetuneSettings
     from coordinator.finetune_lineage import RECORD_FILE, SETTINGS_FILE, read_record
-    from essaim.flower import run_app
+    from essaim.flower import check_plaintext, run_app
     from model.checkpoints import CheckpointError, read_checkpoint
+    from protocol.transport import TransportError, split_address
 
     out = out.resolve()
     if (out / RECORD_FILE).exists():
         _fail(f"{out} already holds a fine-tune ({RECORD_FILE}); choose another --out")
     try:
+        check_plaintext(split_address(superlink)[0], ca_cert is not None, insecure, "--ca-cert")
         read_checkpoint(checkpoint)
         settings = FinetuneSettings(
             checkpoint=checkpoint.resolve(), out=out, rounds=rounds, min_sites=min_sites, local_steps=local_steps,
             learning_rate=learning_rate, secagg=secagg, dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_clip=dp_clip,
             round_timeout=round_timeout,
         )
-    except (CheckpointError, ValidationError) as error:
+    except (CheckpointError, ValidationError, TransportError) as error:
         _fail(str(error))
     settings.save(out / SETTINGS_FILE)
-    code = run_app(superlink, out / ".flwr-home", out / SETTINGS_FILE, log)
+    code = run_app(superlink, out / ".flwr-home", out / SETTINGS_FILE, log, ca_cert=ca_cert)
     if not (out / RECORD_FILE).exists():
         _fail(f"the run ended (flwr run exit {code}) without writing {out / RECORD_FILE}; see the log above"
               + (f" ({log})" if log else ""))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from essaim.processes import free_port, start_role
+from protocol.transport import TransportError, is_loopback
 
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "essaim"  # the name `flwr run` is given for the SuperLink in FLWR_HOME/config.toml
@@ -39,23 +40,42 @@ def _tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def superlink_command(workdir: Path, host: str, port: int) -> list[str]:
-    return [_tool("flower-superlink"), "--insecure", "--database", str(workdir / "state.db"),
+def check_plaintext(host: str, tls_given: bool, insecure: bool, tls_options: str) -> None:
+    """Flower follows the coordinator's rule: plaintext on loopback, elsewhere only when asked for by name."""
+    if not tls_given and not insecure and not is_loopback(host):
+        raise TransportError(f"{host} is not a loopback address: use TLS ({tls_options}) or pass --insecure "
+                             "to send fine-tuning traffic in plaintext")
+
+
+def superlink_command(workdir: Path, host: str, port: int, cert: Path | None = None, key: Path | None = None) -> list[str]:
+    """Flower's TLS options: the certificate and key, and the certificate as its CA (self-signed) unless a CA signed it."""
+    tls = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certfile", str(cert)] if cert and key \
+        else ["--insecure"]
+    return [_tool("flower-superlink"), *tls, "--database", str(workdir / "state.db"),
             "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
 
 
-def supernode_command(superlink: str, runtime_port: int, node_config: dict[str, str]) -> list[str]:
+def supernode_command(superlink: str, runtime_port: int, node_config: dict[str, str],
+                      ca_cert: Path | None = None) -> list[str]:
     config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
-    return [_tool("flower-supernode"), "--insecure", "--superlink", superlink,
+    tls = ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
+    return [_tool("flower-supernode"), *tls, "--superlink", superlink,
             "--port", str(runtime_port), "--node-config", config]
 
 
-def run_app(superlink: str, home: Path, settings_file: Path, log: Path | None = None, app_dir: Path = APP_DIR) -> int:
-    """`flwr run` the fine-tuning app on the SuperLink and stream its logs until the run ends; its exit code."""
+def write_connection(home: Path, superlink: str, ca_cert: Path | None = None) -> None:
+    """FLWR_HOME/config.toml naming the SuperLink for `flwr` commands: TLS against ca_cert, else plaintext."""
     home.mkdir(parents=True, exist_ok=True)
+    tls = f'root-certificates = "{ca_cert.resolve()}"\n' if ca_cert else "insecure = true\n"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\n{tls}'
     )
+
+
+def run_app(superlink: str, home: Path, settings_file: Path, log: Path | None = None, app_dir: Path = APP_DIR,
+            ca_cert: Path | None = None) -> int:
+    """`flwr run` the fine-tuning app on the SuperLink and stream its logs until the run ends; its exit code."""
+    write_connection(home, superlink, ca_cert)
     command = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", f'settings-file="{settings_file}"']
     output = open(log, "ab") if log else None

@@ -28,13 +28,17 @@ def essaim_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "essaim", *args]
 
 
-def start_role(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start `essaim ARGS...` in a new session, its output appended to log_path."""
+def start_role(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+               wrapper: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start `essaim ARGS...` in a new session, its output appended to log_path.
+
+    ``wrapper`` runs it through a command that execs it, e.g. ``ip netns exec NS`` (another host).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log: IO[bytes] = open(log_path, "ab")
     try:
         return subprocess.Popen(
-            essaim_command(*args),
+            [*wrapper, *essaim_command(*args)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -51,7 +55,8 @@ def wait_for_ready_file(process: subprocess.Popen[bytes], path: Path, log_path: 
     while not path.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             state = "exited" if process.poll() is not None else f"was not ready after {timeout:.0f} s"
-            raise RuntimeError(f"`{' '.join(process.args[3:])}` {state}:\n{log_path.read_text()[-3000:]}")
+            role = " ".join(process.args[process.args.index("essaim") + 1:])
+            raise RuntimeError(f"`{role}` {state}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
     return json.loads(path.read_text())
 

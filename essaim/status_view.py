@@ -13,14 +13,15 @@ from rich.table import Table
 from protocol import essaim_pb2 as pb
 from protocol import essaim_pb2_grpc
 from protocol.limits import GRPC_OPTIONS
+from protocol.transport import ClientTLS, open_channel
 
 
 class StatusUnavailable(Exception):
     """The coordinator did not answer; the message says where it was asked."""
 
 
-def fetch_status(address: str, timeout: float = 5.0) -> pb.StatusReply:
-    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+def fetch_status(address: str, tls: ClientTLS = ClientTLS(), timeout: float = 5.0) -> pb.StatusReply:
+    with open_channel(address, tls, GRPC_OPTIONS) as channel:
         try:
             return essaim_pb2_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as error:
@@ -66,12 +67,13 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def watch(address: str, interval: float, once: bool, console: Console | None = None) -> None:
+def watch(address: str, interval: float, once: bool, tls: ClientTLS = ClientTLS(),
+          console: Console | None = None) -> None:
     console = console or Console()
     if once:
-        console.print(render(fetch_status(address)))
+        console.print(render(fetch_status(address, tls)))
         return
-    with Live(render(fetch_status(address)), console=console, refresh_per_second=4) as view:
+    with Live(render(fetch_status(address, tls)), console=console, refresh_per_second=4) as view:
         while True:
             time.sleep(interval)
-            view.update(render(fetch_status(address)))
+            view.update(render(fetch_status(address, tls)))

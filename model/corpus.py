@@ -30,7 +30,7 @@ from model.corpus_config import Corpus, CorpusSettings, Source
 from model.dedup import Deduplicator
 from model.filters import QualityFilter, SourceReport
 from model.ingest import BadRecord, read_source
-from model.shards import Manifest, ShardInfo, SourceInfo, token_dtype, write_shard
+from model.shards import Manifest, ShardInfo, SourceInfo, chunk_hashes, token_dtype, write_shard
 from model.tokenizer import EOS_ID, tokenizer_sha256, train_tokenizer
 
 REPORT_FILE = "prepare-report.json"
@@ -63,13 +63,15 @@ def prepare_corpus(
     *,
     vocab_size: int | None = None,
     shard_tokens: int | None = None,
+    chunk_bytes: int | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[Manifest, PrepareReport]:
     """Prepare ``corpus`` into ``out_dir`` (new, empty, or an earlier preparation to replace).
 
-    ``vocab_size`` and ``shard_tokens``, when given, override the config's [corpus] values.
+    ``vocab_size``, ``shard_tokens`` and ``chunk_bytes``, when given, override the config's [corpus] values.
     """
-    overrides = {k: v for k, v in (("vocab_size", vocab_size), ("shard_tokens", shard_tokens)) if v is not None}
+    given = {"vocab_size": vocab_size, "shard_tokens": shard_tokens, "chunk_bytes": chunk_bytes}
+    overrides = {k: v for k, v in given.items() if v is not None}
     corpus = replace(corpus, settings=CorpusSettings(**{**corpus.settings.model_dump(), **overrides}))
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -97,7 +99,8 @@ def prepare_corpus(
         report.fertility = _fertility(corpus.sources, spools, tokenizer, english_tokenizer, settings.fertility_chars)
         log("encoding shards")
         shards = _write_shards(corpus, spools, tokenizer, staging, report)
-        manifest = Manifest(settings.vocab_size, tokenizer_sha256(staging / "tokenizer"), _source_infos(corpus), shards)
+        manifest = Manifest(settings.vocab_size, tokenizer_sha256(staging / "tokenizer"), _source_infos(corpus), shards,
+                            chunk_bytes=settings.chunk_bytes)
         shutil.rmtree(staging / "spool")
         (staging / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
         manifest.save(staging / "manifest.json")
@@ -286,7 +289,7 @@ def _write_shards(corpus: Corpus, spools, tokenizer, out_dir: Path, report: Prep
     dtype = token_dtype(corpus.settings.vocab_size)
     shards: list[ShardInfo] = []
     for source in corpus.sources:
-        writer = _ShardWriter(source, out_dir, dtype, corpus.settings.shard_tokens)
+        writer = _ShardWriter(source, out_dir, dtype, corpus.settings.shard_tokens, corpus.settings.chunk_bytes)
         for bucket in sorted(spools[source.name]):
             pieces = _pieces(_spooled({bucket: spools[source.name][bucket]}))
             for batch in _batches(pieces, text=lambda piece: piece[0]):
@@ -300,8 +303,9 @@ def _write_shards(corpus: Corpus, spools, tokenizer, out_dir: Path, report: Prep
 class _ShardWriter:
     """Cuts one source's token stream into shards of ``shard_tokens``, noting their documents' dates."""
 
-    def __init__(self, source: Source, out_dir: Path, dtype: str, shard_tokens: int) -> None:
+    def __init__(self, source: Source, out_dir: Path, dtype: str, shard_tokens: int, chunk_bytes: int) -> None:
         self.source, self.out_dir, self.dtype, self.shard_tokens = source, out_dir, dtype, shard_tokens
+        self.chunk_bytes = chunk_bytes
         self.parts: list[np.ndarray] = []
         self.dates: list[dt.date] = []
         self.count = 0
@@ -334,6 +338,7 @@ class _ShardWriter:
                 shard_id=shard_id, file=file, sha256=sha256, tokens=self.count, dtype=self.dtype,
                 language=self.source.language, source=self.source.name, licence=self.source.licence,
                 date_from=min(self.dates).isoformat(), date_to=max(self.dates).isoformat(),
+                chunk_sha256=chunk_hashes(self.out_dir / file, self.chunk_bytes),
             )
         )
         self.parts, self.dates, self.count = [], [], 0

@@ -98,6 +98,9 @@ class CorpusSettings(BaseModel):
     date_bucket: Literal["year", "month"] = "year"
     vocab_size: int = Field(4096, ge=260)
     shard_tokens: int = Field(1 << 20, gt=0)
+    # Shards are verified in chunks of this many bytes when workers fetch byte ranges of them;
+    # a multiple of 4 so a chunk never splits a token.
+    chunk_bytes: int = Field(1 << 20, ge=256, multiple_of=4)
     # The tokenizer learns from at most this much text, drawn from the sources by weight.
     tokenizer_chars: int = Field(200_000_000, gt=0)
     fertility_chars: int = Field(2_000_000, gt=0)  # per language, to measure tokens per word

@@ -5,6 +5,10 @@ tool can read it as a raw array). The manifest records each shard's sha256, toke
 count and provenance (language, source, licence, dates of its documents), and each
 source's mixture weight; its root hash names the corpus in a run's genesis. A shard
 is verified against the manifest before training on it.
+
+Each shard also lists the sha256 of its consecutive ``chunk_bytes``-byte chunks, under
+the root hash, so a worker that fetches only the byte ranges its leases need (from
+the coordinator or a ``data_url``) can verify each chunk as it arrives.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,9 @@ import numpy as np
 # Explicit little-endian dtypes: shards move between machines.
 _NUMPY_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _FIX_HINT = "re-run `essaim data prepare` or restore the file"
+# 1 MiB: a chunk hash per 1 MiB costs 0.006 % of the shard in the manifest, and a worker
+# fetches at most one chunk it does not need at each end of a lease's range.
+CHUNK_BYTES = 1 << 20
 
 
 class ShardIntegrityError(Exception):
@@ -83,6 +90,15 @@ def write_shard(tokens: np.ndarray, path: Path, dtype: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def chunk_hashes(path: Path, chunk_bytes: int) -> tuple[str, ...]:
+    """The sha256 of each consecutive ``chunk_bytes`` of a file (the last chunk may be shorter)."""
+    hashes = []
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            hashes.append(hashlib.sha256(chunk).hexdigest())
+    return tuple(hashes)
+
+
 def verify_shard(path: Path, expected_sha256: str, expected_tokens: int, dtype: str) -> None:
     """Raise ``ShardIntegrityError`` unless the file has the expected size and sha256."""
     path = Path(path)
@@ -131,6 +147,11 @@ class ShardInfo:
     licence: str
     date_from: str  # ISO dates of the oldest and newest document with tokens in the shard
     date_to: str
+    chunk_sha256: tuple[str, ...] = ()  # of each Manifest.chunk_bytes of the file; () in manifests before chunks
+
+    @property
+    def size_bytes(self) -> int:
+        return self.tokens * _numpy_dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -153,23 +174,35 @@ class Manifest:
     tokenizer_sha256: str
     sources: list[SourceInfo]
     shards: list[ShardInfo]
+    chunk_bytes: int = CHUNK_BYTES
 
     def root_hash(self) -> str:
-        """sha256 naming the corpus: any change to a shard, a source or the tokenizer changes it."""
-        entries = [asdict(s) for s in sorted(self.shards, key=lambda s: s.shard_id)]
+        """sha256 naming the corpus: any change to a shard, its chunks, a source or the tokenizer changes it.
+
+        A manifest written before chunk hashes existed hashes as it did then (no chunk fields).
+        """
+        chunked = any(s.chunk_sha256 for s in self.shards)
+        entries = [_hashed_entry(s) for s in sorted(self.shards, key=lambda s: s.shard_id)]
         sources = [asdict(s) for s in sorted(self.sources, key=lambda s: s.name)]
+        named: dict[str, object] = {"tokenizer_sha256": self.tokenizer_sha256, "sources": sources, "shards": entries}
+        if chunked:
+            named["chunk_bytes"] = self.chunk_bytes
         canonical = json.dumps(
-            {"tokenizer_sha256": self.tokenizer_sha256, "sources": sources, "shards": entries},
+            named,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
         )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
+    def shard(self, shard_id: str) -> ShardInfo | None:
+        return next((s for s in self.shards if s.shard_id == shard_id), None)
+
     def save(self, path: Path) -> None:
         document = {
             "vocab_size": self.vocab_size,
             "tokenizer_sha256": self.tokenizer_sha256,
+            "chunk_bytes": self.chunk_bytes,
             # For people comparing with a run's genesis; checked again on load.
             "root_hash": self.root_hash(),
             "sources": [asdict(s) for s in self.sources],
@@ -181,11 +214,19 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> "Manifest":
         path = Path(path)
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no corpus manifest at {path}: re-run `essaim data prepare` to write it") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: bytes, where: str) -> "Manifest":
+        """A manifest from its JSON bytes (a file, or a download); ``where`` names it in errors."""
+        path = where
         hint = "re-run `essaim data prepare` to write it"
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no corpus manifest at {path}: {hint}") from None
+            document = json.loads(text.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corpus manifest {path} is not valid JSON ({e}): {hint}") from None
         try:
@@ -197,7 +238,13 @@ class Manifest:
                 tokenizer_sha256=str(document["tokenizer_sha256"]),
                 sources=[_entry(SourceInfo, entry) for entry in document["sources"]],
                 shards=shards,
+                chunk_bytes=int(document.get("chunk_bytes", CHUNK_BYTES)),
             )
+            for shard in shards:
+                expected_chunks = -(-shard.size_bytes // manifest.chunk_bytes)
+                if shard.chunk_sha256 and len(shard.chunk_sha256) != expected_chunks:
+                    raise ValueError(f"shard {shard.shard_id} lists {len(shard.chunk_sha256)} chunk hashes, "
+                                     f"expected {expected_chunks}")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"corpus manifest {path} is malformed ({type(e).__name__}: {e}): {hint}"
@@ -217,8 +264,20 @@ class Manifest:
         return manifest
 
 
+def _hashed_entry(shard: ShardInfo) -> dict:  # type: ignore[type-arg]
+    entry = asdict(shard)
+    if not shard.chunk_sha256:
+        del entry["chunk_sha256"]  # as manifests hashed before chunks existed
+    else:
+        entry["chunk_sha256"] = list(shard.chunk_sha256)
+    return entry
+
+
 def _entry(kind: type, entry: dict):  # type: ignore[no-untyped-def]
     expected = {f.name for f in fields(kind)}
-    if set(entry) != expected:
+    required = {f.name for f in fields(kind) if f.default is MISSING}
+    if not required <= set(entry) <= expected:
         raise ValueError(f"{kind.__name__} entry has fields {sorted(entry)}, expected {sorted(expected)}")
+    if "chunk_sha256" in entry:
+        entry = {**entry, "chunk_sha256": tuple(entry["chunk_sha256"])}
     return kind(**entry)

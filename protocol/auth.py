@@ -41,10 +41,12 @@ def signing_payload(method: str, request: SignedRequest) -> bytes:
     return DOMAIN_TAG + method.encode() + b"\n" + unsigned.SerializeToString(deterministic=True)
 
 
-def sign_request(method: str, request: SignedRequest, identity: Identity) -> SignedRequest:
-    """Fill `request.auth` (id, timestamp, fresh nonce, signature) in place and return it."""
+def sign_request(
+    method: str, request: SignedRequest, identity: Identity, now: Callable[[], float] = time.time
+) -> SignedRequest:
+    """Fill `request.auth` (id, timestamp from `now`, fresh nonce, signature) in place and return it."""
     request.auth.worker_id = identity.worker_id
-    request.auth.timestamp_ms = int(time.time() * 1000)
+    request.auth.timestamp_ms = int(now() * 1000)
     request.auth.nonce = os.urandom(NONCE_BYTES)
     request.auth.signature = b""
     request.auth.signature = identity.sign(signing_payload(method, request))
@@ -75,11 +77,12 @@ class RequestVerifier:
                 "or signed with a key other than the one registered"
             )
         now = self._clock()
-        skew = abs(now - auth.timestamp_ms / 1000)
-        if skew > self.max_skew_seconds:
+        offset = auth.timestamp_ms / 1000 - now  # the worker's clock minus the coordinator's
+        if abs(offset) > self.max_skew_seconds:
             raise AuthError(
-                f"{method}: timestamp is {skew:.0f} s away from the coordinator's clock "
-                f"(limit {self.max_skew_seconds:.0f} s); synchronise the worker's clock (NTP)"
+                f"{method}: the request's timestamp says the worker's clock is {abs(offset):.0f} s "
+                f"{'ahead of' if offset > 0 else 'behind'} the coordinator's (limit {self.max_skew_seconds:.0f} s); "
+                "synchronise the worker's clock with NTP (e.g. `timedatectl set-ntp true`, or chrony), then try again"
             )
         key = (auth.worker_id, bytes(auth.nonce))
         with self._lock:

@@ -60,7 +60,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class RunConfig(_message.Message):
     GOVERNANCE_LEDGER_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMPILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_URL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -121,7 +122,46 @@ class RunConfig(_message.Message):
     governance_ledger: bytes
     micro_batch_size: int
     compile: bool
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ...) -> None: ...
+    data_url: str
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ...) -> None: ...
+
+class ReadCorpusFileRequest(_message.Message):
+    __slots__ = ("auth", "file", "offset", "length")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    file: str
+    offset: int
+    length: int
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class CorpusBytes(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("auth", "port", "token")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    port: int
+    token: bytes
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class ReachabilityReply(_message.Message):
+    __slots__ = ("reachable", "seen_host", "error")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    SEEN_HOST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    seen_host: str
+    error: str
+    def __init__(self, reachable: _Optional[bool] = ..., seen_host: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class TrainingShapeRequest(_message.Message):
     __slots__ = ()

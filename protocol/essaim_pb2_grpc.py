@@ -74,6 +74,16 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_essaim__pb2.TrainingShapeRequest.SerializeToString,
                 response_deserializer=protocol_dot_essaim__pb2.TrainingShape.FromString,
                 _registered_method=True)
+        self.ReadCorpusFile = channel.unary_stream(
+                '/essaim.v1.Coordinator/ReadCorpusFile',
+                request_serializer=protocol_dot_essaim__pb2.ReadCorpusFileRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.CorpusBytes.FromString,
+                _registered_method=True)
+        self.CheckReachable = channel.unary_unary(
+                '/essaim.v1.Coordinator/CheckReachable',
+                request_serializer=protocol_dot_essaim__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.ReachabilityReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -136,6 +146,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadCorpusFile(self, request, context):
+        """Bytes of a file of the prepared corpus (manifest.json, or a shard it lists), streamed in pieces:
+        how a worker without the corpus fetches the ranges its leases need. Registered workers only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckReachable(self, request, context):
+        """"Can peers reach me?": the coordinator dials the port back at the address the request came from.
+        A worker nobody can reach averages as a client-mode peer (it never reduces a slice).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +204,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetTrainingShape,
                     request_deserializer=protocol_dot_essaim__pb2.TrainingShapeRequest.FromString,
                     response_serializer=protocol_dot_essaim__pb2.TrainingShape.SerializeToString,
+            ),
+            'ReadCorpusFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadCorpusFile,
+                    request_deserializer=protocol_dot_essaim__pb2.ReadCorpusFileRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.CorpusBytes.SerializeToString,
+            ),
+            'CheckReachable': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachable,
+                    request_deserializer=protocol_dot_essaim__pb2.ReachabilityRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.ReachabilityReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +432,60 @@ class Coordinator:
             '/essaim.v1.Coordinator/GetTrainingShape',
             protocol_dot_essaim__pb2.TrainingShapeRequest.SerializeToString,
             protocol_dot_essaim__pb2.TrainingShape.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadCorpusFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/essaim.v1.Coordinator/ReadCorpusFile',
+            protocol_dot_essaim__pb2.ReadCorpusFileRequest.SerializeToString,
+            protocol_dot_essaim__pb2.CorpusBytes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/essaim.v1.Coordinator/CheckReachable',
+            protocol_dot_essaim__pb2.ReachabilityRequest.SerializeToString,
+            protocol_dot_essaim__pb2.ReachabilityReply.FromString,
             options,
             channel_credentials,
             insecure,

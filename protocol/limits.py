@@ -8,3 +8,7 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+# grpcio's server sets SO_REUSEPORT by default: a second coordinator on a busy port would
+# start and the kernel would split workers between two databases. Off: a bind error instead.
+SERVER_OPTIONS: list[tuple[str, int]] = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]

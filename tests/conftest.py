@@ -37,10 +37,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~40k tokens of French, English and code, 512-token vocabulary, 4k-token shards."""
+    """~40k tokens of French, English and code, 512-token vocabulary, 4k-token shards in 2 KiB chunks."""
     root = tmp_path_factory.mktemp("corpus")
     config = write_sample_corpus(root / "text", chars_per_language=40_000)
-    prepare_corpus(load_corpus_config(config), root / "data", vocab_size=512, shard_tokens=4096)
+    prepare_corpus(load_corpus_config(config), root / "data", vocab_size=512, shard_tokens=4096, chunk_bytes=2048)
     return root / "data"
 
 
@@ -50,6 +50,7 @@ class CoordinatorProcess:
     address: str
     database_url: str
     log: Path
+    fingerprint: str = ""  # of its TLS certificate, when it serves TLS
 
     def sessions(self):  # type: ignore[no-untyped-def]
         return session_factory(open_engine(self.database_url))
@@ -60,21 +61,22 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
     """Start `essaim coordinator serve` with run settings given as keyword arguments (again: a restart)."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(port: int = 0, governance: Path | None = None, **run_settings: object) -> CoordinatorProcess:
+    def start(port: int = 0, governance: Path | None = None, data: Path | None = None, extra: tuple[str, ...] = (),
+              **run_settings: object) -> CoordinatorProcess:
         run_file = tmp_path / "run.toml"
         run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_settings.items()))
         database_url = sqlite_url(tmp_path / "coordinator.db")
         ready, log = tmp_path / "ready.json", tmp_path / "coordinator.log"
         ready.unlink(missing_ok=True)  # a restart must not read the previous run's address
         process = start_role(
-            ["coordinator", "serve", "--data", str(corpus_dir), "--database", database_url, "--port", str(port),
+            ["coordinator", "serve", "--data", str(data or corpus_dir), "--database", database_url, "--port", str(port),
              "--run", str(run_file), "--ready-file", str(ready),
-             *(["--governance", str(governance)] if governance else [])],
+             *(["--governance", str(governance)] if governance else []), *extra],
             log,
         )
         started.append(process)
-        address = wait_for_ready_file(process, ready, log, timeout=90)["address"]
-        return CoordinatorProcess(process, address, database_url, log)
+        serving = wait_for_ready_file(process, ready, log, timeout=90)
+        return CoordinatorProcess(process, serving["address"], database_url, log, serving["fingerprint"])
 
     yield start
     for process in started:

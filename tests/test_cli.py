@@ -57,6 +57,16 @@ def test_coordinator_refuses_a_directory_without_a_corpus(tmp_path: Path) -> Non
     assert "manifest" in result.stderr and "essaim data prepare" in result.stderr
 
 
+def test_rewind_refuses_a_directory_or_sqlite_url_without_a_database_and_creates_none(tmp_path: Path) -> None:
+    default = run("coordinator", "rewind", "--data", str(tmp_path), "--to-round", "1")
+    assert default.returncode == 2
+    assert f"no database at {tmp_path / 'coordinator.db'}, and none was created" in default.stderr
+    missing = tmp_path / "elsewhere.db"
+    named = run("coordinator", "rewind", "--data", str(tmp_path), "--database", f"sqlite:///{missing}", "--to-round", "1")
+    assert named.returncode == 2 and f"no database at {missing}" in named.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_finetune_site_with_missing_or_malformed_data_is_refused_before_it_joins(tmp_path: Path) -> None:
     site = ("finetune", "site", "--superlink", "127.0.0.1:9", "--name", "utility", "--checkpoint", str(tmp_path))
     missing = run(*site, "--data", str(tmp_path / "absent.jsonl"))
@@ -77,3 +87,32 @@ def test_a_finetune_run_refuses_bad_settings_and_a_used_output_directory(tmp_pat
     (tmp_path / "used" / "finetune.json").write_text("{}")
     used = run("finetune", "run", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "used"))
     assert used.returncode == 2 and "already holds a fine-tune" in used.stderr
+
+
+def test_a_second_coordinator_on_a_busy_grpc_or_dht_port_is_refused(start_coordinator, corpus_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    import socket
+
+    first = start_coordinator()
+    port = first.address.rsplit(":", 1)[1]
+    second = run("coordinator", "serve", "--data", str(corpus_dir), "--database", f"sqlite:///{tmp_path / 'b.db'}",
+                 "--port", port)
+    assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr, second.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        dht_port = str(taken.getsockname()[1])
+        third = run("coordinator", "serve", "--data", str(corpus_dir), "--database", f"sqlite:///{tmp_path / 'c.db'}",
+                    "--port", "0", "--dht-port", dht_port)
+    assert third.returncode == 2 and f"cannot listen on 127.0.0.1:{dht_port} for the hivemind peer" in third.stderr
+
+
+def test_plaintext_off_loopback_is_refused_unless_asked_for_by_name(corpus_dir: Path, tmp_path: Path) -> None:
+    served = run("coordinator", "serve", "--data", str(corpus_dir), "--database", f"sqlite:///{tmp_path / 'a.db'}",
+                 "--host", "0.0.0.0", "--port", "0")
+    assert served.returncode == 2 and "--tls-cert" in served.stderr and "--insecure" in served.stderr
+    joined = run("worker", "join", "--coordinator", "10.213.200.1:50051", "--identity", str(tmp_path / "w.key"))
+    assert joined.returncode == 2 and "--coordinator-fingerprint" in joined.stderr and "--insecure" in joined.stderr
+    site = run("finetune", "site", "--superlink", "10.213.200.1:9093", "--name", "a", "--data", str(tmp_path / "x"),
+               "--checkpoint", str(tmp_path / "y"))
+    assert site.returncode == 2 and "--ca-cert" in site.stderr and "--insecure" in site.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from sqlalchemy import func, select
@@ -114,6 +116,31 @@ def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordi
     with pytest.raises(CoordinatorRefused, match="precision 'fp8' is not one of fp32, bf16"):
         CoordinatorClient(coordinator.address, Identity.generate()).register(
             "x", "y", Capabilities("cpu", 0, "volunteer", 0.0, "", 0.0, "fp8"))
+
+
+def test_a_worker_whose_clock_is_off_by_more_than_the_signature_window_is_told_so_at_register(coordinator) -> None:
+    channel = grpc.insecure_channel(coordinator.address)
+    stub = essaim_pb2_grpc.CoordinatorStub(channel)
+
+    def register(identity: Identity, offset: float) -> pb.RegisterRequest:
+        request = pb.RegisterRequest(public_key=identity.public_key, name=f"off by {offset:+.0f} s")
+        return sign_request("Register", request, identity, now=lambda: time.time() + offset)
+
+    ahead = refusal(stub.Register, register(Identity.generate(), 300))
+    assert ahead.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ahead.details().startswith("Register: ") and "synchronise the worker's clock with NTP" in ahead.details()
+    assert "the worker's clock is 300 s ahead of the coordinator's (limit 120 s)" in ahead.details()
+    behind = refusal(stub.Register, register(Identity.generate(), -300))
+    assert "the worker's clock is 300 s behind the coordinator's (limit 120 s)" in behind.details()
+
+    close = Identity.generate()
+    assert stub.Register(register(close, 100), timeout=5).worker_id == close.worker_id  # off, but inside the window
+    drifted = sign_request("Heartbeat", pb.HeartbeatRequest(), close, now=lambda: time.time() + 300)
+    error = refusal(stub.Heartbeat, drifted)  # a clock that drifts later is told the same on its next call
+    assert error.details().startswith("Heartbeat: ") and "the worker's clock is 300 s ahead" in error.details()
+    with coordinator.sessions()() as session:
+        assert [w.name for w in session.scalars(select(Worker))] == ["off by +100 s"]
+    channel.close()
 
 
 def test_the_training_shape_is_public_so_a_worker_can_check_its_memory_before_registering(coordinator) -> None:

@@ -143,3 +143,41 @@ def test_dp_run_records_its_guarantee_adds_its_noise_and_survives_a_site_droppin
     lora_b = np.concatenate([v.ravel() for k, v in adapter.items() if "lora_B" in k])
     expected = dp["noise_stddev"] * np.sqrt(1 / 3 + 1 / 2)
     assert 0.8 * expected < lora_b.std() < 1.2 * expected, (lora_b.std(), expected)
+
+
+def test_sites_join_a_tls_superlink_with_its_certificate_and_a_plaintext_site_cannot(
+    sites: dict[str, Path], tmp_path: Path
+) -> None:
+    from essaim.flower import flower_env, write_connection
+    from essaim.processes import free_port, start_role, terminate_group
+    from protocol.transport import write_self_signed
+
+    cert, key = write_self_signed(tmp_path / "tls", ["127.0.0.1"])
+    port = free_port()
+    superlink = f"127.0.0.1:{port}"
+    processes = [start_role(["finetune", "serve", "--workdir", str(tmp_path / "superlink"), "--port", str(port),
+                             "--tls-cert", str(cert), "--tls-key", str(key)], tmp_path / "superlink.log")]
+
+    def site(name: str, *tls: str) -> subprocess.Popen[bytes]:
+        return start_role(["finetune", "site", "--superlink", superlink, "--name", name, "--data", str(sites["energy"]),
+                           "--checkpoint", str(sites["base"]), "--workdir", str(tmp_path / name), *tls],
+                          tmp_path / f"{name}.log")
+
+    write_connection(tmp_path / "home", superlink, cert)  # `flwr` itself checks the SuperLink against the certificate
+
+    def online() -> list[dict]:
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "ls", "--format", "json"],
+                              env=flower_env(tmp_path / "home"), capture_output=True, text=True, timeout=60)
+        listed = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else {}
+        return [node for node in listed.get("nodes", []) if node["status"] == "online"]
+
+    try:
+        processes += [site("verified", "--ca-cert", str(cert)), site("plaintext")]
+        wait_for(lambda: online(), 90, "the TLS site to connect")
+        wait_for(lambda: "Connection attempt failed" in (tmp_path / "plaintext.log").read_text(errors="replace"),
+                 60, "the plaintext site to be turned away")
+        assert len(online()) == 1
+    finally:
+        for process in processes:
+            terminate_group(process)
+    assert all(process.poll() is not None for process in processes)

@@ -59,6 +59,19 @@ def test_stale_timestamp_is_refused_even_with_a_valid_signature(identity: Identi
         verifier.verify("Heartbeat", request, identity.public_key)
 
 
+def test_a_refused_timestamp_says_how_far_and_which_way_the_workers_clock_is_off(identity: Identity) -> None:
+    now = 1_800_000_000.0
+    verifier = RequestVerifier(max_skew_seconds=120, clock=lambda: now)
+    ahead = sign_request("Heartbeat", pb.HeartbeatRequest(), identity, now=lambda: now + 300)
+    with pytest.raises(AuthError, match=r"clock is 300 s ahead of the coordinator's \(limit 120 s\).*NTP"):
+        verifier.verify("Heartbeat", ahead, identity.public_key)
+    behind = sign_request("Heartbeat", pb.HeartbeatRequest(), identity, now=lambda: now - 300)
+    with pytest.raises(AuthError, match=r"clock is 300 s behind the coordinator's \(limit 120 s\)"):
+        verifier.verify("Heartbeat", behind, identity.public_key)
+    close = sign_request("Heartbeat", pb.HeartbeatRequest(), identity, now=lambda: now - 119)
+    verifier.verify("Heartbeat", close, identity.public_key)  # off, but inside the window: accepted
+
+
 def test_nonces_are_forgotten_only_after_their_window(identity: Identity) -> None:
     now = [time.time()]
     verifier = RequestVerifier(max_skew_seconds=60, clock=lambda: now[0])

@@ -29,19 +29,24 @@ from model.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, lo
 from model.presets import build_model
 from protocol import essaim_pb2 as pb
 from protocol.identity import Identity
-from protocol.swarm import Swarm
+from protocol.swarm import Swarm, free_port
+from protocol.transport import ClientTLS
 from worker.capabilities import calibrate, detect
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
-from worker.data import ShardReader, batches
+from worker.corpus_source import CoordinatorSource, UrlSource
+from worker.data import batches
 from worker.device import plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
 from worker.governance import RunGovernance
 from worker.memory import Workload, check_fits, out_of_memory_refused
+from worker.reachability import ReachabilityCheck
+from worker.shards import ShardStore, open_store, shared_corpus_dir
 
 log = logging.getLogger("essaim.worker")
 
 POOL_EMPTY_WAIT_SECONDS = 1.0
+DEFAULT_DATA_ROOT = Path.home() / ".essaim" / "data"  # a run's cache: DEFAULT_DATA_ROOT / <run id>
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,13 @@ class WorkerOptions:
     identity_path: Path
     name: str = ""
     institution: str = "independent"
-    host: str = "127.0.0.1"
-    data_dir: Path | None = None          # default: the shard directory the coordinator announces
+    host: str = "127.0.0.1"               # what the hivemind peer binds (0.0.0.0: every interface)
+    announce: str = ""                    # what peers dial, when not `host` (default with 0.0.0.0: as the coordinator sees us)
+    dht_port: int = 0                     # 0: a free port
+    client_mode: bool = False             # average without accepting connections (also chosen when unreachable)
+    tls: ClientTLS = ClientTLS()          # how the coordinator is authenticated off loopback
+    data_dir: Path | None = None          # default: the coordinator's directory if visible here, else ~/.essaim/data/<run>
+    cache_bytes: int = 10 << 30           # most bytes of fetched chunks kept in data_dir; 0: no cap
     checkpoint_dir: Path | None = None    # where to save the final model, if anywhere
     connect_seconds: float = 15.0
     trust_class: str = "volunteer"        # hpc, institution or volunteer
@@ -90,13 +100,15 @@ class Worker:
         self.options = options
         self.stop_requested = threading.Event()
         self.identity = Identity.load_or_create(options.identity_path)
-        self.client = CoordinatorClient(options.coordinator, self.identity, retry_seconds=options.connect_seconds)
+        self.client = CoordinatorClient(options.coordinator, self.identity, retry_seconds=options.connect_seconds,
+                                        tls=options.tls)
         self.last_loss = 0.0
         self.tokens_per_second = 0.0
         self.live_workers = 1
         self.draining = False  # the allocation ends: finish this round, then stop
         self.swarm_round = 0  # the coordinator's current round, as of the last heartbeat
         self._round_clock = time.perf_counter()
+        self._stepped = False  # the first inner step is logged: a join's time to train shows in the log
         self._checkpointed_round = -1
         self._lineage_head = 0  # the newest lineage record the coordinator reported back
         self._learning_rates: tuple[float, float] | None = None  # in force, as last applied to the trainer
@@ -114,10 +126,10 @@ class Worker:
         config = self.client.run_config()
         self.governance = RunGovernance(config, options.genesis)  # refuses a ledger that does not verify
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
-        reader = ShardReader(options.data_dir or Path(config.shard_dir))
+        reader = self._shard_store(config)
         checkpoint = self._checkpoint_to_resume(config)
         model = load_model(checkpoint) if checkpoint else build_model(config.model_preset, config.vocab_size, config.seed)
-        swarm = Swarm(options.host, initial_peers=list(config.initial_peers))
+        swarm = self._join_swarm(config)
         trainer: DiLoCoTrainer | None = None
         try:
             trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan)
@@ -163,7 +175,31 @@ class Worker:
         return Workload(shape.model_preset, shape.vocab_size, shape.seq_len, shape.batch_size,
                         min(micro, shape.batch_size), shape.error_feedback)
 
-    def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader) -> bool:
+    def _shard_store(self, config: pb.RunConfig) -> ShardStore:
+        """The run's shards: a local copy, the coordinator's directory if visible here, else a cache to fetch into."""
+        data_dir = self.options.data_dir or shared_corpus_dir(config) or DEFAULT_DATA_ROOT / config.run_id
+        source = UrlSource(config.data_url) if config.data_url else CoordinatorSource(self.client)
+        store = open_store(config, data_dir, source, self.options.cache_bytes)  # ShardUnavailable: refused here
+        log.info("shards in %s; missing ones are fetched from %s", data_dir, source.describe())
+        return store
+
+    def _join_swarm(self, config: pb.RunConfig) -> Swarm:
+        """A hivemind peer; in client mode when no peer could open a connection to it (NAT, firewall)."""
+        options = self.options
+        port = free_port(options.host, options.dht_port)  # fixed now: dialled back, then announced
+        announce, client_mode = options.announce, options.client_mode
+        if not client_mode:
+            reach = ReachabilityCheck(self.client, options.host, port).run()
+            if not reach.reachable:
+                log.warning("peers cannot reach this worker (%s): it averages as a client-mode peer, which sends "
+                            "and receives its share but reduces no slice", reach.error)
+                client_mode = True
+            elif not announce and options.host in ("0.0.0.0", "::"):
+                announce = reach.seen_host  # the one address peers are known to reach
+        return Swarm(options.host, initial_peers=list(config.initial_peers), client_mode=client_mode, port=port,
+                     announce=announce)
+
+    def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
         config = self._governed(config, trainer)
         progress = RoundProgress()
@@ -259,7 +295,7 @@ class Worker:
             log.warning("no peer shared its state; retrying in the next round")
 
     def _train_inner_steps(
-        self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardReader, progress: RoundProgress
+        self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore, progress: RoundProgress
     ) -> bool:
         """Inner steps until the round's token or time budget is spent. False: the run is complete.
 
@@ -310,6 +346,9 @@ class Worker:
             started = time.perf_counter()
             if batch.shape[1] > 1:
                 progress.add_loss(trainer.inner_step(batch))
+                if not self._stepped:
+                    self._stepped = True
+                    log.info("first inner step: the worker trains")
             progress.inner_seconds += time.perf_counter() - started
             progress.consumed[lease.lease_id] = progress.consumed.get(lease.lease_id, 0) + batch.numel()
             progress.tokens += batch.numel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -13,12 +13,14 @@ from protocol import essaim_pb2_grpc
 from protocol.auth import sign_request
 from protocol.identity import Identity
 from protocol.limits import GRPC_OPTIONS
+from protocol.transport import ClientTLS, open_channel
 from worker.capabilities import Capabilities
 
 Reply = TypeVar("Reply", bound=Message)
 
 # Transient: the coordinator is restarting or the network hiccupped.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+SLOWEST_FETCH_BYTES_PER_SECOND = 256 * 1024  # a corpus read slower than this is given up (and retried once)
 
 
 class CoordinatorUnreachable(Exception):
@@ -35,12 +37,13 @@ class CoordinatorRefused(Exception):
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, identity: Identity, retry_seconds: float = 60.0, call_timeout: float = 10.0):
+    def __init__(self, address: str, identity: Identity, retry_seconds: float = 60.0, call_timeout: float = 10.0,
+                 tls: ClientTLS = ClientTLS()):
         self.address = address
         self.identity = identity
         self.retry_seconds = retry_seconds
         self.call_timeout = call_timeout
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = open_channel(address, tls, GRPC_OPTIONS)  # TransportError: no TLS off loopback, wrong pin
         self._stub = essaim_pb2_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
@@ -79,6 +82,16 @@ class CoordinatorClient:
     def release_lease(self, lease_id: int, reason: str) -> pb.ReleaseLeaseReply:
         return self._call("ReleaseLease", lambda: pb.ReleaseLeaseRequest(lease_id=lease_id, reason=reason))
 
+    def read_corpus_file(self, file: str, offset: int, length: int) -> Iterator[pb.CorpusBytes]:
+        """A byte range of a corpus file, streamed; not retried here (the shard cache resumes and retries)."""
+        request = sign_request("ReadCorpusFile", pb.ReadCorpusFileRequest(file=file, offset=offset, length=length),
+                               self.identity)
+        timeout = 60.0 + (length or 64 << 20) / SLOWEST_FETCH_BYTES_PER_SECOND
+        return self._stub.ReadCorpusFile(request, timeout=timeout)
+
+    def check_reachable(self, port: int, token: bytes) -> pb.ReachabilityReply:
+        return self._call("CheckReachable", lambda: pb.ReachabilityRequest(port=port, token=token))
+
     def _call(self, method: str, make_request: Callable[[], Message], signed: bool = True) -> Reply:
         """Sign a fresh request per attempt (a retried request must not look like a replay)."""
         rpc = getattr(self._stub, method)
@@ -92,6 +105,10 @@ class CoordinatorClient:
                 code = error.code()
                 if code not in RETRYABLE:
                     raise CoordinatorRefused(method, code, error.details()) from None
+                if "handshake" in (error.details() or "").lower():  # TLS: retrying will not change the certificate
+                    raise CoordinatorRefused(method, code, (
+                        f"{error.details()}: the coordinator's TLS certificate does not verify (expired, or not signed "
+                        "by --ca-cert); check with the run's host, or pin it with --coordinator-fingerprint")) from None
                 if time.monotonic() + delay > give_up_at:
                     raise CoordinatorUnreachable(
                         f"no coordinator answers at {self.address} (tried for {self.retry_seconds:.0f} s: "

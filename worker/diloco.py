@@ -168,8 +168,13 @@ class DiLoCoTrainer:
             )
             self.round += 1
             self.round_started_at = time.time()
-        self.averager.state_sharing_priority = self.round  # late joiners download the newest state first
+        self._offer_state()  # late joiners download the newest state first
         return result
+
+    def _offer_state(self) -> None:
+        """Rank our state by its round for peers that download one; a client-mode peer serves none."""
+        if not self.averager.client_mode:
+            self.averager.state_sharing_priority = self.round
 
     def stop_sharing_state(self) -> None:
         """Let peers download state from others: ours is about to be replaced."""
@@ -191,7 +196,7 @@ class DiLoCoTrainer:
         with self._outer_lock:
             self.outer.load(tensors)
             self.round, self.round_started_at = round_number, round_started_at
-        self.averager.state_sharing_priority = self.round
+        self._offer_state()
 
     def load_state_from_peers(self, timeout: float = 30.0) -> bool:
         """Adopt a peer's round, global parameters and outer momentum; False if no peer answered."""
