@@ -42,6 +42,8 @@ def free_port(host: str, port: int = 0) -> int:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR (as p2pd has): connections of a closed listener in TIME_WAIT do not count, a live one does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:

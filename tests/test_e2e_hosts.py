@@ -79,7 +79,7 @@ def test_workers_on_three_hosts_fetch_their_shards_over_tls_and_average_every_ro
                 ["worker", "join", "--coordinator", ready["address"], "--name", f"w{i}",
                  "--identity", str(tmp_path / f"w{i}.key"), "--data", str(tmp_path / f"w{i}-data"),
                  "--device", "cpu", *extra],
-                tmp_path / f"w{i}.log", env={"OMP_NUM_THREADS": "1", "HIVEMIND_LOGLEVEL": "DEBUG"}, wrapper=on_host(i))
+                tmp_path / f"w{i}.log", env={"OMP_NUM_THREADS": "1"}, wrapper=on_host(i))
 
         pinned = ("--coordinator-fingerprint", ready["fingerprint"])
         workers = [join(1, *pinned, "--host", hosts[1]), join(2, *pinned, "--host", "0.0.0.0"),

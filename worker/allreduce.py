@@ -8,13 +8,19 @@ apart, and DiLoCo peers that differ by a few ulps drift apart round after round.
 Here the reducer compresses the average of its slice once and every peer,
 the reducer included, decompresses those same bytes and copies them in. Bytes
 on the wire are the same as hivemind's (each slice goes up once per sender and
-comes back once per sender). Three more things happen on the way:
+comes back once per sender). Four more things happen on the way:
 - the averager counts the bytes it really sends (the serialized messages);
 - with error feedback, it records what compression lost from each slice it sent,
   so the trainer can add that residual to the next round's pseudo-gradient;
 - if a reducer drops out mid-average, the attempt fails as a whole (peers would
   otherwise keep their own values for that slice and disagree), so hivemind
-  retries with the peers that are left, from the untouched inputs.
+  retries with the peers that are left, from the untouched inputs;
+- the side that answers a stream (a reducer, a matchmaking leader) keeps it open
+  after its last message until the caller hangs up, and the caller hangs up once it
+  has every message it expects. In hivemind the answering side closes right after its
+  last write, and p2pd then resets the libp2p stream (doStreamPipe: closing the read
+  side fails the other copy loop, which calls Reset), which can drop the last messages
+  still in flight: "sent 6 parts, but we expected 7" in a peer while the others finish.
 """
 
 from __future__ import annotations
@@ -36,9 +42,12 @@ from hivemind.compression import (
     Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
+from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import amap_in_executor
+from hivemind.utils import get_dht_time, get_logger
+from hivemind.utils.asyncio import amap_in_executor, anext, attach_event_on_finished
+
+logger = get_logger(__name__)
 
 # 8-bit sends a 256-entry float32 codebook with every tensor part: on a small tensor (norm
 # gains) that costs more than fp16 would, so parts under 4096 values go as fp16.
@@ -50,6 +59,20 @@ COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
         SMALL_PART_VALUES, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
     ),
 }
+
+
+# How long the answering side of a stream waits for the caller to hang up after its last message.
+# The caller hangs up as soon as it has read everything, so this only bounds a caller that never does.
+HANGUP_WAIT_SECONDS = 30.0
+
+
+async def _until_caller_hangs_up() -> None:
+    """Keep a stream handler open after its last message; hivemind cancels it when the caller hangs up.
+
+    Returning would close our end at once, and p2pd answers that close with a stream reset
+    that can discard our last messages before the caller has read them.
+    """
+    await asyncio.sleep(HANGUP_WAIT_SECONDS)
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -78,7 +101,7 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id) -> None:  # type: ignore[no-untyped-def]
         if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)
+            return await self._communicate_with_reducer(peer_id)
         # Our own slice: reduce it, then take the same decompressed average the others receive.
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
@@ -90,6 +113,61 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_processed_part(
                 peer_index, part_index, deserialize_torch_tensor(serialized)
             )
+
+    async def _communicate_with_reducer(self, peer_id) -> None:  # type: ignore[no-untyped-def]
+        """Send our parts of another peer's slice, take back its averages, then hang up.
+
+        hivemind's version reads until the reducer closes the stream; here the reducer waits
+        for us to hang up (rpc_aggregate_part), so we stop after the parts we expect.
+        """
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        container = self.tensor_part_container
+        expected = container.num_parts_by_peer[peer_index]
+        loop = asyncio.get_running_loop()
+        replies = None
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            replies = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()  # a client-mode peer sends everything before it reads (as hivemind)
+            for part_index in range(expected):
+                try:
+                    reply = await asyncio.wait_for(anext(replies), self.reducer_timeout)
+                except StopAsyncIteration:
+                    raise AllreduceException(
+                        f"peer {peer_id} sent {part_index} parts, but we expected {expected}") from None
+                if reply.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(reply.code)}")
+                average = await loop.run_in_executor(None, deserialize_torch_tensor, reply.tensor_part)
+                container.register_processed_part(peer_index, part_index, average)
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug(f"Caught {e!r} when communicating to {peer_id}", exc_info=True)
+            if not container.finished.is_set():  # a finalized container has dropped the parts to fall back on
+                container.register_failed_reducer(peer_index)
+            raise
+        finally:
+            if replies is not None:
+                try:
+                    await replies.aclose()  # hang up: the reducer holds the stream open until we do
+                except RuntimeError as e:
+                    logger.debug(f"could not close the stream to {peer_id}: {e}")
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's reducer side, which then keeps the stream open until the sender has read every reply."""
+        averaged, last_code = 0, None
+        async for message in super().rpc_aggregate_part(stream, context):
+            averaged += message.code == averaging_pb2.AVERAGED_PART
+            last_code = message.code
+            yield message
+        # Every average went out, or an error the sender stops at: it hangs up once it has read it.
+        # (A sender banned part-way gets fewer averages and no error; it would wait for more, so close.)
+        if last_code is not None and (averaged == self.tensor_part_reducer.num_parts
+                                      or last_code != averaging_pb2.AVERAGED_PART):
+            await _until_caller_hangs_up()
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         raw_parts = [part for part, _info in self.tensor_part_container._input_parts_by_peer[peer_index]]
@@ -180,6 +258,18 @@ class ExactAverager(DecentralizedAverager):
             self.allreduce_kwargs["compression"] = COMPRESSIONS[compression]()
             self._compression_in_use = compression
         await super()._step(**kwargs)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """hivemind's leader side, which then waits for the follower to hang up (it does once it has read).
+
+        Closing at once can lose the leader's last message (BEGIN_ALLREDUCE): the follower then
+        leaves the group while the leader and the others average without it until the timeout.
+        """
+        async for message in super().rpc_join_group(request, context):
+            yield message
+        await _until_caller_hangs_up()
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):  # type: ignore[no-untyped-def]
         group_id = group_info.group_id if group_id is None else group_id

@@ -33,6 +33,7 @@ class ReachabilityCheck:
     def run(self) -> Reachability:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the hivemind peer binds it next
             listener.bind((self.host, self.port))
             listener.listen(4)
             listener.settimeout(0.2)
@@ -60,7 +61,7 @@ class ReachabilityCheck:
             with connection:
                 try:
                     connection.sendall(self.token)
-                    connection.settimeout(1.0)
-                    connection.recv(1)  # the dialler closes first: the TIME_WAIT stays on its side, the port stays free
+                    connection.settimeout(3.0)
+                    connection.recv(1)  # the dialler closes first, so the TIME_WAIT is usually on its side
                 except OSError:
                     pass
