@@ -4,11 +4,13 @@ Two network namespaces (tests/wanemu.py: delay and rate on each node's link): th
 coordinator in one, serving a prepared corpus over TLS; a worker machine in the other,
 with an empty cache. Side by side in one run:
 - coordinator: every shard fetched through ReadCorpusFile (the default), verified chunk
-  by chunk and cached, by a registered worker's ShardStore;
-- data_url: the same shards from a static HTTP server (Python's http.server, Range
-  support through fsspec) on the coordinator's host;
+  by chunk and cached, by a registered worker's ShardStore, its leases prefetched side by
+  side as the worker does (worker/shards.py FETCH_THREADS);
+- data_url: the same shards from a static HTTP server with Range support
+  (tests/http_ranges.py, Python's http.server) on the coordinator's host, read through fsspec;
 - join: `essaim worker join --data EMPTY` from launch to its log's "first inner step".
-Throughput is compared with the link rate (goal: >= 90 %).
+Throughput is compared with the link rate (goal: >= 90 %) and with one plain TCP connection
+carrying the same bytes on the same link (the emulated link's own ceiling).
 
 Needs root (network namespaces). Usage:
   python benchmarks/shard_delivery.py [--megabytes 64] [--rate-mbit 100] [--delay-ms 25] [--repeats 2]
@@ -86,13 +88,14 @@ def fetch(args: argparse.Namespace) -> None:
     source = UrlSource(args.url) if args.url else CoordinatorSource(client)
     store = open_store(config, Path(args.cache), source, cache_bytes=0)
     assert store.manifest is not None
+    leases = [pb.Lease(lease_id=1, shard_id=shard.shard_id, shard_file=shard.file, shard_sha256=shard.sha256,
+                       shard_tokens=shard.tokens, dtype=shard.dtype, start=0, end=shard.tokens)
+              for shard in store.manifest.shards]
     started = time.perf_counter()
-    total = 0
-    for shard in store.manifest.shards:
-        lease = pb.Lease(lease_id=1, shard_id=shard.shard_id, shard_file=shard.file, shard_sha256=shard.sha256,
-                         shard_tokens=shard.tokens, dtype=shard.dtype, start=0, end=shard.tokens)
-        total += store.tokens(lease).numel() * 2
+    fetching = [store.prefetch(lease) for lease in leases]  # as the worker does with a round's leases
+    total = sum(future.result().numel() * 2 for future in fetching)
     seconds = time.perf_counter() - started
+    store.close()
     client.close()
     print(json.dumps({"bytes": total, "seconds": seconds}))
 
@@ -118,6 +121,27 @@ def measure_fetch(coordinator: str, fingerprint: str, work: Path, url: str = "")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     shutil.rmtree(cache)
     return result["bytes"] * 8 / result["seconds"] / 1e6  # Mbit/s
+
+
+def measure_tcp(nbytes: int) -> float:
+    """The link's own ceiling: the same bytes over one plain TCP connection (Python sockets), in Mbit/s."""
+    sender = subprocess.Popen([*on_host(0), sys.executable, "-c", (
+        "import socket\n"
+        f"s = socket.create_server(('{SUBNET}.1', 9000)); c, _ = s.accept(); piece = bytes(1 << 20)\n"
+        f"for _ in range({nbytes >> 20}): c.sendall(piece)\n"
+        "c.close()")], start_new_session=True)
+    try:
+        done = subprocess.run([*on_host(1), sys.executable, "-c", (
+            "import socket, time\n"
+            "for _ in range(100):\n"
+            f"    try: c = socket.create_connection(('{SUBNET}.1', 9000)); break\n"
+            "    except OSError: time.sleep(0.1)\n"
+            "t, n = time.perf_counter(), 0\n"
+            "while (d := c.recv(1 << 20)): n += len(d)\n"
+            "print(n * 8 / (time.perf_counter() - t) / 1e6)")], capture_output=True, text=True, timeout=600)
+        return float(done.stdout.strip())
+    finally:
+        sender.wait(timeout=30)
 
 
 def measure_join(coordinator: str, fingerprint: str, work: Path, name: str) -> float:
@@ -175,13 +199,15 @@ def main() -> None:
             work / "coordinator.log", wrapper=on_host(0))
         processes.append(coordinator)
         ready = wait_for_ready_file(coordinator, work / "ready.json", work / "coordinator.log", timeout=120)
-        http = subprocess.Popen([*on_host(0), sys.executable, "-m", "http.server", "8080", "--bind", f"{SUBNET}.1",
-                                 "--directory", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        http = subprocess.Popen([*on_host(0), sys.executable, str(REPO / "tests" / "http_ranges.py"), str(data),
+                                 f"{SUBNET}.1", "8080"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         processes.append(http)
-        rates: dict[str, list[float]] = {"coordinator (gRPC stream)": [], "data_url (HTTP Range)": []}
+        rates: dict[str, list[float]] = {"plain TCP (the link's ceiling)": [], "coordinator (gRPC stream)": [],
+                                         "data_url (HTTP Range)": []}
         joins: list[float] = []
         for repeat in range(args.repeats):
+            rates["plain TCP (the link's ceiling)"].append(measure_tcp(corpus_bytes))
             rates["coordinator (gRPC stream)"].append(measure_fetch(ready["address"], ready["fingerprint"], work))
             rates["data_url (HTTP Range)"].append(
                 measure_fetch(ready["address"], ready["fingerprint"], work, f"http://{SUBNET}.1:8080"))
@@ -194,10 +220,10 @@ def main() -> None:
         wanemu("down")
     print(f"link: {args.rate_mbit:g} Mbit/s each way, {args.delay_ms:g} ms one-way delay per node; "
           f"corpus {corpus_bytes / 2**20:.0f} MiB in {corpus_bytes // (SHARD_TOKENS * 2)} shards, TLS on")
-    print(f"{'source':<28}{'median Mbit/s':>15}{'of link':>10}{'runs':>30}")
+    print(f"{'source':<32}{'median Mbit/s':>15}{'of link':>10}{'runs':>26}")
     for source, values in rates.items():
         median = statistics.median(values)
-        print(f"{source:<28}{median:>15.1f}{median / args.rate_mbit:>10.1%}{', '.join(f'{v:.1f}' for v in values):>30}")
+        print(f"{source:<32}{median:>15.1f}{median / args.rate_mbit:>10.1%}{', '.join(f'{v:.1f}' for v in values):>26}")
     print(f"worker join on an empty cache -> first inner step: median {statistics.median(joins):.1f} s "
           f"({', '.join(f'{v:.1f}' for v in joins)})")
     coordinator_rate = statistics.median(rates["coordinator (gRPC stream)"])
@@ -206,6 +232,7 @@ def main() -> None:
         "coordinator_mbit": round(coordinator_rate, 1),
         "coordinator_link_fraction": round(coordinator_rate / args.rate_mbit, 3),
         "data_url_mbit": round(statistics.median(rates["data_url (HTTP Range)"]), 1),
+        "plain_tcp_mbit": round(statistics.median(rates["plain TCP (the link's ceiling)"]), 1),
         "join_to_first_step_s": round(statistics.median(joins), 1),
         "goal_link_fraction": GOAL_LINK_FRACTION,
     }))

@@ -66,3 +66,10 @@ def serve_files(root: Path, honour_ranges: bool = True) -> Iterator[ServedFiles]
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+if __name__ == "__main__":  # python tests/http_ranges.py DIR HOST PORT: serve until killed (benchmarks)
+    import sys
+
+    directory, host, port = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    ThreadingHTTPServer((host, port), _handler(directory, ServedFiles(url=""), honour_ranges=True)).serve_forever()

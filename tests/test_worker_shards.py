@@ -200,3 +200,18 @@ def test_a_full_disk_while_caching_is_named_and_keeps_nothing_half_written(corpu
         assert all(name.endswith(".chunk") for name in leftovers), leftovers  # no .part, no temp file
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_leases_prefetched_side_by_side_share_their_boundary_chunk_safely(corpus_dir: Path, tmp_path: Path) -> None:
+    shards = multi_chunk_shards(corpus_dir)[:2]
+    store = open_store(run_config_for(corpus_dir), tmp_path / "cache", UrlSource(f"file://{corpus_dir}"), cache_bytes=0)
+    leases = [lease_of(shards[0], 0, 1500), lease_of(shards[0], 1500, 3000), lease_of(shards[1], 0, 3000)]
+    fetching = [store.prefetch(lease) for lease in leases]  # the first two both need chunk 1 of the same shard
+    try:
+        for lease, future in zip(leases, fetching):
+            shard = shards[0] if lease.shard_id == shards[0].shard_id else shards[1]
+            assert future.result(timeout=60).tolist() == read_tokens(corpus_dir / shard.file, shard.dtype,
+                                                                     lease.start, lease.end).tolist()
+    finally:
+        store.close()
+    assert len(chunk_files(tmp_path / "cache")) == 3 + 3 and store.cache.bytes == 6 * 2048

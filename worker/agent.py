@@ -35,7 +35,7 @@ from worker.capabilities import calibrate, detect
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.corpus_source import CoordinatorSource, UrlSource
-from worker.data import batches
+from worker.data import batches_when_fetched
 from worker.device import plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
 from worker.governance import RunGovernance
@@ -165,6 +165,7 @@ class Worker:
             self.stop_requested.set()
             if trainer is not None:
                 trainer.shutdown()
+            reader.close()
             swarm.close()
             self.client.close()
 
@@ -329,7 +330,9 @@ class Worker:
                 if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
                     break
                 progress.leases.append(reply.lease)
-                streams.append((reply.lease, batches(reader.tokens(reply.lease), config.batch_size, config.seq_len)))
+                # Fetched in the background: the round's leases download side by side (worker/shards.py).
+                streams.append((reply.lease, batches_when_fetched(reader.prefetch(reply.lease), config.batch_size,
+                                                                  config.seq_len)))
                 leased += reply.lease.end - reply.lease.start
             if not streams:
                 if progress.tokens:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Iterator
 
 import torch
@@ -20,3 +21,8 @@ def batches(tokens: torch.Tensor, batch_size: int, seq_len: int) -> Iterator[tor
     remainder = tokens[full_rows * seq_len :]
     if remainder.numel():
         yield remainder.view(1, -1)
+
+
+def batches_when_fetched(tokens: Future[torch.Tensor], batch_size: int, seq_len: int) -> Iterator[torch.Tensor]:
+    """``batches`` of tokens still being fetched: the first batch waits for them (and raises what the fetch raised)."""
+    yield from batches(tokens.result(), batch_size, seq_len)

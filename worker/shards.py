@@ -7,6 +7,10 @@ sha256 (once per process), a fetched or cached chunk against the manifest's chun
 The cache keeps whole chunks under ``DATA/chunks/<shard sha256>/<index>`` and a download
 in progress as ``<index>.part``: a cut download resumes from the byte it reached. Past
 ``cache_bytes`` the least recently read chunks are evicted (never the ones being read).
+
+``prefetch`` fetches a lease's bytes in the background: a round's leases download side by
+side, so one request's round trip does not leave the link idle (fetches of one shard take
+turns, since neighbouring leases share a chunk).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -29,6 +35,7 @@ from worker.corpus_source import CorpusSource, FetchFailed
 log = logging.getLogger("essaim.worker.shards")
 
 FETCH_ATTEMPTS = 2  # a corrupted, cut or truncated download is fetched once more, then refused
+FETCH_THREADS = 4  # leases downloading at once (a round's leases_per_round, by default)
 MANIFEST_FILE = "manifest.json"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -58,6 +65,18 @@ class ShardStore:
         self.source = source
         self.cache = ChunkCache(self.data_dir / "chunks", cache_bytes)
         self._verified: set[tuple[str, str]] = set()  # full local files hashed by this process
+        self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-fetch")
+        self._shard_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._closed = threading.Event()
+
+    def prefetch(self, lease: pb.Lease) -> Future[torch.Tensor]:
+        """``tokens(lease)`` in the background; the future raises what it would."""
+        return self._pool.submit(self.tokens, lease)
+
+    def close(self) -> None:
+        """Stop downloads under way (at their next piece) and those not yet started."""
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def tokens(self, lease: pb.Lease) -> torch.Tensor:
         """Tokens [start, end) of the lease's shard as int64, from verified bytes only."""
@@ -77,7 +96,8 @@ class ShardStore:
                 self._verified.add(key)
             return torch.from_numpy(read_tokens(path, lease.dtype, lease.start, lease.end))
         itemsize = _DTYPES[shard.dtype].itemsize
-        data = self._fetched(shard, lease.start * itemsize, lease.end * itemsize)
+        with self._shard_locks[shard.sha256]:
+            data = self._fetched(shard, lease.start * itemsize, lease.end * itemsize)
         return torch.from_numpy(np.frombuffer(data, dtype=_DTYPES[shard.dtype]).astype(np.int64))
 
     def _manifest_entry(self, lease: pb.Lease) -> ShardInfo | None:
@@ -124,6 +144,8 @@ class ShardStore:
             writer = _ChunkWriter(self.cache, shard, self.manifest.chunk_bytes, run, pinned, chunks, reasons)
             try:
                 for piece in self.source.read(shard.file, writer.next_byte(), writer.end_byte()):
+                    if self._closed.is_set():
+                        raise FetchFailed("the worker is stopping")
                     writer.write(piece)
             except FetchFailed as error:
                 writer.cut(f"download cut: {error}")
@@ -203,6 +225,7 @@ class ChunkCache:
         self._lru: OrderedDict[Path, int] = OrderedDict((p, p.stat().st_size) for p in kept)
         self.bytes = sum(self._lru.values())
         self.evictions = 0
+        self._lock = threading.Lock()  # fetches of different shards keep and evict side by side
 
     def path(self, shard: ShardInfo, index: int) -> Path:
         return self.root / shard.sha256 / f"{index:08d}.chunk"
@@ -210,15 +233,16 @@ class ChunkCache:
     def read(self, shard: ShardInfo, index: int) -> bytes | None:
         """A kept chunk, checked against its hash again (a disk can rot); None if absent or damaged."""
         path = self.path(shard, index)
-        if path not in self._lru:
-            return None
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != shard.chunk_sha256[index]:
-            log.warning("cached chunk %s is damaged: fetching it again", path)
-            self._forget(path)
-            return None
-        os.utime(path)
-        self._lru.move_to_end(path)
+        with self._lock:
+            if path not in self._lru:
+                return None
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != shard.chunk_sha256[index]:
+                log.warning("cached chunk %s is damaged: fetching it again", path)
+                self._forget(path)
+                return None
+            os.utime(path)
+            self._lru.move_to_end(path)
         return data
 
     def part(self, shard: ShardInfo, index: int) -> bytes:
@@ -233,11 +257,12 @@ class ChunkCache:
 
     def keep(self, shard: ShardInfo, index: int, data: bytes, pinned: set[Path]) -> None:
         path = self.path(shard, index)
-        self._make_room(len(data), pinned)
-        _write_atomically(path, data)
+        with self._lock:
+            self._make_room(len(data), pinned)
+            _write_atomically(path, data)
+            self._lru[path] = len(data)
+            self.bytes += len(data)
         self.drop_part(shard, index)
-        self._lru[path] = len(data)
-        self.bytes += len(data)
 
     def _make_room(self, needed: int, pinned: set[Path]) -> None:
         if not self.cap_bytes:
