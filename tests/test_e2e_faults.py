@@ -100,7 +100,7 @@ def test_corrupted_shard_is_refused_and_its_lease_released(start_coordinator, tm
     assert "sha256" in log and ".bin" in log
     with sessions() as session:
         states = [lease.state for lease in session.scalars(select(Lease))]
-    assert states == ["released"]
+    assert states and set(states) == {"released"}  # the round's leases (fetched side by side), none expired
     assert accounting_problems(sessions) == []
 
 
