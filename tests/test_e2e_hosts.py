@@ -109,6 +109,12 @@ def test_workers_on_three_hosts_fetch_their_shards_over_tls_and_average_every_ro
             assert fetched and not list((tmp_path / f"w{i}-data").glob("*.bin")), f"w{i} fetched nothing"
         assert len({worker for worker, _ in trained}) == 3
 
+        # `essaim status` from another host, over TLS, pinned.
+        status = subprocess.run([*on_host(2), sys.executable, "-m", "essaim", "status", "--coordinator",
+                                 ready["address"], "--coordinator-fingerprint", ready["fingerprint"], "--once"],
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and f"round {ROUNDS}/{ROUNDS}" in status.stdout, status.stderr
+
         # A wrong pin, or no pin at all, and the worker refuses to talk to the coordinator.
         wrong = join(1, "--coordinator-fingerprint", "sha256:" + "0" * 64, "--host", hosts[1])
         plain = join(2, "--host", hosts[2])
