@@ -182,6 +182,7 @@ def main() -> None:
     from protocol.transport import write_self_signed
 
     work = Path(tempfile.mkdtemp(prefix="essaim-shard-delivery-"))
+    os.environ["ESSAIM_SOCKET_DIR"] = str(work)  # hivemind's sockets go with the work directory, even if a peer is killed
     processes = []
     subprocess.run([sys.executable, str(WANEMU), "down", "--prefix", PREFIX], capture_output=True)
     try:
