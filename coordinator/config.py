@@ -75,17 +75,11 @@ class CoordinatorSettings(BaseModel):
     port: int = Field(50051, ge=0, le=65535)  # 0: pick a free port
     announce: str = ""              # the address workers dial, when it is not `host` (NAT, 0.0.0.0)
     dht_port: int = Field(0, ge=0, le=65535)  # the DHT peer's TCP port; 0: a free one
-    tls_cert: Path | None = None    # PEM certificate and key: gRPC over TLS
-    tls_key: Path | None = None
+    tls_cert: Path | None = None    # PEM certificate and key, both or neither: gRPC over TLS
+    tls_key: Path | None = None     # (checked with the files, by ServerTLS.from_options, at start)
     insecure: bool = False          # plaintext on an address other than loopback, knowingly
     run: RunSettings = RunSettings()
     governance: Path | None = None  # the run's ledger (essaim gov init): its votes govern the run
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> "CoordinatorSettings":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("give --tls-cert and --tls-key together (a certificate and its private key)")
-        return self
 
 
 def load_run_settings(path: Path) -> RunSettings:

@@ -12,10 +12,9 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from model.shards import Manifest
+from model.shards import MANIFEST_FILE, Manifest
 
 PIECE_BYTES = 256 * 1024  # one message of the stream: small enough to keep the link busy, big enough to be cheap
-MANIFEST_FILE = "manifest.json"
 # A download holds a server thread for as long as it lasts: past this many at once the next is
 # told to come back (RESOURCE_EXHAUSTED), so heartbeats and reports always find a thread.
 MAX_CONCURRENT_READS = 16

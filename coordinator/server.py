@@ -89,7 +89,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
 
-    tls = ServerTLS.load(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    tls = ServerTLS.from_options(settings.tls_cert, settings.tls_key)
     # Threads: 16 for requests, and as many again for shard downloads (CorpusFiles caps them).
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
     # Bound before the DHT starts: a busy port or a refused plaintext address fails fast.

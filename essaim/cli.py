@@ -126,12 +126,10 @@ def coordinator_rewind(
 ) -> None:
     """After a crash: forget rounds from TO_ROUND on, so the run resumes from a checkpoint."""
     from coordinator.rewind import RewindRefused, rewind
-    from coordinator.store import MissingDatabase, open_engine, session_factory, sqlite_url
 
     try:
-        sessions = session_factory(open_engine(database or sqlite_url(data / "coordinator.db"), create=False))
-        done = rewind(sessions, to_round)
-    except (RewindRefused, MissingDatabase) as error:
+        done = rewind(_run_database(data, database), to_round)
+    except RewindRefused as error:
         _fail(str(error))
     typer.echo(f"rewound {done.rounds} round(s): {done.leases} lease(s), {done.tokens} tokens back in the pool")
 
@@ -288,11 +286,12 @@ def _moment(text: str) -> float:
 
 def _run_database(data: Path, database: str):  # type: ignore[no-untyped-def]
     """Sessions on the run's database, refusing to create one where none exists."""
-    from coordinator.store import open_engine, session_factory, sqlite_url
+    from coordinator.store import MissingDatabase, open_engine, session_factory, sqlite_url
 
-    if not database and not (data / "coordinator.db").is_file():
-        _fail(f"no coordinator.db in {data}: give the run's database with --database")
-    return session_factory(open_engine(database or sqlite_url(data / "coordinator.db"), create=False))
+    try:
+        return session_factory(open_engine(database or sqlite_url(data / "coordinator.db"), create=False))
+    except MissingDatabase as error:
+        _fail(str(error))
 
 
 @audit_app.command("card")

@@ -30,16 +30,14 @@ def finetune_serve(
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        if (tls_cert is None) != (tls_key is None):
-            raise TransportError("give --tls-cert and --tls-key together (a certificate and its private key)")
-        check_plaintext(host, tls_cert is not None, insecure, "--tls-cert and --tls-key")
-        fingerprint = ServerTLS.load(tls_cert, tls_key).fingerprint() if tls_cert and tls_key else ""
+        tls = ServerTLS.from_options(tls_cert, tls_key)
+        check_plaintext(host, tls is not None, insecure, "--tls-cert and --tls-key")
     except TransportError as error:
         _fail(str(error))
     command = superlink_command(workdir, host, port, tls_cert.resolve() if tls_cert else None,
                                 tls_key.resolve() if tls_key else None)
     typer.echo(f"SuperLink on {host}:{port}, state in {workdir / 'state.db'}"
-               + (f", TLS certificate {fingerprint}" if fingerprint else ""), err=True)
+               + (f", TLS certificate {tls.fingerprint()}" if tls else ""), err=True)
     os.execve(command[0], command, flower_env(workdir / "flwr-home"))
 
 

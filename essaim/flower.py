@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from essaim.processes import free_port, start_role
-from protocol.transport import TransportError, is_loopback
+from protocol.transport import TransportError, plaintext_allowed
 
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "essaim"  # the name `flwr run` is given for the SuperLink in FLWR_HOME/config.toml
@@ -42,7 +42,7 @@ def _tool(name: str) -> str:
 
 def check_plaintext(host: str, tls_given: bool, insecure: bool, tls_options: str) -> None:
     """Flower follows the coordinator's rule: plaintext on loopback, elsewhere only when asked for by name."""
-    if not tls_given and not insecure and not is_loopback(host):
+    if not tls_given and not plaintext_allowed(host, insecure):
         raise TransportError(f"{host} is not a loopback address: use TLS ({tls_options}) or pass --insecure "
                              "to send fine-tuning traffic in plaintext")
 

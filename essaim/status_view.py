@@ -20,15 +20,14 @@ class StatusUnavailable(Exception):
     """The coordinator did not answer; the message says where it was asked."""
 
 
-def fetch_status(address: str, tls: ClientTLS = ClientTLS(), timeout: float = 5.0) -> pb.StatusReply:
-    with open_channel(address, tls, GRPC_OPTIONS) as channel:
-        try:
-            return essaim_pb2_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
-        except grpc.RpcError as error:
-            raise StatusUnavailable(
-                f"no status from {address} ({error.code().name}: {error.details()}): is `essaim coordinator serve` "
-                "running there?"
-            ) from None
+def fetch_status(channel: grpc.Channel, address: str, timeout: float = 5.0) -> pb.StatusReply:
+    try:
+        return essaim_pb2_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+    except grpc.RpcError as error:
+        raise StatusUnavailable(
+            f"no status from {address} ({error.code().name}: {error.details()}): is `essaim coordinator serve` "
+            "running there?"
+        ) from None
 
 
 def render(status: pb.StatusReply) -> Group:
@@ -70,10 +69,11 @@ def _duration(seconds: float) -> str:
 def watch(address: str, interval: float, once: bool, tls: ClientTLS = ClientTLS(),
           console: Console | None = None) -> None:
     console = console or Console()
-    if once:
-        console.print(render(fetch_status(address, tls)))
-        return
-    with Live(render(fetch_status(address, tls)), console=console, refresh_per_second=4) as view:
-        while True:
-            time.sleep(interval)
-            view.update(render(fetch_status(address, tls)))
+    with open_channel(address, tls, GRPC_OPTIONS) as channel:  # one channel: a pinned TLS check once, not per refresh
+        if once:
+            console.print(render(fetch_status(channel, address)))
+            return
+        with Live(render(fetch_status(channel, address)), console=console, refresh_per_second=4) as view:
+            while True:
+                time.sleep(interval)
+                view.update(render(fetch_status(channel, address)))

@@ -25,6 +25,7 @@ import numpy as np
 # Explicit little-endian dtypes: shards move between machines.
 _NUMPY_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _FIX_HINT = "re-run `essaim data prepare` or restore the file"
+MANIFEST_FILE = "manifest.json"  # in the prepared directory, beside the shards
 # 1 MiB: a chunk hash per 1 MiB costs 0.006 % of the shard in the manifest, and a worker
 # fetches at most one chunk it does not need at each end of a lease's range.
 CHUNK_BYTES = 1 << 20
@@ -39,7 +40,7 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def _numpy_dtype(dtype: str) -> np.dtype:
+def numpy_dtype(dtype: str) -> np.dtype:
     try:
         return _NUMPY_DTYPES[dtype]
     except KeyError:
@@ -57,17 +58,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write via a temp file in the same directory then ``os.replace``: readers see
-    the old file or the new one, never half of one."""
+    the old file or the new one, never half of one. ``durable``: fsync before the
+    rename, so a crash cannot leave an empty file under the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -76,7 +79,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_shard(tokens: np.ndarray, path: Path, dtype: str) -> str:
     """Write ``tokens`` as a shard file and return its sha256."""
-    np_dtype = _numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"a shard holds a flat array of token ids, got shape {tokens.shape}")
@@ -86,7 +89,7 @@ def write_shard(tokens: np.ndarray, path: Path, dtype: str) -> str:
             "use token_dtype(vocab_size) to choose the dtype"
         )
     data = tokens.astype(np_dtype).tobytes()
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -104,7 +107,7 @@ def verify_shard(path: Path, expected_sha256: str, expected_tokens: int, dtype: 
     path = Path(path)
     if not path.is_file():
         raise ShardIntegrityError(f"shard file {path} is missing: {_FIX_HINT}")
-    expected_size = expected_tokens * _numpy_dtype(dtype).itemsize
+    expected_size = expected_tokens * numpy_dtype(dtype).itemsize
     size = path.stat().st_size
     if size != expected_size:
         raise ShardIntegrityError(
@@ -121,7 +124,7 @@ def verify_shard(path: Path, expected_sha256: str, expected_tokens: int, dtype: 
 
 def read_tokens(path: Path, dtype: str, start: int, end: int) -> np.ndarray:
     """Tokens ``[start, end)`` of a shard as int64 (the dtype torch embeddings take)."""
-    np_dtype = _numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     n_tokens = Path(path).stat().st_size // np_dtype.itemsize
     if not 0 <= start <= end <= n_tokens:
         raise ValueError(
@@ -151,7 +154,7 @@ class ShardInfo:
 
     @property
     def size_bytes(self) -> int:
-        return self.tokens * _numpy_dtype(self.dtype).itemsize
+        return self.tokens * numpy_dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ class Manifest:
             "shards": [asdict(s) for s in self.shards],
         }
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-        _atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
@@ -232,7 +235,7 @@ class Manifest:
         try:
             shards = [_entry(ShardInfo, entry) for entry in document["shards"]]
             for shard in shards:
-                _numpy_dtype(shard.dtype)
+                numpy_dtype(shard.dtype)
             manifest = cls(
                 vocab_size=int(document["vocab_size"]),
                 tokenizer_sha256=str(document["tokenizer_sha256"]),

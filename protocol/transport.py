@@ -48,6 +48,11 @@ def is_loopback(host: str) -> bool:
     return address is not None and (address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
+def plaintext_allowed(host: str, insecure: bool) -> bool:
+    """The one rule for every Essaim and Flower endpoint: plaintext on loopback, elsewhere only when asked for."""
+    return insecure or is_loopback(host)
+
+
 def split_address(address: str) -> tuple[str, int]:
     """"HOST:PORT" or "[IPv6]:PORT" -> (host, port), host without brackets."""
     host, sep, port_text = address.rpartition(":")
@@ -92,6 +97,13 @@ class ServerTLS:
     key_pem: bytes
 
     @classmethod
+    def from_options(cls, cert_path: Path | None, key_path: Path | None) -> "ServerTLS | None":
+        """--tls-cert and --tls-key: both (TLS), or neither (None)."""
+        if (cert_path is None) != (key_path is None):
+            raise TransportError("give --tls-cert and --tls-key together (a certificate and its private key)")
+        return cls.load(cert_path, key_path) if cert_path and key_path else None
+
+    @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> "ServerTLS":
         """Read and check the pair now, so a bad file stops the coordinator, not each worker."""
         cert_pem, key_pem = _read(cert_path, "certificate"), _read(key_path, "key")
@@ -120,7 +132,7 @@ class ServerTLS:
 
 def add_listening_port(server: grpc.Server, host: str, port: int, tls: ServerTLS | None, insecure: bool) -> int:
     """Bind host:port with TLS, or plaintext on loopback or when insecure is asked for; the bound port."""
-    if tls is None and not insecure and not is_loopback(host):
+    if tls is None and not plaintext_allowed(host, insecure):
         raise TransportError(
             f"refusing to serve plaintext on {host}: workers' traffic would be readable and forgeable "
             "on the network; pass --tls-cert/--tls-key (essaim coordinator cert makes a pair), or --insecure"
@@ -218,7 +230,7 @@ def open_channel(address: str, tls: ClientTLS, options: list[tuple[str, Any]]) -
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.public_bytes(serialization.Encoding.PEM))
         override = [("grpc.ssl_target_name_override", _name_in(cert))]
         return grpc.secure_channel(address, credentials, options=list(options) + override)
-    if not (tls.insecure or is_loopback(host)):
+    if not plaintext_allowed(host, tls.insecure):
         raise TransportError(
             f"refusing plaintext to {host}: pass --ca-cert or --coordinator-fingerprint (printed by "
             "`essaim coordinator serve` at start), or --insecure to send in the clear"

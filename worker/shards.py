@@ -19,7 +19,6 @@ import errno
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +27,16 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from model.shards import Manifest, ShardInfo, ShardIntegrityError, read_tokens, verify_shard
+from model.shards import (
+    MANIFEST_FILE,
+    Manifest,
+    ShardInfo,
+    ShardIntegrityError,
+    atomic_write_bytes,
+    numpy_dtype,
+    read_tokens,
+    verify_shard,
+)
 from protocol import essaim_pb2 as pb
 from worker.corpus_source import CorpusSource, FetchFailed
 
@@ -36,8 +44,6 @@ log = logging.getLogger("essaim.worker.shards")
 
 FETCH_ATTEMPTS = 2  # a corrupted, cut or truncated download is fetched once more, then refused
 FETCH_THREADS = 4  # leases downloading at once (a round's leases_per_round, by default)
-MANIFEST_FILE = "manifest.json"
-_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
 class ShardUnavailable(Exception):
@@ -95,10 +101,10 @@ class ShardStore:
                 verify_shard(path, lease.shard_sha256, lease.shard_tokens, lease.dtype)  # ShardIntegrityError
                 self._verified.add(key)
             return torch.from_numpy(read_tokens(path, lease.dtype, lease.start, lease.end))
-        itemsize = _DTYPES[shard.dtype].itemsize
+        dtype = numpy_dtype(shard.dtype)
         with self._shard_locks[shard.sha256]:
-            data = self._fetched(shard, lease.start * itemsize, lease.end * itemsize)
-        return torch.from_numpy(np.frombuffer(data, dtype=_DTYPES[shard.dtype]).astype(np.int64))
+            data = self._fetched(shard, lease.start * dtype.itemsize, lease.end * dtype.itemsize)
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).astype(np.int64))
 
     def _manifest_entry(self, lease: pb.Lease) -> ShardInfo | None:
         """The manifest's entry for the lease's shard, which the lease must agree with."""
@@ -250,7 +256,7 @@ class ChunkCache:
         return path.read_bytes() if path.is_file() else b""
 
     def save_part(self, shard: ShardInfo, index: int, data: bytes) -> None:
-        _write_atomically(self.path(shard, index).with_suffix(".part"), data)
+        atomic_write_bytes(self.path(shard, index).with_suffix(".part"), data, durable=False)
 
     def drop_part(self, shard: ShardInfo, index: int) -> None:
         self.path(shard, index).with_suffix(".part").unlink(missing_ok=True)
@@ -259,7 +265,8 @@ class ChunkCache:
         path = self.path(shard, index)
         with self._lock:
             self._make_room(len(data), pinned)
-            _write_atomically(path, data)
+            # No fsync: a chunk is checked against its hash whenever it is read, and fetched again if damaged.
+            atomic_write_bytes(path, data, durable=False)
             self._lru[path] = len(data)
             self.bytes += len(data)
         self.drop_part(shard, index)
@@ -297,7 +304,7 @@ def open_store(config: pb.RunConfig, data_dir: Path, source: CorpusSource, cache
         where = f"the manifest from {source.describe()}"
         manifest = Manifest.parse(text, where)
         if manifest.root_hash() == config.corpus_root_hash:
-            _write_atomically(local, text)
+            atomic_write_bytes(local, text)
     if manifest.root_hash() != config.corpus_root_hash:
         raise ShardUnavailable(
             f"{where} describes corpus {manifest.root_hash()[:16]}, but the run trains corpus "
@@ -330,15 +337,3 @@ def _consecutive(indices: list[int]) -> list[list[int]]:
         else:
             runs.append([index])
     return runs
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
