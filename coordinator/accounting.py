@@ -2,7 +2,8 @@
 
 For every shard and epoch, the token ranges tile [0, tokens) with no gap and no
 overlap; each trained range is one completed lease and one lineage record covering
-exactly it; each leased range is held by exactly one granted lease. So every token
+exactly it; each leased range is held by exactly one lease out (granted, or reported and
+awaiting its round's decision, coordinator/leases.py). So every token
 is trained exactly once per epoch or is still in (or on its way back to) the pool.
 """
 
@@ -13,6 +14,7 @@ from collections import defaultdict
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.leases import HELD
 from coordinator.store import Lease, LineageRecord, Shard, Source, TokenRange
 
 
@@ -76,12 +78,12 @@ def _range_problems(
     lineage_by_lease: dict[int, LineageRecord],
 ) -> list[str]:
     leases = leases_by_range.get(token_range.id, [])
-    granted = [lease for lease in leases if lease.state == "granted"]
+    granted = [lease for lease in leases if lease.state in HELD]
     completed = [lease for lease in leases if lease.state == "completed"]
     if token_range.state == "leased" and len(granted) != 1:
-        return [f"{where}: leased but held by {len(granted)} granted leases"]
+        return [f"{where}: leased but held by {len(granted)} leases out"]
     if token_range.state == "pool" and (granted or completed):
-        return [f"{where}: in the pool but has {len(granted)} granted and {len(completed)} completed leases"]
+        return [f"{where}: in the pool but has {len(granted)} leases out and {len(completed)} completed"]
     if token_range.state != "trained":
         return []
     if len(completed) != 1:

@@ -3,6 +3,10 @@
 A checkpoint holds the tokens of every lineage record of its rounds (up to its
 completed round) that had not been rewound when it was saved: records of later
 rounds, or of rounds a crash rewound before the save, are not in its weights.
+
+Contributors are credited to an institution only as verified at Register (a
+certificate from an institution the run admits, coordinator/admission.py); the
+tokens of every other worker are the volunteers', under no institution.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from governance.ledger import Ledger
 from model.checkpoints import Checkpoint
 from model.corpus import REPORT_FILE
 from model.shards import Manifest
+from protocol.choices import INDEPENDENT
 
 
 def in_checkpoint(checkpoint: Checkpoint) -> ColumnElement[bool]:
@@ -75,6 +80,7 @@ def build_card(
         config_versions.add(record.config_version)
 
     total = sum(by_language.values())
+    volunteers = institutions.get(INDEPENDENT, {"tokens": 0, "workers": set()})
     targets = target_shares({name: s.weight for name, s in sources.items()})
     for name, entry in by_source.items():
         entry.update(language=sources[name].language, licence=sources[name].licence,
@@ -90,9 +96,11 @@ def build_card(
         "tokens_by_language": dict(sorted(by_language.items())),
         "tokens_by_licence": dict(sorted(by_licence.items())),
         "sources": dict(sorted(by_source.items())),
-        "institutions": {
+        "institutions": {  # verified institutions only
             name: {"tokens": v["tokens"], "workers": len(v["workers"])} for name, v in sorted(institutions.items())
+            if name != INDEPENDENT
         },
+        "volunteers": {"tokens": volunteers["tokens"], "workers": len(volunteers["workers"])},
         "workers": sorted(
             ({"name": v["name"], "institution": v["institution"], "tokens": v["tokens"], "rounds": len(v["rounds"])}
              for v in workers.values()), key=lambda w: (-w["tokens"], w["name"]),
@@ -188,9 +196,14 @@ def card_markdown(card: dict) -> str:
         "",
         "## Contributors",
         "",
-        "| institution | workers | tokens |",
+        "An institution is credited only for workers that presented, when they joined, a certificate signed with "
+        "the key the run admits that institution with; every other worker is a volunteer, of no institution "
+        f"(`{INDEPENDENT}`).",
+        "",
+        "| verified institution | workers | tokens |",
         "|---|---:|---:|",
         *(f"| {k} | {v['workers']} | {v['tokens']:,} |" for k, v in card["institutions"].items()),
+        f"| volunteers (no institution) | {card['volunteers']['workers']} | {card['volunteers']['tokens']:,} |",
         "",
         "| worker | institution | rounds | tokens |",
         "|---|---|---:|---:|",

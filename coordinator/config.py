@@ -12,6 +12,31 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.auth import DEFAULT_MAX_NONCES, DEFAULT_MAX_NONCES_PER_WORKER
+from protocol.choices import INDEPENDENT
+
+
+class Bounds(BaseModel):
+    """What one worker may hold or cost the coordinator (docs/ARCHITECTURE.md, "Bounds").
+
+    Not part of what defines the run (left out of its id): an operator may tighten them
+    on a restart. None: derived from the round's size (coordinator/server.py, lease_limits).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_max_seconds: float = Field(6 * 3600, ge=1)  # a lease ends this long after its grant, heartbeats or not
+    # After a group's first report, how long its round waits for leases still out (coordinator/rounds.py).
+    # None: twice the averaging timeout plus a lease period, so a group that averaged at the same time is in.
+    decision_seconds: float | None = Field(None, gt=0)
+    # Timed rounds on small shards take many small leases: the count bound is loose, the tokens one tight.
+    max_leases_per_worker: int | None = Field(None, ge=1)  # default: 16 x leases_per_round
+    max_tokens_per_worker: int | None = Field(None, ge=1)  # default: 2 x a round's tokens
+    # What any caller may cost: GetStatus is public, and every signed request leaves a nonce to remember.
+    status_page_max: int = Field(500, ge=1)  # workers listed in one GetStatus reply (its worker_limit)
+    max_nonces: int = Field(DEFAULT_MAX_NONCES, ge=1)  # replay nonces remembered, all workers together
+    max_nonces_per_worker: int = Field(DEFAULT_MAX_NONCES_PER_WORKER, ge=1)  # one worker's, inside the skew window
+
 
 class RunSettings(BaseModel):
     """What every worker of the run trains with (sent to workers as RunConfig)."""
@@ -47,6 +72,7 @@ class RunSettings(BaseModel):
     # directory (https:// with Range support, s3://...). Where the bytes live, not what the run is:
     # it is left out of the run id, so a community can move its shards without starting over.
     data_url: str = ""
+    bounds: Bounds = Bounds()
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunSettings":
@@ -66,6 +92,34 @@ class RunSettings(BaseModel):
         return max(self.seq_len, self.tokens_per_round // self.leases_per_round)
 
 
+class AdmissionSettings(BaseModel):
+    """Who Register credits, and how fast one address may register new keys (coordinator/admission.py).
+
+    Kept out of RunSettings: who may join is not what the run trains, so it is left
+    out of the run id, like data_url.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # name -> Ed25519 public key (hex) of each admitted institution, for a run without a ledger
+    # (a governed run admits institutions by vote). Their certificates credit their workers.
+    institutions: dict[str, str] = {}
+    institutions_only: bool = False  # refuse workers without a valid certificate (else: volunteers)
+    registrations_per_minute: int = Field(60, ge=1)  # new keys per source address, refilled continuously
+    registration_burst: int = Field(20, ge=1)        # new keys one address may register at once
+
+    @model_validator(mode="after")
+    def _keys_are_keys(self) -> "AdmissionSettings":
+        for name, key in self.institutions.items():
+            if not name or name == INDEPENDENT:
+                raise ValueError(f"institution {name!r}: give the name its certificates carry "
+                                 f"({INDEPENDENT!r} names workers no institution certified)")
+            if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+                raise ValueError(f"institution {name!r}: its key must be the 64 hex digits "
+                                 "`essaim institution keygen` printed")
+        return self
+
+
 class CoordinatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +134,15 @@ class CoordinatorSettings(BaseModel):
     insecure: bool = False          # plaintext on an address other than loopback, knowingly
     run: RunSettings = RunSettings()
     governance: Path | None = None  # the run's ledger (essaim gov init): its votes govern the run
+    admission: AdmissionSettings = AdmissionSettings()
+    credential_key: Path | None = None  # signs round credentials; default: credential-key.pem in data_dir
+
+    @model_validator(mode="after")
+    def _governed_institutions_are_voted(self) -> "CoordinatorSettings":
+        if self.governance is not None and self.admission.institutions:
+            raise ValueError("a governed run admits institutions by vote, not by --admit-institution: its "
+                             "maintainers propose {\"institutions\": {\"admit\": {NAME: KEY}}} (essaim gov propose)")
+        return self
 
 
 def load_run_settings(path: Path) -> RunSettings:

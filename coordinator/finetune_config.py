@@ -8,10 +8,11 @@ keeps the defaults in one place and records what the run was asked to do.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.finetune_privacy import noise_multiplier, rdp_epsilon
 
 
 class FinetuneSettings(BaseModel):
@@ -60,14 +61,18 @@ class FinetuneSettings(BaseModel):
             record["secure_aggregation"] = {"protocol": "SecAgg+", "num_shares": self.shares,
                                             "reconstruction_threshold": self.threshold}
         if self.dp_epsilon > 0:
-            sensitivity = 2 * self.dp_clip
+            sensitivity, multiplier = 2 * self.dp_clip, noise_multiplier(self.dp_epsilon, self.dp_delta)
             record["differential_privacy"] = {
                 "kind": "local (each site clips its update and adds Gaussian noise before sending)",
                 "clipping_norm": self.dp_clip, "sensitivity": sensitivity,
-                "noise_stddev": sensitivity * math.sqrt(2 * math.log(1.25 / self.dp_delta)) / self.dp_epsilon,
+                "noise_multiplier": multiplier, "noise_stddev": sensitivity * multiplier,
                 "epsilon_per_round": self.dp_epsilon, "delta_per_round": self.dp_delta,
-                # Basic composition over the rounds: a bound, looser than an RDP accountant's.
-                "epsilon_total": self.dp_epsilon * self.rounds, "delta_total": self.dp_delta * self.rounds,
+                # What the whole run costs a site that answers every round, at the run's delta.
+                "accountant": "RDP (Opacus), Gaussian mechanism, sampling rate 1",
+                "epsilon_total": rdp_epsilon([multiplier] * self.rounds, self.dp_delta), "delta_total": self.dp_delta,
+                # The bound the record gave before an accountant: looser over many rounds.
+                "basic_composition": {"epsilon_total": self.dp_epsilon * self.rounds,
+                                      "delta_total": self.dp_delta * self.rounds},
                 "unit": "a site's whole dataset (site-level)",
             }
         return record

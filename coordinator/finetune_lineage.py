@@ -4,9 +4,10 @@ OUT/adapter/        the LoRA adapter (peft format), loadable on the base checkpo
 OUT/merged/         the base with the adapter merged in: a plain Hugging Face model
                     with its tokenizer, finetune.json and its model card
 OUT/finetune.json   the lineage record: base checkpoint (its digest, run and round),
-                    the sites that took part in each round, the privacy settings and
-                    the guarantee, the adapter's hash. Names and numbers only: no
-                    site's data goes into it.
+                    the sites that took part in or refused each round, the privacy
+                    settings and the guarantee (RDP and basic composition), each
+                    site's privacy floor and the epsilon it spent, the adapter's hash.
+                    Names and numbers only: no site's data goes into it.
 
 The chain a reader follows: merged model -> finetune.json -> the base
 checkpoint's checkpoint.json and model card -> the pretraining run's lineage.
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from coordinator.card import card_markdown
 from coordinator.finetune_config import FinetuneSettings
+from coordinator.finetune_site_privacy import floor_text
 from model.checkpoints import Checkpoint, load_model, read_checkpoint
 from model.lora import ADAPTER_FILE, LoraSettings, adapter_arrays, arrays_digest, attach_lora, file_sha256, load_adapter_arrays
 
@@ -44,7 +46,7 @@ def base_adapter(settings: FinetuneSettings):  # type: ignore[no-untyped-def]
 
 def write_outputs(
     settings: FinetuneSettings, base: Checkpoint, model, final: list[np.ndarray],  # type: ignore[no-untyped-def]
-    rounds: list[dict], evaluation: dict, flower_run_id: int,
+    rounds: list[dict], evaluation: dict, site_privacy: dict, flower_run_id: int,
 ) -> Path:
     out = settings.out
     load_adapter_arrays(model, final)
@@ -62,6 +64,7 @@ def write_outputs(
                      "learning_rate": settings.learning_rate, "max_tokens": settings.max_tokens,
                      "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "targets": settings.lora_targets}},
         "privacy": settings.privacy(),
+        "site_privacy": site_privacy,  # per site: floor, rounds answered and refused, epsilon spent
         "adapter": {"file": f"adapter/{ADAPTER_FILE}", "sha256": file_sha256(out / "adapter" / ADAPTER_FILE),
                     "arrays_digest": arrays_digest(final), "parameters": int(sum(a.size for a in final))},
     }
@@ -91,6 +94,7 @@ def write_tuned_card(record: dict, base: Checkpoint, directory: Path) -> None:
         f"- Rounds: {len(record['rounds'])}, {record['training']['local_steps']} local steps each",
         f"- Secure aggregation: {'SecAgg+, ' + str(secagg['num_shares']) + ' shares, threshold ' + str(secagg['reconstruction_threshold']) if secagg else 'off'}",  # noqa: E501
         f"- Differential privacy: {_dp_line(dp)}",
+        *(f"- Site {name}: {_site_line(site)}" for name, site in record["site_privacy"].items()),
         "",
         "| round | sites | examples | failures |",
         "|---:|---|---:|---:|",
@@ -109,9 +113,18 @@ def write_tuned_card(record: dict, base: Checkpoint, directory: Path) -> None:
 def _dp_line(dp: dict | None) -> str:
     if not dp:
         return "off"
-    return (f"local, clip {dp['clipping_norm']}, noise std {dp['noise_stddev']:.4g}; "
-            f"({dp['epsilon_per_round']}, {dp['delta_per_round']})-DP per round, "
-            f"({dp['epsilon_total']:.4g}, {dp['delta_total']:.2g})-DP over the run (basic composition), per {dp['unit']}")
+    basic = dp["basic_composition"]
+    return (f"local, clip {dp['clipping_norm']}, noise std {dp['noise_stddev']:.4g} (multiplier "
+            f"{dp['noise_multiplier']:.4g}); ({dp['epsilon_per_round']}, {dp['delta_per_round']})-DP per round; over the "
+            f"run ({dp['epsilon_total']:.4g}, {dp['delta_total']:.2g})-DP by the RDP accountant "
+            f"(basic composition: ({basic['epsilon_total']:.4g}, {basic['delta_total']:.2g})), per {dp['unit']}")
+
+
+def _site_line(site: dict) -> str:
+    spent = f", epsilon {site['epsilon_this_run']:.3g} spent in this run" if site["epsilon_this_run"] is not None else ""
+    refused = f"; refused round(s) {', '.join(str(r['round']) for r in site['refused'])}" if site["refused"] else ""
+    return (f"floor: {floor_text(site['floor'])}; answered round(s) {', '.join(map(str, site['rounds'])) or 'none'}"
+            f"{spent}{refused}")
 
 
 def read_record(out: Path) -> dict:

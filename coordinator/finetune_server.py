@@ -22,6 +22,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.compat.common import recorddict_compat as compat
 
 from coordinator.finetune_config import FinetuneSettings
+from coordinator.finetune_site_privacy import SitesPrivacy, split_refusals
 from protocol.finetune import SiteInstructions
 
 # SecAgg+ weighs each site by examples / MAX_WEIGHT inside its quantization: larger sites
@@ -32,8 +33,9 @@ MAX_WEIGHT = 100_000.0
 class SiteAveraging(FedAvg):
     """FedAvg that tells sites what to do, records who took part in each round, and evaluates only when asked.
 
-    It averages whatever sites answered: a site that fails or drops out is left out
-    of its round (with SecAgg+, as long as the reconstruction threshold answers).
+    It averages whatever sites answered: a site that fails, drops out or refuses the
+    round (its privacy floor asks for more) is left out of its round (with SecAgg+, as
+    long as the reconstruction threshold answers), and the record says which and why.
     """
 
     def __init__(self, settings: FinetuneSettings, base_digest: str, initial: list[np.ndarray]) -> None:
@@ -48,6 +50,7 @@ class SiteAveraging(FedAvg):
         self.base_digest = base_digest
         self.rounds: list[dict] = []
         self.evaluation: dict = {}
+        self.sites_privacy = SitesPrivacy(settings)
         self.round_started = 0.0
 
     def instructions(self, server_round: int) -> dict:
@@ -56,7 +59,7 @@ class SiteAveraging(FedAvg):
             base_digest=self.base_digest, server_round=server_round, local_steps=s.local_steps,
             batch_size=s.batch_size, learning_rate=s.learning_rate, max_tokens=s.max_tokens,
             lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lora_targets=s.lora_targets,
-            dp_epsilon=s.dp_epsilon, dp_delta=s.dp_delta, dp_clip=s.dp_clip,
+            dp_epsilon=s.dp_epsilon, dp_delta=s.dp_delta, dp_clip=s.dp_clip, secagg=s.secagg,
         ).to_config()
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
@@ -68,16 +71,24 @@ class SiteAveraging(FedAvg):
         return [(client, FitIns(parameters, self.instructions(server_round))) for client, _ in chosen]
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        refusals, others = split_refusals(_failures(failures))
         self.rounds.append({
             "round": server_round,
             "sites": sorted(str(fit.metrics.get("site", "?")) for _, fit in results),
             "examples": sum(fit.num_examples for _, fit in results),
             "train_loss": {str(fit.metrics.get("site", "?")): float(fit.metrics.get("train_loss", float("nan")))
                            for _, fit in results},
-            "failures": _failures(failures),
+            "refused": {refusal.site: refusal.reason for refusal in refusals},
+            "failures": others,
             "seconds": round(time.monotonic() - self.round_started, 2),  # from sending instructions to aggregating
         })
-        for reason in _failures(failures):
+        for _, fit in results:
+            self.sites_privacy.answered(server_round, fit.metrics)
+        for refusal in refusals:
+            self.sites_privacy.refused(refusal)
+            log(WARNING, "round %d: site %s refused the round (its privacy floor) and is left out: %s",
+                server_round, refusal.site, refusal.reason)
+        for reason in others:
             log(WARNING, "round %d: a site failed and is left out: %s", server_round, reason)
         return super().aggregate_fit(server_round, results, failures)
 
@@ -91,11 +102,13 @@ class SiteAveraging(FedAvg):
 
     def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        refusals, others = split_refusals(_failures(failures))
         self.evaluation = {
             "round": server_round, "held_out_loss": loss,
             "by_site": {str(res.metrics.get("site", "?")): {"loss": res.loss, "pairs": res.num_examples}
                         for _, res in results},
-            "failures": _failures(failures),
+            "refused": {refusal.site: refusal.reason for refusal in refusals},
+            "failures": others,
         }
         return loss, metrics
 
@@ -137,6 +150,7 @@ def main(grid, context: Context) -> None:  # type: ignore[no-untyped-def]
 
     parameters: Parameters = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], True)
     final = parameters_to_ndarrays(parameters)
-    out = write_outputs(settings, base, model, final, strategy.rounds, strategy.evaluation, context.run_id)
+    out = write_outputs(settings, base, model, final, strategy.rounds, strategy.evaluation,
+                        strategy.sites_privacy.record(), context.run_id)
     log(INFO, "fine-tune done: adapter, merged model and lineage in %s", out)
 

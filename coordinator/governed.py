@@ -1,10 +1,10 @@
 """The coordinator's side of governance: the run's ledger file, followed as maintainers' entries are appended.
 
-The operator appends signed proposals and votes with `essaim gov submit` (and
-decisions with `gov tally`); the coordinator reads the file again when it
-changes and adopts it only if it verifies and extends what it had. It applies
-the admitted institutions at Register and the mixture weights at lease grants;
-workers get the ledger with the run config and apply the training settings.
+The operator appends signed proposals and votes with `essaim gov submit`; the
+coordinator reads the file again when it changes and adopts it only if it
+verifies and extends what it had. Register credits certificates of the
+institutions it admits (coordinator/admission.py), and leases follow its mixture
+weights; workers get the ledger with the run config and apply the training settings.
 """
 
 from __future__ import annotations

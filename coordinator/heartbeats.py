@@ -1,7 +1,9 @@
 """Heartbeats kept in memory and written in one batch: thousands a second cost a few statements a second.
 
 A heartbeat marks its worker alive (last seen, round, loss, measured throughput) and
-extends the deadlines of the worker's leases from the moment it arrived. The
+extends the deadlines of the worker's leases from the moment it arrived, never past
+their hard end (a maximum time after the grant), so heartbeats cannot keep a hoarded
+lease alive. The
 scheduler writes the buffer every second and before anything that reads what it
 changes (expiring leases, counting live workers), so a lease is never expired for a
 heartbeat still waiting here.
@@ -9,6 +11,7 @@ heartbeat still waiting here.
 
 from __future__ import annotations
 
+import math
 import threading
 
 from sqlalchemy import bindparam, case, update
@@ -18,7 +21,8 @@ from coordinator.store import Lease, Worker
 
 
 class HeartbeatBuffer:
-    def __init__(self) -> None:
+    def __init__(self, lease_max_seconds: float = math.inf) -> None:
+        self._lease_max_seconds = lease_max_seconds
         self._beats: dict[str, tuple[float, int, float, float]] = {}  # worker -> (time, round, loss, rate)
         self._lock = threading.Lock()
 
@@ -41,9 +45,13 @@ class HeartbeatBuffer:
             ),
             [{"b_id": w, "b_seen": t, "b_round": r, "b_loss": loss, "b_rate": rate} for w, (t, r, loss, rate) in beats.items()],
         )
+        deadline = bindparam("b_deadline")
+        if math.isfinite(self._lease_max_seconds):
+            hard_end = leases.granted_at + self._lease_max_seconds
+            deadline = case((hard_end < deadline, hard_end), else_=deadline)
         session.execute(
             update(Lease.__table__).where(leases.worker_id == bindparam("b_id"), leases.state == "granted")
-            .values(deadline=bindparam("b_deadline")),
+            .values(deadline=deadline),
             [{"b_id": w, "b_deadline": t + lease_seconds} for w, (t, _, _, _) in beats.items()],
         )
         return len(beats)

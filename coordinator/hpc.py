@@ -6,6 +6,12 @@ tokens it cannot train before the walltime. Slurm sends every task SIGTERM
 ``drain_seconds`` before the walltime (--signal): the workers report what they
 trained, release the rest of their leases, and leave.
 
+Who they train for: a worker is credited to an institution only with that
+institution's certificate of its key (protocol/certificates.py). Given the
+institution's key (``TaskCertificates``), the login node makes an identity and a
+certificate for every task of the job before submitting it, so the institution's
+private key never reaches the compute nodes; without it the tasks join as volunteers.
+
 What each task gets: with GPUs (``--gpus-per-node N``) a node runs N tasks, and
 each has one GPU of its own (Slurm sets its CUDA_VISIBLE_DEVICES to that GPU, so
 the worker's ``--device cuda`` is it), ``cpus_per_task`` CPUs (8 unless told) and
@@ -15,12 +21,19 @@ as many OpenMP threads. Without GPUs a node runs ``tasks_per_node`` tasks with
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.certificates import certify
+from protocol.identity import Identity
 
 JOB_NAME = "essaim-worker"
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
@@ -34,6 +47,38 @@ class SlurmError(Exception):
 
 
 @dataclass(frozen=True)
+class TaskCertificates:
+    """One identity and one certificate (class hpc) per task of a submission, in a directory of their own."""
+
+    directory: Path          # task-N.key and task-N.cert for N = SLURM_PROCID
+    institution: str         # the name the run admits the key under
+    key: Ed25519PrivateKey   # the institution's: used on the login node only
+    days: int
+
+    @classmethod
+    def for_submission(cls, workdir: Path, institution: str, key: Ed25519PrivateKey, days: int) -> "TaskCertificates":
+        if not institution:
+            raise SlurmError("--institution-key needs --institution NAME: the name the run admits that key under")
+        # A directory per submission: two jobs of one workdir never share a worker identity.
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        return cls(workdir.resolve() / "keys" / f"submission-{stamp}", institution, key, days)
+
+    def identity(self, task: str) -> Path:
+        return self.directory / f"task-{task}.key"
+
+    def certificate(self, task: str) -> Path:
+        return self.directory / f"task-{task}.cert"
+
+    def write(self, tasks: int) -> None:
+        """Make each task's key (owner-only) and the institution's certificate of it."""
+        expires_at = int(time.time()) + self.days * 86400
+        for task in map(str, range(tasks)):
+            worker = Identity.load_or_create(self.identity(task))
+            self.certificate(task).write_bytes(
+                certify(self.institution, self.key, worker.public_key, "hpc", expires_at).to_bytes())
+
+
+@dataclass(frozen=True)
 class SlurmJob:
     coordinator: str               # HOST:PORT the workers join
     partition: str
@@ -44,10 +89,11 @@ class SlurmJob:
     gpus_per_node: int = 0         # > 0: one worker per GPU, each bound to its own GPU
     tasks_per_node: int = 1        # workers per node when there are no GPUs
     cpus_per_task: int = 0         # 0: CPUS_PER_GPU_TASK with GPUs, Slurm's default (1) without
-    institution: str = "hpc"
+    institution: str = ""          # claimed; credited only with `certificates`
     listen_host: str = "127.0.0.1"  # where each worker's hivemind peer listens; "node": the node's first address
     drain_seconds: int = 120       # SIGTERM this long before the walltime
     checkpoints: bool = True
+    certificates: TaskCertificates | None = None  # None: each task makes a key and joins as a volunteer
 
     def __post_init__(self) -> None:
         if not _WALLTIME.match(self.time):
@@ -145,9 +191,15 @@ def _worker_command(job: SlurmJob, essaim: list[str], workdir: Path) -> list[str
     device = "cuda" if job.gpus_per_node else "cpu"
     worker = [
         *map(shlex.quote, essaim), "worker", "join", "--coordinator", shlex.quote(job.coordinator),
-        "--institution", shlex.quote(job.institution), "--trust-class", "hpc", "--host", host, "--device", device,
-        "--name", f'"slurm-{task_id}"', "--identity", f'"{workdir}/keys/slurm-{task_id}.key"',
+        *(["--institution", shlex.quote(job.institution)] if job.institution else []),
+        "--host", host, "--device", device, "--name", f'"slurm-{task_id}"',
     ]
+    if job.certificates is not None:
+        task = "$SLURM_PROCID"
+        worker += ["--identity", f'"{job.certificates.identity(task)}"',
+                   "--certificate", f'"{job.certificates.certificate(task)}"']
+    else:
+        worker += ["--identity", f'"{workdir}/keys/slurm-{task_id}.key"']
     if job.checkpoints:
         worker += ["--checkpoint-dir", f'"{workdir}/checkpoints/$SLURM_PROCID"']
     return worker
@@ -156,6 +208,8 @@ def _worker_command(job: SlurmJob, essaim: list[str], workdir: Path) -> list[str
 def submit(job: SlurmJob, env: dict[str, str] | None = None, essaim: list[str] | None = None) -> str:
     """Write the script into the job's workdir and sbatch it; returns the job id."""
     job.workdir.mkdir(parents=True, exist_ok=True)
+    if job.certificates is not None:
+        job.certificates.write(job.nodes * job.tasks)
     script = job.workdir / "essaim-worker.sbatch"
     script.write_text(render_sbatch(job, essaim))
     result = _run(["sbatch", "--parsable", str(script)], env)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import Contribution, Lease, LineageRecord, Round, TokenRange, count_assigned
+from coordinator.leases import return_to_pool
+from coordinator.store import Contribution, FiledReport, Lease, LineageRecord, Round, TokenRange, count_assigned
 
 
 class RewindRefused(Exception):
@@ -54,6 +55,10 @@ def rewind(sessions: sessionmaker[Session], to_round: int, now: float | None = N
             lease.state = "rewound"
             record.rewound_at = now
             tokens += record.end - record.start
+        for lease in session.scalars(select(Lease).where(Lease.state == "reported", Lease.round >= to_round)):
+            return_to_pool(session, lease, "rewound", now)  # filed for a round the rewind forgets
+            tokens += lease.end - lease.start
+        session.execute(delete(FiledReport).where(FiledReport.round >= to_round))
         rounds = session.scalar(select(func.count(Round.number)).where(Round.number >= to_round)) or 0
         session.execute(delete(Contribution).where(Contribution.round >= to_round))
         session.execute(delete(Round).where(Round.number >= to_round))

@@ -15,21 +15,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.lease_sizing import WorkerFacts, backoff_seconds, lease_size
 from coordinator.mixture import mixture_order
+from coordinator.leases import HELD, LeaseError, own_lease, return_to_pool
 from coordinator.round_terms import RoundTerms
-from coordinator.store import (
-    Contribution, Lease, LineageRecord, Round, Shard, Source, TokenRange, Worker, count_assigned,
-)
+from coordinator.rounds import RoundBook, RoundRecorded, RoundReport
+from coordinator.store import Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
 
-
-class LeaseError(Exception):
-    """A lease request that cannot be honoured; the message says why and what to do."""
+__all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "RoundOver", "RoundRecorded", "RoundReport",
+           "Scheduler"]
 
 
 class Backoff(LeaseError):
@@ -44,33 +41,37 @@ class AllocationEnding(LeaseError):
     """Too little of the worker's allocation is left to train a lease."""
 
 
+class RoundOver(LeaseError):
+    """The worker asked for a lease in a round already decided: it must load the swarm's state."""
+
+    def __init__(self, asked: int, open_round: int) -> None:
+        super().__init__(f"round {asked} is over: the run is at round {open_round}; load the swarm's state")
+        self.open_round = open_round
+
+
+class AtLimit(LeaseError):
+    """The worker holds as many leases or tokens as one worker may: it reports or releases some first."""
+
+
+@dataclass(frozen=True)
+class LeaseLimits:
+    """What one worker may hold: strangers must not hoard the pool (docs/ARCHITECTURE.md, "Bounds")."""
+
+    min_tokens: int = 1               # a smaller request is granted this much (it trains a prefix)
+    max_leases: int = 1 << 30         # leases held at once (granted or awaiting their round's decision)
+    max_tokens: int = 1 << 62         # tokens held at once
+    max_seconds: float = math.inf     # a lease ends this long after its grant, heartbeats or not
+    decision_seconds: float = math.inf  # then a group's leading report stops waiting for leases out (rounds.py)
+    idle_stake: int = 0               # what a live worker without a lease of the open round may still stake
+    live_seconds: float = 15.0        # heard from this recently: live
+
+
 @dataclass(frozen=True)
 class LeaseGrant:
     lease: Lease
     shard: Shard
-
-
-@dataclass(frozen=True)
-class RoundReport:
-    """A worker's finished round: the leases it trained on and how averaging went."""
-
-    round: int
-    leases: tuple[tuple[int, int], ...]  # (lease id, tokens consumed: a prefix of the lease's range)
-    loss: float
-    pseudo_gradient_digest: str
-    params_digest: str
-    group_size: int
-    bytes_sent: int = 0
-    inner_seconds: float = 0.0
-    wall_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class RoundRecorded:
-    accepted: bool           # False: the round already has other parameters; nothing was recorded
-    round_params_digest: str  # the parameters every accepted report of this round agrees on
-    lineage_ids: list[int]   # one per lease, in report order
-    lineage_head: int        # the newest lineage record id
+    round_tokens: int  # leased to the worker in this round so far, this lease included: its round credential's
+    trust_class: str
 
 
 class Scheduler:
@@ -81,12 +82,16 @@ class Scheduler:
         total_rounds: int,
         clock: Callable[[], float] = time.time,
         terms: Callable[[int], RoundTerms] = lambda _round: RoundTerms(),
+        limits: LeaseLimits = LeaseLimits(),
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
         self.total_rounds = total_rounds
+        self.limits = limits
         self._terms = terms  # lease policy, mixture and config version in force at a round
-        self._heartbeats = HeartbeatBuffer()
+        self._rounds = RoundBook(lambda round_: terms(round_).config_version, limits.decision_seconds,
+                                 limits.idle_stake, limits.live_seconds)
+        self._heartbeats = HeartbeatBuffer(limits.max_seconds)
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
         self._clock = clock
@@ -97,7 +102,8 @@ class Scheduler:
     def acquire(self, worker_id: str, max_tokens: int, round_number: int) -> LeaseGrant | None:
         """Lease a pool range as the mixture asks, sized to the worker; None only for a corpus without tokens.
 
-        Raises Backoff while a failing worker must wait, AllocationEnding when its allocation is nearly over.
+        Raises Backoff while a failing worker must wait, AllocationEnding when its allocation is nearly over,
+        RoundOver when its round is decided already, and AtLimit when it holds as much as one worker may.
         """
         if max_tokens <= 0:
             raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
@@ -110,9 +116,15 @@ class Scheduler:
                 return self._grant(session, worker_id, max_tokens, round_number, now)
 
     def _grant(self, session: Session, worker_id: str, max_tokens: int, round_number: int, now: float) -> LeaseGrant | None:
+        open_round = self._open_round(session)
+        if round_number < open_round:
+            raise RoundOver(round_number, open_round)
+        if round_number > open_round:
+            raise LeaseError(f"round {round_number} is not open yet: the run is at round {open_round}")
         worker = session.get(Worker, worker_id)
         if worker.backoff_until > now:
             raise Backoff(worker.backoff_until - now, worker.failures)
+        max_tokens = min(max(max_tokens, self.limits.min_tokens), self._room(session, worker_id))
         terms = self._terms(round_number)
         if terms.policy is not None:
             facts = WorkerFacts(worker.tokens_per_second, worker.available_until, worker.failures)
@@ -143,76 +155,41 @@ class Scheduler:
             range_id=token_range.id, worker_id=worker_id, shard_id=token_range.shard_id,
             epoch=token_range.epoch, start=token_range.start, end=token_range.end,
             round=round_number, attempt=earlier + 1, state="granted",
-            deadline=now + self.lease_seconds, granted_at=now,
+            deadline=now + min(self.lease_seconds, self.limits.max_seconds), granted_at=now,
         )
         session.add(lease)
         session.flush()
-        return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id))
+        round_tokens = session.scalar(
+            select(func.sum(Lease.end - Lease.start)).where(Lease.worker_id == worker_id, Lease.round == round_number,
+                                                            Lease.state.in_((*HELD, "completed"))))
+        return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id), round_tokens=round_tokens,
+                          trust_class=worker.trust_class)
 
     def complete_round(self, worker_id: str, report: RoundReport) -> RoundRecorded:
-        """Record a round: each lease's trained prefix (the rest returns to the pool), all or nothing."""
+        """File a round report; recorded, not kept or pending as coordinator/rounds.py decides. All or nothing."""
         if not report.leases:
             raise LeaseError("a round report needs at least one lease (release leases that trained nothing)")
+        if len(report.leases) > self.limits.max_leases:
+            raise LeaseError(f"a round report names {len(report.leases)} leases; a worker holds at most "
+                             f"{self.limits.max_leases}")
         lease_ids = [lease_id for lease_id, _ in report.leases]
         if len(set(lease_ids)) != len(lease_ids):
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
         with self._lock, self._sessions.begin() as session:
-            now = self._clock()
-            replayed = self._recorded_before(session, worker_id, report)
-            if replayed is not None:
-                return replayed
-            round_row = self._round_row(session, report, now)
-            if round_row.params_digest != report.params_digest:
-                # Another group finished this round first, on other parameters. One model per
-                # round: this report's tokens go back to the pool and its worker re-syncs.
-                for lease_id, _ in report.leases:
-                    self._own_granted_lease(session, worker_id, lease_id)
-                return RoundRecorded(False, round_row.params_digest, [], self._lineage_head(session))
-            worker = session.get(Worker, worker_id)
-            config_version = self._terms(report.round).config_version
-            records = [
-                self._record_lease(session, worker, report, config_version, lease_id, tokens, now)
-                for lease_id, tokens in report.leases
-            ]
-            tokens = sum(tokens for _, tokens in report.leases)
-            session.add(
-                Contribution(
-                    round=report.round, worker_id=worker_id, tokens=tokens, loss=report.loss,
-                    group_size=report.group_size, bytes_sent=report.bytes_sent, inner_seconds=report.inner_seconds,
-                    wall_seconds=report.wall_seconds, params_digest=report.params_digest, created_at=now,
-                )
+            return self._rounds.report(session, worker_id, report, self._open_round(session), self._clock())
+
+    def _room(self, session: Session, worker_id: str) -> int:
+        """How many more tokens the worker may lease now; AtLimit when it holds as much as it may."""
+        count, tokens = session.execute(
+            select(func.count(Lease.id), func.coalesce(func.sum(Lease.end - Lease.start), 0))
+            .where(Lease.worker_id == worker_id, Lease.state.in_(HELD))
+        ).one()
+        if count >= self.limits.max_leases or tokens >= self.limits.max_tokens:
+            raise AtLimit(
+                f"this worker holds {count} leases ({tokens} tokens); one worker may hold at most "
+                f"{self.limits.max_leases} leases and {self.limits.max_tokens} tokens: report or release some first"
             )
-            round_row.reports += 1
-            round_row.tokens += tokens
-            round_row.loss_sum += report.loss
-            round_row.max_group_size = max(round_row.max_group_size, report.group_size)
-            worker.last_round, worker.last_loss, worker.last_seen = report.round, report.loss, now
-            worker.failures, worker.backoff_until = 0, 0.0  # a reported round ends any failure streak
-            session.flush()
-            return RoundRecorded(True, report.params_digest, [r.id for r in records], self._lineage_head(session))
-
-    def _recorded_before(self, session: Session, worker_id: str, report: RoundReport) -> RoundRecorded | None:
-        """The answer already given, when this report was recorded before and its reply lost (a retry).
-
-        A coordinator killed after committing a report but before replying sees the same
-        report again once restarted: it must answer as the first time, not refuse it.
-        """
-        leases = [session.get(Lease, lease_id) for lease_id, _ in report.leases]
-        if not any(lease is not None and lease.state == "completed" and lease.worker_id == worker_id
-                   and lease.round == report.round for lease in leases):
-            return None
-        for (lease_id, tokens), lease in zip(report.leases, leases):
-            if lease is None or (lease.state, lease.worker_id, lease.round, lease.tokens_consumed) != (
-                "completed", worker_id, report.round, tokens
-            ):
-                raise LeaseError(
-                    f"round {report.round} was already reported with other leases or token counts than this "
-                    f"report's (lease {lease_id}): acquire new leases"
-                )
-        records = {r.lease_id: r.id for r in session.scalars(
-            select(LineageRecord).where(LineageRecord.lease_id.in_([lease_id for lease_id, _ in report.leases])))}
-        digest = session.get(Round, report.round).params_digest
-        return RoundRecorded(True, digest, [records[lease_id] for lease_id, _ in report.leases], self._lineage_head(session))
+        return self.limits.max_tokens - tokens
 
     def extend_leases_after_restart(self) -> int:
         """Give every granted lease time to be heartbeaten again; returns how many.
@@ -227,39 +204,12 @@ class Scheduler:
                 update(Lease).where(Lease.state == "granted").values(deadline=self._clock() + grace)
             ).rowcount
 
-    @staticmethod
-    def _lineage_head(session: Session) -> int:
-        return session.scalar(select(func.max(LineageRecord.id))) or 0
-
-    def _record_lease(
-        self, session: Session, worker: Worker, report: RoundReport, config_version: str, lease_id: int,
-        tokens_consumed: int, now: float,
-    ) -> LineageRecord:
-        lease = self._own_granted_lease(session, worker.id, lease_id)
-        size = lease.end - lease.start
-        if not 0 < tokens_consumed <= size:
-            raise LeaseError(
-                f"lease {lease.id} covers {size} tokens; tokens_consumed must be in 1..{size}, "
-                f"got {tokens_consumed} (release the lease if nothing was trained)"
-            )
-        trained_end = lease.start + tokens_consumed
-        self._return_tail_to_pool(session, lease, trained_end)
-        session.get(TokenRange, lease.range_id).state = "trained"
-        lease.state, lease.finished_at, lease.tokens_consumed = "completed", now, tokens_consumed
-        record = LineageRecord(
-            round=report.round, worker_id=worker.id, institution=worker.institution,
-            lease_id=lease.id, shard_id=lease.shard_id, epoch=lease.epoch,
-            start=lease.start, end=trained_end, loss=report.loss,
-            pseudo_gradient_digest=report.pseudo_gradient_digest,
-            config_version=config_version, device=worker.device, precision=worker.precision, created_at=now,
-        )
-        session.add(record)
-        return record
-
     def release(self, worker_id: str, lease_id: int) -> None:
         with self._lock, self._sessions.begin() as session:
-            lease = self._own_granted_lease(session, worker_id, lease_id)
-            self._return_to_pool(session, lease, "released", self._clock())
+            lease = own_lease(session, worker_id, lease_id)
+            return_to_pool(session, lease, "released", self._clock())
+            if lease.round == self._open_round(session):  # fewer tokens out: the round may be settled now
+                self._rounds.decide(session, lease.round, self._clock())
 
     def heartbeat(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float) -> None:
         """Mark the worker alive and extend its leases' deadlines, as of now (written in a batch: HeartbeatBuffer)."""
@@ -277,10 +227,22 @@ class Scheduler:
     # -- rounds --------------------------------------------------------------------------
 
     def current_round(self) -> int:
-        """The next round to train: one past the last round any worker completed."""
+        """The open round: one past the last decided round (coordinator/rounds.py)."""
         with self._sessions() as session:
-            last = session.scalar(select(func.max(Round.number)))
-            return 0 if last is None else last + 1
+            return self._open_round(session)
+
+    def kept_params_digest(self, round_number: int) -> str:
+        """The parameters a decided round kept ("" for a round not decided): what a state download must match."""
+        if round_number < 0:
+            return ""
+        with self._sessions() as session:
+            round_row = session.get(Round, round_number)
+            return round_row.params_digest if round_row is not None else ""
+
+    @staticmethod
+    def _open_round(session: Session) -> int:
+        last = session.scalar(select(func.max(Round.number)))
+        return 0 if last is None else last + 1
 
     def run_complete(self, round_number: int) -> bool:
         """True once the worker's round, or the last round recorded, is the run's last.
@@ -297,19 +259,6 @@ class Scheduler:
             return session.scalar(select(func.count(Worker.id)).where(Worker.last_seen >= cutoff)) or 0
 
     # -- internals -----------------------------------------------------------------------
-
-    def _own_granted_lease(self, session: Session, worker_id: str, lease_id: int) -> Lease:
-        lease = session.get(Lease, lease_id, with_for_update=True)
-        if lease is None:
-            raise LeaseError(f"no lease {lease_id}: acquire a new lease")
-        if lease.worker_id != worker_id:
-            raise LeaseError(f"lease {lease_id} belongs to another worker")
-        if lease.state != "granted":
-            raise LeaseError(
-                f"lease {lease_id} is {lease.state}, not granted (its deadline passed or it was "
-                "already reported): acquire a new lease"
-            )
-        return lease
 
     def _next_pool_range(self, session: Session, voted: dict[str, float]) -> TokenRange | None:
         """The oldest pool range of the source furthest below its share of leased tokens.
@@ -364,41 +313,14 @@ class Scheduler:
             select(Lease).where(Lease.state == "granted", Lease.deadline < now).with_for_update(skip_locked=True)
         ).all()
         for lease in overdue:
-            self._return_to_pool(session, lease, "expired", now)
+            return_to_pool(session, lease, "expired", now)
         for worker_id in {lease.worker_id for lease in overdue}:  # one failure per worker, however many leases
             worker = session.get(Worker, worker_id, with_for_update=True)
             worker.failures += 1
             worker.backoff_until = now + backoff_seconds(worker.failures)
+        # Fewer tokens out, or a group's decision window passed: the open round may be settled now.
+        self._rounds.decide(session, self._open_round(session), now)
         return len(overdue)
-
-    def _return_to_pool(self, session: Session, lease: Lease, state: str, now: float) -> None:
-        token_range = session.get(TokenRange, lease.range_id)
-        token_range.state = "pool"
-        count_assigned(session, token_range.source, -(token_range.end - token_range.start))
-        lease.state, lease.finished_at = state, now
-
-    def _return_tail_to_pool(self, session: Session, lease: Lease, trained_end: int) -> None:
-        if trained_end == lease.end:
-            return
-        token_range = session.get(TokenRange, lease.range_id)
-        token_range.end = trained_end
-        session.add(token_range.piece(trained_end, lease.end, "pool"))
-        count_assigned(session, token_range.source, -(lease.end - trained_end))
-
-    @staticmethod
-    def _round_row(session: Session, report: RoundReport, now: float) -> Round:
-        """The round's row, locked; the first report of a round creates it with its parameters' digest.
-
-        Insert-if-absent, so two processes recording a round's first reports at once agree on one row.
-        """
-        insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
-        session.execute(
-            insert(Round)
-            .values(number=report.round, first_report_at=now, reports=0, tokens=0, loss_sum=0.0, max_group_size=0,
-                    params_digest=report.params_digest)
-            .on_conflict_do_nothing(index_elements=["number"])
-        )
-        return session.get(Round, report.round, with_for_update=True, populate_existing=True)
 
     def _open_next_epoch(self, session: Session, source: str) -> TokenRange | None:
         """Put the source's shards back in the pool as its next epoch (none of its ranges is in the pool).

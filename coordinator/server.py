@@ -13,30 +13,39 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.config import CoordinatorSettings
+from coordinator.admission import Admission
+from coordinator.config import CoordinatorSettings, RunSettings
 from coordinator.corpus_files import CorpusFiles
 from coordinator.governed import GovernedRun
 from coordinator.round_terms import round_terms
-from coordinator.scheduler import Scheduler
+from coordinator.scheduler import LeaseLimits, Scheduler
 from coordinator.service import CoordinatorService
 from coordinator.store import load_manifest, open_engine, session_factory
 from model.shards import Manifest
 from model.tokenizer import tokenizer_sha256
 from protocol import essaim_pb2 as pb
 from protocol.auth import RequestVerifier
+from protocol.credentials import CredentialCheck
+from protocol.identity import Identity
 from protocol.limits import SERVER_OPTIONS
 from protocol.swarm import Swarm
 from protocol.transport import ServerTLS, add_listening_port
 
 log = logging.getLogger("essaim.coordinator")
 
+CREDENTIAL_KEY_FILE = "credential-key.pem"  # in the corpus directory, beside coordinator.db, unless configured
+
 
 def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str, genesis_hash: str = "") -> str:
     """The run is named by what defines it: the corpus, the run settings and, when governed, its genesis."""
-    defined_by = {"corpus": corpus_root_hash, "run": settings.run.model_dump(exclude={"data_url"})}
+    defined_by = {"corpus": corpus_root_hash, "run": settings.run.model_dump(exclude={"data_url", "bounds"})}
     if genesis_hash:  # two governed runs on the same corpus and settings are still two runs (two swarms)
         defined_by["genesis"] = genesis_hash
     return hashlib.sha256(json.dumps(defined_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dht_prefix(run_id: str) -> str:
+    return f"essaim-{run_id}"
 
 
 def build_run_config(
@@ -56,7 +65,7 @@ def build_run_config(
         compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
         checkpoint_every_rounds=run.checkpoint_every_rounds, leases_per_round=run.leases_per_round,
         micro_batch_size=run.micro_batch_size, compile=run.compile, data_url=run.data_url,
-        initial_peers=peers, dht_prefix=f"essaim-{run_id}",
+        initial_peers=peers, dht_prefix=dht_prefix(run_id),
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),
     )
@@ -70,6 +79,14 @@ class RunningCoordinator:
     run_config: pb.RunConfig
     fingerprint: str  # of the TLS certificate, for workers to pin; "" in plaintext
     _stop_expiry: threading.Event
+    genesis: str = ""  # a governed run's genesis hash: workers pin it (--genesis)
+
+    @property
+    def join_line(self) -> str:
+        """The command a worker joins this run with: its address, its certificate's pin, its genesis."""
+        return " ".join(["essaim worker join --coordinator", self.address,
+                         *(["--coordinator-fingerprint", self.fingerprint] if self.fingerprint else []),
+                         *(["--genesis", self.genesis] if self.genesis else [])])
 
     def stop(self) -> None:
         self._stop_expiry.set()
@@ -84,7 +101,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     run = settings.run
     governed = GovernedRun(settings.governance) if settings.governance else None  # refuses a ledger that fails
     scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds,
-                          terms=round_terms(run, governed))
+                          terms=round_terms(run, governed), limits=lease_limits(run))
     extended = scheduler.extend_leases_after_restart()
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
@@ -94,12 +111,21 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
     # Bound before the DHT starts: a busy port or a refused plaintext address fails fast.
     port = add_listening_port(server, settings.host, settings.port, tls, settings.insecure)
-    swarm = Swarm(settings.host, port=settings.dht_port, announce=settings.announce)
+    genesis_hash = governed.current().state.genesis_hash if governed else ""
+    # The key that signs round credentials outlives restarts: credentials out on leases stay valid.
+    credentials = Identity.load_or_create(settings.credential_key or settings.data_dir / CREDENTIAL_KEY_FILE)
+    run_id = run_id_for(settings, manifest.root_hash(), genesis_hash)
+    swarm = Swarm(settings.host, port=settings.dht_port, announce=settings.announce,
+                  credentials=CredentialCheck(credentials.public_key, run_id), dht_prefix=dht_prefix(run_id))
     try:
-        genesis_hash = governed.current().state.genesis_hash if governed else ""
         run_config = build_run_config(settings, manifest, swarm.visible_addresses(), genesis_hash)
-        service = CoordinatorService(sessions, scheduler, RequestVerifier(), settings.run, run_config,
-                                     CorpusFiles(settings.data_dir, manifest), governed)
+        run_config.credential_key = credentials.public_key
+        verifier = RequestVerifier(max_nonces=run.bounds.max_nonces,
+                                   max_nonces_per_worker=run.bounds.max_nonces_per_worker)
+        admission = Admission.for_run(settings.admission, verifier, governed, scheduler.current_round)
+        service = CoordinatorService(sessions, scheduler, verifier, settings.run, run_config,
+                                     CorpusFiles(settings.data_dir, manifest), governed, credentials,
+                                     admission=admission)
         server.add_generic_rpc_handlers((service.generic_handler(),))
         server.start()
     except BaseException:
@@ -111,7 +137,21 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
         target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0), daemon=True
     ).start()
     address = f"{settings.announce or settings.host}:{port}"
-    return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry)
+    return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry,
+                              genesis=genesis_hash)
+
+
+def lease_limits(run: RunSettings) -> LeaseLimits:
+    """The run's bounds on what one worker holds, their defaults derived from the round's size."""
+    bounds = run.bounds
+    return LeaseLimits(min_tokens=run.seq_len, max_leases=bounds.max_leases_per_worker or 16 * run.leases_per_round,
+                       max_tokens=bounds.max_tokens_per_worker or 2 * run.tokens_per_round,
+                       max_seconds=bounds.lease_max_seconds,
+                       decision_seconds=bounds.decision_seconds or 2 * run.averaging_timeout_seconds + run.lease_seconds,
+                       # A worker is heard from first at Register, then only once its model is built and
+                       # calibrated: count it as a possible reporter for a while before its first heartbeat.
+                       idle_stake=run.tokens_per_round,
+                       live_seconds=max(3.0 * run.heartbeat_seconds, 2.0 * run.lease_seconds, 30.0))
 
 
 def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:
@@ -132,12 +172,16 @@ def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None
         # Written last and atomically: its presence means "accepting requests at this address".
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": coordinator.address, "run_id": coordinator.run_config.run_id,
-                                   "fingerprint": coordinator.fingerprint}))
+                                   "fingerprint": coordinator.fingerprint, "genesis": coordinator.genesis,
+                                   "join": coordinator.join_line}))
         tmp.replace(ready_file)
     log.info("coordinator for run %s listening on %s (DHT peer %s)", coordinator.run_config.run_id,
              coordinator.address, ", ".join(coordinator.run_config.initial_peers))
     if coordinator.fingerprint:  # what volunteers pin: --coordinator-fingerprint
         print(f"TLS certificate fingerprint: {coordinator.fingerprint}", flush=True)
+    if coordinator.genesis:  # what workers pin: a governed run's worker trusts no ledger of another genesis
+        print(f"genesis {coordinator.genesis}", flush=True)
+    print(f"workers join with: {coordinator.join_line}", flush=True)  # publish it with the run
     try:
         stop.wait()
     finally:

@@ -7,35 +7,36 @@ written to the store before a request has passed every check.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.admission import Admission, Refused
 from coordinator.config import RunSettings
 from coordinator.corpus_files import CorpusFileError, CorpusFiles
 from coordinator.governed import GovernedRun
 from coordinator.reachability import dial_back, peer_host
-from coordinator.scheduler import AllocationEnding, Backoff, LeaseError, RoundReport, Scheduler
-from coordinator.status import network_status
+from coordinator.rounds import Member, RoundReport
+from coordinator.scheduler import AllocationEnding, AtLimit, Backoff, LeaseError, RoundOver, Scheduler
+from coordinator.status import StatusCache, StatusPageError
 from coordinator.store import Worker
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, RequestVerifier
-from protocol.choices import PRECISIONS
-from protocol.identity import PUBLIC_KEY_BYTES, worker_id_for
+from protocol.certificates import ADMISSION_NOTE_METADATA
+from protocol.credentials import CredentialError, issue_credential, read_statement
+from protocol.identity import Identity
 
-TRUST_CLASSES = ("hpc", "institution", "volunteer")
 UNSIGNED = ("Register", "GetStatus", "GetTrainingShape")  # Register proves its key itself; the others are public
 
+log = logging.getLogger("essaim.coordinator")
+
 SERVICE_NAME = "essaim.v1.Coordinator"
-
-
-class Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+REPORT_POLL_MS = 250  # how soon a worker whose round is undecided sends its report again
 
 
 class CoordinatorService:
@@ -48,8 +49,12 @@ class CoordinatorService:
         run_config: pb.RunConfig,
         corpus_files: CorpusFiles,
         governed: GovernedRun | None = None,
+        credentials: Identity | None = None,
+        *,
+        admission: Admission,  # every Register check (coordinator/admission.py)
     ) -> None:
         self._sessions = sessions
+        self._admission = admission
         self._scheduler = scheduler
         self._verifier = verifier
         self._run = run
@@ -58,12 +63,17 @@ class CoordinatorService:
         self._corpus_files = corpus_files
         self._live_workers = 0  # counted at most once a second
         self._live_workers_at = -1.0
-        self._round, self._round_at = 0, -1.0
-        self._public_keys: dict[str, bytes] = {}  # registered workers' keys: an id is its key's hash, it never changes
+        self._round, self._round_at, self._kept_digest = 0, -1.0, ""
+        # Every registered worker's key, read once at start: an unknown id is refused before any database
+        # read, and an id is its key's hash, so an entry never changes.
+        with sessions() as session:
+            self._public_keys: dict[str, bytes] = dict(session.execute(select(Worker.id, Worker.public_key)).all())
+        self._credentials = credentials or Identity.generate()  # signs round credentials (protocol/credentials.py)
+        self._status = StatusCache(sessions, run_config.run_id, run.total_rounds,
+                                   live_within_seconds=3 * run.heartbeat_seconds, page_max=run.bounds.status_page_max)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         methods: dict[str, tuple[type[Message], Callable[[Any], Message]]] = {
-            "Register": (pb.RegisterRequest, self.register),
             "GetRunConfig": (pb.GetRunConfigRequest, self.get_run_config),
             "Heartbeat": (pb.HeartbeatRequest, self.heartbeat),
             "AcquireLease": (pb.AcquireLeaseRequest, self.acquire_lease),
@@ -80,6 +90,10 @@ class CoordinatorService:
             )
             for name, (request_type, handle) in methods.items()
         }
+        handlers["Register"] = grpc.unary_unary_rpc_method_handler(  # the peer's address: admission rate-limits it
+            self._guarded("Register", pb.RegisterRequest, self.register, with_context=True),
+            request_deserializer=None, response_serializer=lambda reply: reply.SerializeToString(),
+        )
         handlers["CheckReachable"] = grpc.unary_unary_rpc_method_handler(
             self._guarded("CheckReachable", pb.ReachabilityRequest, self.check_reachable, with_context=True),
             request_deserializer=None, response_serializer=lambda reply: reply.SerializeToString(),
@@ -123,44 +137,17 @@ class CoordinatorService:
         worker_id = request.auth.worker_id
         public_key = self._public_keys.get(worker_id)
         if public_key is None:
-            with self._sessions() as session:
-                worker = session.get(Worker, worker_id) if worker_id else None
-            if worker is None:
-                raise Refused(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"{method}: unknown worker id {worker_id!r}; register first (`essaim worker join`)",
-                )
-            public_key = self._public_keys[worker_id] = worker.public_key
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method}: unknown worker id {worker_id[:64]!r}; register first (`essaim worker join`)",
+            )
         self._verifier.verify(method, request, public_key)
 
     # -- handlers ---------------------------------------------------------------------
 
-    def register(self, request: pb.RegisterRequest) -> pb.RegisterReply:
-        if len(request.public_key) != PUBLIC_KEY_BYTES:
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Register: public_key must be a raw {PUBLIC_KEY_BYTES}-byte Ed25519 key, "
-                f"got {len(request.public_key)} bytes",
-            )
-        if request.trust_class not in ("", *TRUST_CLASSES):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"Register: trust_class {request.trust_class!r} is not one of {', '.join(TRUST_CLASSES)}")
-        if request.precision not in ("", *PRECISIONS):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"Register: precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if request.bandwidth_mbit < 0 or request.available_until < 0:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          "Register: bandwidth_mbit and available_until must be 0 (unknown, open-ended) or positive")
-        institution = request.institution or "independent"
-        admitted = self._governed.current().state.institutions_at(self._swarm()[1]) if self._governed else None
-        if admitted is not None and institution not in admitted:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                          f"Register: institution {institution!r} is not admitted to this run (admitted: "
-                          f"{', '.join(admitted) or 'none'}); its maintainers admit institutions by vote")
-        worker_id = worker_id_for(request.public_key)
-        if request.auth.worker_id != worker_id:
-            raise AuthError(f"Register: worker_id {request.auth.worker_id!r} does not belong to this public key")
-        self._verifier.verify("Register", request, request.public_key)
+    def register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        admitted = self._admission.admit(request, context.peer(), registered=lambda id_: id_ in self._public_keys)
+        worker_id = admitted.worker_id
         now = time.time()
         with self._sessions.begin() as session:
             worker = session.get(Worker, worker_id)
@@ -168,13 +155,16 @@ class CoordinatorService:
                 worker = Worker(id=worker_id, public_key=request.public_key, registered_at=now)
                 session.add(worker)
             worker.name = request.name or worker_id[:8]
-            worker.institution = institution
+            worker.institution = admitted.institution  # verified by certificate, or "independent"
             worker.device = request.device or "unknown"
             worker.precision = request.precision or "fp32"
             worker.memory_bytes, worker.bandwidth_mbit = request.memory_bytes, request.bandwidth_mbit
-            worker.trust_class = request.trust_class or "volunteer"
+            worker.trust_class = admitted.trust_class
             worker.available_until, worker.slurm_job_id = request.available_until, request.slurm_job_id
             worker.last_seen = now
+        self._public_keys[worker_id] = request.public_key  # known from now on (after the commit)
+        if admitted.note:  # the reply has no field for it: the worker reads it from the trailing metadata
+            context.set_trailing_metadata(((ADMISSION_NOTE_METADATA, admitted.note.encode()),))
         return pb.RegisterReply(worker_id=worker_id, run_id=self._run_config.run_id)
 
     def get_run_config(self, request: pb.GetRunConfigRequest) -> pb.RunConfig:
@@ -190,7 +180,8 @@ class CoordinatorService:
         self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
         live_workers, current_round = self._swarm()
         head = self._governed.current().head if self._governed is not None else ""
-        return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round, governance_head=head)
+        return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round, governance_head=head,
+                                 kept_params_digest=self._kept_digest)
 
     def _swarm(self) -> tuple[int, int]:
         """Live workers and the current round: thousands of heartbeats a second share one reading.
@@ -203,6 +194,7 @@ class CoordinatorService:
             self._live_workers_at = now
         if now - self._round_at >= 0.5:
             self._round, self._round_at = self._scheduler.current_round(), now
+            self._kept_digest = self._scheduler.kept_params_digest(self._round - 1)
         return self._live_workers, self._round
 
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
@@ -214,6 +206,11 @@ class CoordinatorService:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.BACKOFF, retry_after_ms=int(wait.retry_after * 1000))
         except AllocationEnding:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.ALLOCATION_ENDING)
+        except RoundOver:
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.ROUND_OVER)
+        except AtLimit as limit:
+            log.info("AcquireLease: worker %s: %s", request.auth.worker_id[:8], limit)
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.AT_LIMIT)
         if grant is None:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.POOL_EMPTY)
         lease, shard = grant.lease, grant.shard
@@ -224,7 +221,17 @@ class CoordinatorService:
                 shard_tokens=shard.tokens, dtype=shard.dtype, start=lease.start, end=lease.end,
                 round=lease.round, deadline_ms=int(lease.deadline * 1000),
             ),
+            round_credential=self._round_credential(request, grant.round_tokens, grant.trust_class),
         )
+
+    def _round_credential(self, request: pb.AcquireLeaseRequest, round_tokens: int, trust_class: str) -> bytes:
+        """The coordinator's word that this worker's peer averages in this round, with at most these tokens."""
+        worker_id = request.auth.worker_id
+        return issue_credential(self._credentials, pb.RoundCredential(
+            run_id=self._run_config.run_id, worker_id=worker_id, worker_key=self._public_keys[worker_id],
+            peer_id=request.peer_id, round=request.round, tokens=round_tokens, trust_class=trust_class,
+            expires_at=time.time() + self._run.bounds.lease_max_seconds,
+        ))
 
     def complete_round(self, request: pb.CompleteRoundRequest) -> pb.CompleteRoundReply:
         recorded = self._scheduler.complete_round(
@@ -235,16 +242,40 @@ class CoordinatorService:
                 loss=request.loss, pseudo_gradient_digest=request.pseudo_gradient_digest,
                 params_digest=request.params_digest, group_size=request.group_size, bytes_sent=request.bytes_sent,
                 inner_seconds=request.inner_seconds, wall_seconds=request.wall_seconds,
+                members=self._members(request),
             ),
         )
         return pb.CompleteRoundReply(
             accepted=recorded.accepted, round_params_digest=recorded.round_params_digest,
-            lineage_ids=recorded.lineage_ids, lineage_head=recorded.lineage_head,
+            lineage_ids=recorded.lineage_ids, lineage_head=recorded.lineage_head, pending=recorded.pending,
+            retry_after_ms=REPORT_POLL_MS if recorded.pending else 0,
         )
 
+    def _members(self, request: pb.CompleteRoundRequest) -> tuple[Member, ...]:
+        """The group's signed member statements, each checked against its worker's key: who the report vouches for."""
+        if len(request.member_statements) > self._run.target_group_size:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"CompleteRound: {len(request.member_statements)} member statements, more than a group holds")
+        members = []
+        for blob in request.member_statements:
+            try:
+                statement = read_statement(blob, self._public_keys)
+            except CredentialError as error:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"CompleteRound: {error}") from None
+            if (statement.run_id, statement.round) != (self._run_config.run_id, request.round):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"CompleteRound: a member statement of worker {statement.worker_id[:8]} is for run "
+                              f"{statement.run_id!r} round {statement.round}, not this report's")
+            members.append(Member(statement.worker_id,
+                                  tuple((usage.lease_id, usage.tokens_consumed) for usage in statement.leases),
+                                  statement.loss))
+        return tuple(members)
+
     def get_status(self, request: pb.StatusRequest) -> pb.StatusReply:
-        return network_status(self._sessions, self._run_config.run_id, self._run.total_rounds,
-                              live_within_seconds=3 * self._run.heartbeat_seconds)
+        try:
+            return self._status.reply(request)
+        except StatusPageError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"GetStatus: {error}") from None
 
     def get_training_shape(self, request: pb.TrainingShapeRequest) -> pb.TrainingShape:
         config = self._run_config

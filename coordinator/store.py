@@ -12,7 +12,10 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, create_engine, event, inspect, select, update
+from sqlalchemy import (
+    BigInteger, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint, create_engine, event, inspect, select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -141,6 +144,21 @@ class Round(Base):
     loss_sum: Mapped[float] = mapped_column(default=0.0)
     max_group_size: Mapped[int] = mapped_column(default=0)
     params_digest: Mapped[str] = mapped_column(String(64))  # what every accepted report of the round agrees on
+
+
+class FiledReport(Base):
+    """A worker's report of a round, kept until the round is decided (coordinator/rounds.py), then its outcome."""
+
+    __tablename__ = "round_reports"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round: Mapped[int] = mapped_column(index=True)
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
+    params_digest: Mapped[str] = mapped_column(String(64))
+    held_tokens: Mapped[int] = mapped_column(BigInteger)  # the sizes of the report's leases: its group's stake
+    report: Mapped[str] = mapped_column(Text)  # the RoundReport as JSON, members' vouched usage included
+    received_at: Mapped[float]
+    outcome: Mapped[str] = mapped_column(String(16))  # pending | kept | not_kept
+    __table_args__ = (UniqueConstraint("round", "worker_id"),)
 
 
 class Contribution(Base):

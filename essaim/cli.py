@@ -10,6 +10,8 @@ import typer
 
 from essaim.cli_finetune import finetune_app
 from essaim.cli_gov import gov_app
+from essaim.cli_hpc import hpc_app
+from essaim.cli_institution import institution_app, named_keys
 from essaim.cli_support import DEFAULT_STATE_DIR
 from essaim.cli_support import fail as _fail
 
@@ -18,7 +20,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run a coordinator.")
 worker_app = typer.Typer(no_args_is_help=True, help="Contribute compute as a worker.")
 audit_app = typer.Typer(no_args_is_help=True, help="Trace and verify what a model was trained on.")
-hpc_app = typer.Typer(no_args_is_help=True, help="Run workers as Slurm jobs.")
 app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
 app.add_typer(hpc_app, name="hpc")
@@ -26,6 +27,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(worker_app, name="worker")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(gov_app, name="gov")
+app.add_typer(institution_app, name="institution")
 
 
 def _logging(verbose: bool) -> None:
@@ -75,14 +77,21 @@ def coordinator_serve(
     tls_key: Path | None = typer.Option(None, help="PEM private key of --tls-cert."),
     insecure: bool = typer.Option(False, help="Allow plaintext gRPC on an address other than loopback."),
     run: Path | None = typer.Option(None, "--run", help="Run settings TOML (keys of RunSettings)."),
-    ready_file: Path | None = typer.Option(None, help="Write {address, run_id, fingerprint} JSON here once serving."),
+    ready_file: Path | None = typer.Option(None, help="Write {address, run_id, fingerprint, genesis, join} JSON here once serving."),
     governance: Path | None = typer.Option(None, help="The run's ledger (essaim gov init): maintainers' votes govern the run."),
+    admit_institution: list[str] = typer.Option(
+        [], help="NAME=PUBLIC_KEY of an institution whose certificates credit its workers (repeatable; "
+                 "essaim institution keygen). A governed run admits institutions by vote instead."),
+    institutions_only: bool = typer.Option(False, help="Refuse workers without an admitted institution's "
+                                           "certificate (else they join as volunteers)."),
+    registrations_per_minute: int = typer.Option(60, min=1, help="New worker keys one address may register a minute."),
+    registration_burst: int = typer.Option(20, min=1, help="New worker keys one address may register at once."),
     verbose: bool = typer.Option(True),
 ) -> None:
-    """Serve leases, rounds, shards and the run config over gRPC until SIGTERM/SIGINT."""
+    """Serve leases, rounds, shards and the run config over gRPC until SIGTERM/SIGINT; print the join line."""
     from pydantic import ValidationError
 
-    from coordinator.config import CoordinatorSettings, RunSettings, load_run_settings
+    from coordinator.config import AdmissionSettings, CoordinatorSettings, RunSettings, load_run_settings
     from coordinator.server import serve
     from coordinator.store import sqlite_url
     from protocol.swarm import SwarmError
@@ -96,6 +105,9 @@ def coordinator_serve(
             tls_cert=tls_cert, tls_key=tls_key, insecure=insecure,
             run=load_run_settings(run) if run else RunSettings(),
             governance=governance,
+            admission=AdmissionSettings(
+                institutions=named_keys(admit_institution, "--admit-institution"), institutions_only=institutions_only,
+                registrations_per_minute=registrations_per_minute, registration_burst=registration_burst),
         )
         serve(settings, ready_file)
     except (ValueError, ValidationError, FileNotFoundError, SwarmError) as error:  # TransportError is a ValueError
@@ -139,7 +151,9 @@ def worker_join(
     coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator."),
     identity: Path = typer.Option(DEFAULT_STATE_DIR / "worker.key", help="Ed25519 key (created if missing)."),
     name: str = typer.Option("", help="Worker name shown to others (default: id prefix)."),
-    institution: str = typer.Option("independent"),
+    institution: str = typer.Option("independent", help="The institution you claim; credited only with its --certificate."),
+    certificate: Path | None = typer.Option(None, help="Your institution's certificate of this worker's key "
+                                            "(essaim institution certify); without one you join as a volunteer."),
     host: str = typer.Option("127.0.0.1", help="Address the hivemind peer binds; 0.0.0.0: every interface."),
     announce: str = typer.Option("", help="Address peers dial when it is not --host (default with 0.0.0.0: as the "
                                  "coordinator sees this machine)."),
@@ -156,12 +170,13 @@ def worker_join(
         None, help="Save checkpoints here (Hugging Face format) and resume from the latest one."
     ),
     connect_seconds: float = typer.Option(15.0, help="Give up if the coordinator does not answer this long."),
-    trust_class: str = typer.Option("volunteer", help="hpc, institution or volunteer."),
+    trust_class: str = typer.Option("volunteer", help="hpc, institution or volunteer: claimed; granted only by --certificate."),
     available_until: str = typer.Option(
         "", help="When this machine leaves (ISO date-time or unix seconds); default: the Slurm job's end, else never."
     ),
     bandwidth_mbit: float = typer.Option(0.0, help="Uplink estimate in Mbit/s (0: unknown)."),
-    genesis: str = typer.Option("", help="Join only the governed run whose genesis hash this is."),
+    genesis: str = typer.Option("", help="The governed run's genesis hash (in the join line its coordinator prints); "
+                                "a governed run is joined only with it."),
     device: str = typer.Option("auto", help="auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast where the GPU has it, else fp32), fp32 or bf16."),
     micro_batch_size: int | None = typer.Option(
@@ -172,6 +187,7 @@ def worker_join(
     """Join a run: lease shards (fetched and verified if not here), train DiLoCo rounds with peers, report."""
     from model.checkpoints import CheckpointError
     from model.shards import ShardIntegrityError
+    from protocol.choices import TRUST_CLASSES
     from protocol.swarm import SwarmError
     from protocol.transport import ClientTLS
     from worker.agent import WorkerOptions, run_worker
@@ -180,15 +196,15 @@ def worker_join(
     from worker.shards import ShardUnavailable
 
     _logging(verbose)
-    if trust_class not in ("hpc", "institution", "volunteer"):
-        _fail(f"--trust-class {trust_class!r}: use hpc, institution or volunteer")
+    if trust_class not in TRUST_CLASSES:
+        _fail(f"--trust-class {trust_class!r}: use {', '.join(TRUST_CLASSES)}")
     try:
         options = WorkerOptions(
             coordinator=coordinator, identity_path=identity, name=name, institution=institution,
             host=host, announce=announce, dht_port=dht_port, client_mode=client_mode,
             tls=ClientTLS(ca_cert=ca_cert, fingerprint=coordinator_fingerprint, insecure=insecure),
             data_dir=data, cache_bytes=_byte_count(cache_bytes), checkpoint_dir=checkpoint_dir,
-            connect_seconds=connect_seconds, trust_class=trust_class,
+            connect_seconds=connect_seconds, trust_class=trust_class, certificate=certificate,
             available_until=_moment(available_until) if available_until else None,
             bandwidth_mbit=bandwidth_mbit, genesis=genesis, device=device, precision=precision,
             micro_batch_size=micro_batch_size,
@@ -197,6 +213,21 @@ def worker_join(
     except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, ShardUnavailable, CheckpointError,
             ValueError, DoesNotFit, OutOfDeviceMemory, SwarmError) as error:  # DeviceError, TransportError: ValueError
         _fail(str(error))
+
+
+@worker_app.command("id")
+def worker_id(
+    identity: Path = typer.Option(DEFAULT_STATE_DIR / "worker.key", help="Ed25519 key (created if missing)."),
+) -> None:
+    """Print this worker's public key: what an institution certifies (essaim institution certify KEY ...)."""
+    from protocol.identity import Identity
+
+    try:
+        worker = Identity.load_or_create(identity)
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+    typer.echo(worker.public_key.hex())
+    typer.echo(f"worker id {worker.worker_id} (key file {identity})", err=True)
 
 
 def _byte_count(text: str) -> int:
@@ -209,65 +240,6 @@ def _byte_count(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         _fail(f"{text!r} is not a byte count such as 10G, 512M or 0")
-
-
-@hpc_app.command("submit")
-def hpc_submit(
-    coordinator: str = typer.Option(..., help="HOST:PORT of the coordinator, as the compute nodes reach it."),
-    partition: str = typer.Option(..., help="The Slurm partition (sinfo lists them)."),
-    nodes: int = typer.Option(1, min=1),
-    time: str = typer.Option(..., "--time", help="Walltime, HH:MM:SS or D-HH:MM:SS."),
-    account: str = typer.Option("", help="The project account to charge, where the centre asks for one."),
-    gpus_per_node: int = typer.Option(0, min=0, help="> 0: one worker per GPU, each bound to its own GPU."),
-    tasks_per_node: int = typer.Option(1, min=1, help="Workers per node when there are no GPUs."),
-    cpus_per_task: int = typer.Option(
-        0, min=0, help="CPUs (and OpenMP threads) per worker; 0: 8 per GPU worker, Slurm's default without GPUs."
-    ),
-    workdir: Path = typer.Option(Path("essaim-slurm"), help="Shared directory for keys, logs and checkpoints."),
-    institution: str = typer.Option("hpc", help="Shown in the model card's contributors."),
-    listen_host: str = typer.Option(
-        "127.0.0.1", help="Where each worker's hivemind peer listens; 'node': each node's first address."
-    ),
-    drain_seconds: int = typer.Option(120, min=10, help="SIGTERM the workers this long before the walltime."),
-    dry_run: bool = typer.Option(False, help="Print the sbatch script instead of submitting it."),
-) -> None:
-    """Submit a Slurm job that starts one worker per task (srun), each tagged with the job id and walltime.
-
-    With --gpus-per-node N, each node runs N workers and each has one GPU of its own (--device cuda).
-    """
-    from coordinator.hpc import SlurmError, SlurmJob, render_sbatch, submit
-
-    try:
-        job = SlurmJob(
-            coordinator=coordinator, partition=partition, nodes=nodes, time=time, workdir=workdir, account=account,
-            gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
-            institution=institution, listen_host=listen_host, drain_seconds=drain_seconds,
-        )
-        if dry_run:
-            typer.echo(render_sbatch(job), nl=False)
-            return
-        job_id = submit(job)
-    except SlurmError as error:
-        _fail(str(error))
-    typer.echo(f"submitted Slurm job {job_id}")
-
-
-@hpc_app.command("status")
-def hpc_status(job: list[str] = typer.Option([], "--job", help="Job ids (default: every essaim-worker job).")) -> None:
-    """Essaim worker jobs as Slurm sees them: state, run time, time limit, end time, nodes."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from coordinator.hpc import SlurmError, job_status
-
-    try:
-        jobs = job_status(job)
-    except SlurmError as error:
-        _fail(str(error))
-    table = Table("job", "state", "run time", "time limit", "ends", "nodes")
-    for status in jobs:
-        table.add_row(status.job_id, status.state, status.elapsed, status.time_limit, status.end_time, status.nodes)
-    Console(width=120).print(table)
 
 
 def _moment(text: str) -> float:
@@ -353,6 +325,8 @@ def status(
     ca_cert: Path | None = typer.Option(None, help="PEM CA (or the coordinator's certificate) to verify its TLS with."),
     coordinator_fingerprint: str = typer.Option("", help="sha256:... of the coordinator's certificate."),
     insecure: bool = typer.Option(False, help="Plaintext to a coordinator that is not on loopback."),
+    workers_page: int = typer.Option(0, min=0, help="Workers to list (0: the coordinator's default page)."),
+    workers_offset: int = typer.Option(0, min=0, help="Skip this many workers (by name): the next page."),
 ) -> None:
     """A live view of the network: workers by institution and class, leases, rounds, tokens/s, the epoch's ETA."""
     from essaim.status_view import StatusUnavailable, watch
@@ -360,7 +334,7 @@ def status(
 
     try:
         watch(coordinator, interval, once, ClientTLS(ca_cert=ca_cert, fingerprint=coordinator_fingerprint,
-                                                     insecure=insecure))
+                                                     insecure=insecure), offset=workers_offset, limit=workers_page)
     except (StatusUnavailable, TransportError) as error:
         _fail(str(error))
     except KeyboardInterrupt:

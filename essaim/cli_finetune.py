@@ -9,6 +9,8 @@ import typer
 from essaim.cli_support import DEFAULT_STATE_DIR
 from essaim.cli_support import fail as _fail
 
+LEDGER_FILE = "privacy-ledger.jsonl"  # in the site's working directory: the privacy it has spent, across runs
+
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a checkpoint on private data that stays on each site (Flower).")
 
 
@@ -51,6 +53,11 @@ def finetune_site(
     runtime_port: int = typer.Option(0, help="Port of the SuperNode's local app API (0: a free one)."),
     ca_cert: Path | None = typer.Option(None, help="PEM CA (or the SuperLink's own certificate) to verify its TLS with."),
     insecure: bool = typer.Option(False, help="Plaintext to a SuperLink that is not on loopback."),
+    require_secagg: bool = typer.Option(False, "--require-secagg",
+                                        help="Refuse any round that is not securely aggregated (SecAgg+)."),
+    max_epsilon: float | None = typer.Option(None, help="Refuse rounds without DP, and any round that would bring this "
+                                             "site's epsilon (RDP, over every run in its ledger) above this."),
+    floor_delta: float = typer.Option(1e-5, help="The delta at which --max-epsilon is measured."),
 ) -> None:
     """Join fine-tunes as one site: a Flower SuperNode whose apps read --data here and send only adapters."""
     import os
@@ -59,21 +66,31 @@ def finetune_site(
     from essaim.processes import free_port
     from model.checkpoints import CheckpointError, load_model, read_checkpoint
     from model.instructions import InstructionDataError, read_pairs
+    from protocol.finetune_privacy import SiteFloor
     from protocol.transport import TransportError, split_address
+    from worker.finetune_floor import PrivacyLedger
 
+    home = (workdir or DEFAULT_STATE_DIR / f"finetune-{name}").resolve()
+    ledger = PrivacyLedger(home / LEDGER_FILE)
     try:
         check_plaintext(split_address(superlink)[0], ca_cert is not None, insecure, "--ca-cert")
+        floor = SiteFloor(require_secagg=require_secagg, max_epsilon=max_epsilon, delta=floor_delta)
+        spent = ledger.noise_multipliers()
         pairs = read_pairs(data)
         base = read_checkpoint(checkpoint)
         load_model(base)  # a site with corrupted weights should fail here, not in round 1
-    except (InstructionDataError, CheckpointError, TransportError) as error:
+    except (InstructionDataError, CheckpointError, TransportError, ValueError) as error:
         _fail(str(error))
-    home = (workdir or DEFAULT_STATE_DIR / f"finetune-{name}").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    node_config = {"name": name, "data": str(data.resolve()), "checkpoint": str(checkpoint.resolve())}
+    node_config = {"name": name, "data": str(data.resolve()), "checkpoint": str(checkpoint.resolve()),
+                   "privacy_ledger": str(ledger.path), **floor.to_node_config()}
     command = supernode_command(superlink, runtime_port or free_port(), node_config,
                                 ca_cert.resolve() if ca_cert else None)
     typer.echo(f"site {name}: {len(pairs)} pairs in {data}, base {base.params_digest[:16]}…; joining {superlink}", err=True)
+    typer.echo(f"site {name}: privacy floor: {floor.describe()}; "
+               + (f"spent so far epsilon {ledger.epsilon(floor.delta):.3g} (RDP, delta {floor.delta:g}) over "
+                  f"{len(spent)} DP round(s), ledger {ledger.path}" if spent else f"no DP round spent yet ({ledger.path})"),
+               err=True)
     os.execve(command[0], command, flower_env(home))
 
 
@@ -118,10 +135,18 @@ def finetune_run(
     except (CheckpointError, ValidationError, TransportError) as error:
         _fail(str(error))
     settings.save(out / SETTINGS_FILE)
+    dp = settings.privacy()["differential_privacy"]
+    if dp:
+        typer.echo(f"local DP: epsilon {dp_epsilon:g} per round; over {rounds} round(s) a site that answers every one "
+                   f"spends epsilon {dp['epsilon_total']:.3g} by the RDP accountant (delta {dp_delta:g}), "
+                   f"{dp['basic_composition']['epsilon_total']:.3g} by basic composition", err=True)
     code = run_app(superlink, out / ".flwr-home", out / SETTINGS_FILE, log, ca_cert=ca_cert)
     if not (out / RECORD_FILE).exists():
         _fail(f"the run ended (flwr run exit {code}) without writing {out / RECORD_FILE}; see the log above"
               + (f" ({log})" if log else ""))
     record = read_record(out)
+    for site, privacy in record["site_privacy"].items():
+        for refusal in privacy["refused"]:  # a refusing site is left out: say so, not only in the record
+            typer.echo(f"site {site} refused round {refusal['round']}: {refusal['reason']}", err=True)
     typer.echo(f"fine-tuned {rounds} round(s) with sites {', '.join(record['sites'])}: adapter {out / 'adapter'} "
                f"(sha256 {record['adapter']['sha256'][:16]}…), merged model {out / 'merged'}")

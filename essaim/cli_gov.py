@@ -1,8 +1,10 @@
-"""`essaim gov`: maintainers' keys, the genesis, signed proposals and votes, tallies, and verifying the ledger.
+"""`essaim gov`: maintainers' keys, the genesis, signed proposals and votes, and verifying the ledger.
 
-Proposals and votes are signed offline, on each maintainer's machine; whoever
-runs the coordinator only submits the signed files, and the ledger refuses any
-that breaks a rule.
+Proposals and votes are signed offline, on each maintainer's machine, with the
+run round they are made at (`essaim status` shows it); whoever runs the
+coordinator only submits the signed files, and the ledger refuses any that
+breaks a rule. A proposal passes with the vote that gives it its threshold and
+quorum, and is in force from that vote's signed round plus the activation delay.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from essaim.cli_institution import named_keys
 from essaim.cli_support import fail as _fail
 
 gov_app = typer.Typer(no_args_is_help=True, help="Govern a run: maintainers' keys, signed proposals, votes, the ledger.")
@@ -41,12 +44,13 @@ def gov_init(
     ledger: Path = typer.Option(..., help="The ledger file to create."),
     run: str = typer.Option(..., help="The run's name."),
     maintainer: list[str] = typer.Option(..., help="NAME=PUBLIC_KEY_HEX (repeatable)."),
-    quorum: int = typer.Option(..., help="Fewest votes (yes or no) a decision needs."),
+    quorum: int = typer.Option(..., help="Fewest votes (yes or no) a proposal needs to pass."),
     threshold: int = typer.Option(..., help="Yes votes needed to pass (M of the N maintainers)."),
     voting_period: int = typer.Option(5, help="Rounds a proposal stays open for votes."),
-    activation_delay: int = typer.Option(2, help="Rounds between a decision and the change taking effect."),
+    activation_delay: int = typer.Option(2, help="Rounds between the vote that passes a change and its taking effect."),
     config: list[str] = typer.Option([], help="KEY=VALUE of the starting config (inner_lr, outer_lr, inner_steps, compression)."),
-    institution: list[str] = typer.Option([], help="Admitted institutions (repeatable; none: any may join)."),
+    institution: list[str] = typer.Option([], help="NAME=PUBLIC_KEY of an admitted institution (repeatable; "
+                                          "essaim institution keygen): its certificates credit its workers."),
 ) -> None:
     """Write a run's genesis: its maintainers, its voting policy and its starting config."""
     from governance.documents import GovernanceError, digest, make_genesis
@@ -59,13 +63,13 @@ def gov_init(
             run, dict(_pair(m) for m in maintainer),
             {"quorum": quorum, "threshold": threshold, "voting_period_rounds": voting_period,
              "activation_delay_rounds": activation_delay},
-            {k: _value(v) for k, v in map(_pair, config)}, list(institution) or None,
+            {k: _value(v) for k, v in map(_pair, config)}, named_keys(institution, "--institution"),
         )
         book = Ledger(genesis)  # checks the genesis
     except GovernanceError as error:
         _fail(str(error))
     book.save(ledger)
-    typer.echo(f"run {run}: genesis {digest(genesis)}")
+    typer.echo(f"run {run}: genesis {digest(genesis)} (workers join it with --genesis {digest(genesis)})")
 
 
 @gov_app.command("propose")
@@ -73,8 +77,11 @@ def gov_propose(
     ledger: Path = typer.Option(..., help="The run's ledger (for its genesis hash)."),
     key: Path = typer.Option(..., help="Your private key."),
     author: str = typer.Option(..., help="Your maintainer name."),
-    change: str = typer.Option(..., help='JSON: {"config": {"inner_lr": 0.001}}; also mixture, institutions, maintainers.'),
+    change: str = typer.Option(..., help='JSON: {"config": {"inner_lr": 0.001}}; also mixture, maintainers, '
+                               'institutions ({"admit": {"NAME": "PUBLIC_KEY"}, "remove": ["NAME"]}).'),
     reason: str = typer.Option(...),
+    round_: int = typer.Option(..., "--round", min=0, help="The run's current round (essaim status): signed; "
+                               "the voting period counts from it."),
     out: Path = typer.Option(..., help="The signed proposal file to write."),
 ) -> None:
     """Sign a proposal on your own machine; submit the file to the coordinator's operator."""
@@ -90,7 +97,7 @@ def gov_propose(
         _fail(f"--change is not JSON ({error})")
     try:
         check_change(parsed)
-        proposal = make_proposal(state.genesis_hash, author, parsed, reason, load_key(key))
+        proposal = make_proposal(state.genesis_hash, author, parsed, reason, load_key(key), round_=round_)
     except GovernanceError as error:
         _fail(str(error))
     write_document(out, proposal)
@@ -103,6 +110,8 @@ def gov_vote(
     key: Path = typer.Option(..., help="Your private key."),
     voter: str = typer.Option(..., help="Your maintainer name."),
     choice: str = typer.Option(..., help="yes or no."),
+    round_: int = typer.Option(..., "--round", min=0, help="The run's current round (essaim status): signed; "
+                               "the vote that passes a proposal puts it in force from this round + the delay."),
     out: Path = typer.Option(..., help="The signed vote file to write."),
 ) -> None:
     """Sign a vote on a proposal on your own machine."""
@@ -112,7 +121,7 @@ def gov_vote(
         document = read_document(proposal)
         if document["kind"] != "proposal":
             raise GovernanceError(f"{proposal}: a {document['kind']}, not a proposal")
-        vote = make_vote(document["run"], document, voter, choice, load_key(key))
+        vote = make_vote(document["run"], document, voter, choice, load_key(key), round_=round_)
     except GovernanceError as error:
         _fail(str(error))
     write_document(out, vote)
@@ -123,7 +132,8 @@ def gov_vote(
 def gov_submit(
     document: Path = typer.Argument(..., help="A signed proposal or vote file."),
     ledger: Path = typer.Option(...),
-    round_: int = typer.Option(..., "--round", help="The run's current round."),
+    round_: int = typer.Option(..., "--round", help="The run's current round: an item signed for a later round, "
+                               "or a vote passing a change into a round already begun, is refused."),
 ) -> None:
     """Append a signed proposal or vote to the ledger, if every rule holds; otherwise nothing changes."""
     from governance.documents import GovernanceError, read_document
@@ -133,45 +143,36 @@ def gov_submit(
         item = read_document(document)
         if item["kind"] not in ("proposal", "vote"):
             raise GovernanceError(f"{document}: a {item['kind']}; only proposals and votes are submitted")
+        accepted_before = len(book.state.accepted)
         entry = book.append(item, round_)
     except GovernanceError as error:
         _fail(f"refused, the ledger is unchanged: {error}")
+    passed = len(book.state.accepted) > accepted_before
     book.save(ledger)
-    typer.echo(f"entry {entry['seq']}: {item['kind']} appended at round {round_}")
-
-
-@gov_app.command("tally")
-def gov_tally(ledger: Path = typer.Option(...), round_: int = typer.Option(..., "--round")) -> None:
-    """Record the decisions due at this round: passed (and from when), or rejected when the period closed."""
-    from governance.documents import GovernanceError
-
-    book = _gov_ledger(ledger)
-    try:
-        decided = book.tally(round_)
-    except GovernanceError as error:
-        _fail(str(error))
-    book.save(ledger)
-    for entry in decided:
-        item = entry["item"]
-        outcome = f"accepted, in force from round {item['activation_round']}" if item["accepted"] else "rejected"
-        typer.echo(f"proposal {item['proposal'][:16]}…: {outcome} (yes {item['yes']}, no {item['no']})")
-    if not decided:
-        typer.echo("no decision due")
+    typer.echo(f"entry {entry['seq']}: {item['kind']} signed at round {entry['round']} appended")
+    if passed:
+        accepted = book.state.accepted[-1]
+        typer.echo(f"proposal {accepted.proposal[:16]}… passed: in force from round {accepted.activation_round}")
 
 
 @gov_app.command("log")
 def gov_log(ledger: Path = typer.Option(...)) -> None:
-    """The ledger, entry by entry, and the config in force after it."""
+    """The ledger, entry by entry, what became of each proposal, and the config in force after it."""
     book = _gov_ledger(ledger)
-    typer.echo(f"genesis {book.state.genesis_hash} (run {book.genesis['run']})")
+    state = book.state
+    typer.echo(f"genesis {state.genesis_hash} (run {book.genesis['run']})")
     for entry in book.entries:
         item = entry["item"]
-        what = {"proposal": lambda: f"{item['author']} proposes {item['change']}: {item['reason']}",
-                "vote": lambda: f"{item['voter']} votes {item['choice']} on {item['proposal'][:16]}…",
-                "decision": lambda: f"{item['proposal'][:16]}… {'accepted' if item['accepted'] else 'rejected'}"
-                                    + (f", from round {item['activation_round']}" if item["accepted"] else "")}[item["kind"]]()
+        what = (f"{item['author']} proposes {item['change']}: {item['reason']}" if item["kind"] == "proposal"
+                else f"{item['voter']} votes {item['choice']} on {item['proposal'][:16]}…")
         typer.echo(f"{entry['seq']:>4}  round {entry['round']:>4}  {what}")
-    typer.echo(f"head {book.head}; config from round {book.last_round}: {book.state.config_at(book.last_round)}")
+    activation = {accepted.proposal: accepted.activation_round for accepted in state.accepted}
+    for proposal in state.proposals.values():
+        outcome = (f"passed at round {proposal.passed_round}, in force from round {activation[proposal.id]}"
+                   if proposal.id in activation else f"not passed (a vote counts if signed by round {state.closes_at(proposal)})")
+        typer.echo(f"proposal {proposal.id[:16]}…: {outcome} (yes {sorted(proposal.yes)}, no {sorted(proposal.no)})")
+    last = max([book.last_round, *activation.values()])
+    typer.echo(f"head {book.head}; config from round {last}: {state.config_at(last)}")
 
 
 @gov_app.command("verify")

@@ -3,6 +3,9 @@
 Sample corpus -> token shards -> a coordinator (SQLite) and N workers as separate
 process groups -> DiLoCo rounds shown live -> a Hugging Face checkpoint -> a summary
 -> a federated fine-tune of that checkpoint by three sites (essaim.demo_finetune).
+
+The institutions are real ones in miniature: each has a key the coordinator admits,
+and certifies its workers' keys; the volunteers join without a certificate.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ from coordinator import reports
 from coordinator.card import build_card, write_card
 from coordinator.store import open_engine, session_factory, sqlite_url
 from essaim.processes import start_role, stop_group, wait_for_ready_file
+from governance.documents import generate_key, load_key
 from model.checkpoints import latest_checkpoint, read_checkpoint
 from model.corpus import prepare_corpus
 from model.corpus_config import load_corpus_config
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, read_tokens
+from protocol.certificates import certify
+from protocol.identity import Identity
 
-INSTITUTIONS = ["Université Paris-Saclay", "GENCI Jean Zay", "volunteer", "Inria", "volunteer"]
+# Who each worker trains for, and the class its institution's certificate grants; None: a volunteer.
+INSTITUTIONS: list[tuple[str, str] | None] = [
+    ("Université Paris-Saclay", "institution"), ("GENCI Jean Zay", "hpc"), None, ("Inria", "institution"), None,
+]
+CERTIFICATE_SECONDS = 86400
 SEQ_LEN = 128
 EVAL_ROWS_PER_LANGUAGE = 8
 # One shard per source: leases then come in full rounds' worth, one from each source.
@@ -97,9 +107,11 @@ def run_demo(settings: DemoSettings) -> int:
     ))
     (workdir / "run.toml").write_text(run_settings_toml(settings))
 
+    admitted, worker_args = _certify_workers(workdir / "keys", settings.workers)
     coordinator = start_role(
         ["coordinator", "serve", "--data", str(workdir / "data"), "--port", "0",
-         "--run", str(workdir / "run.toml"), "--ready-file", str(workdir / "ready.json")],
+         "--run", str(workdir / "run.toml"), "--ready-file", str(workdir / "ready.json"),
+         *(f"--admit-institution={name}={key}" for name, key in admitted.items())],
         workdir / "logs" / "coordinator.log",
     )
     workers: list[subprocess.Popen[bytes]] = []
@@ -108,11 +120,10 @@ def run_demo(settings: DemoSettings) -> int:
             coordinator, workdir / "ready.json", workdir / "logs" / "coordinator.log", settings.startup_timeout_seconds
         )
         address = ready["address"]
-        console.print(f"coordinator on {address}; starting {settings.workers} workers")
+        console.print(f"coordinator on {address}; starting {settings.workers} workers; institutions admitted by key, "
+                      f"each certifying its workers: {', '.join(admitted) or 'none'} (the others join as volunteers)")
         for index in range(settings.workers):
-            args = ["worker", "join", "--coordinator", address, "--name", f"worker-{index}",
-                    "--institution", INSTITUTIONS[index % len(INSTITUTIONS)],
-                    "--identity", str(workdir / "keys" / f"worker-{index}.key")]
+            args = ["worker", "join", "--coordinator", address, "--name", f"worker-{index}", *worker_args[index]]
             if index == 0:
                 args += ["--checkpoint-dir", str(workdir / "checkpoint")]
             # One thread each: several workers share this machine's cores.
@@ -133,6 +144,28 @@ def run_demo(settings: DemoSettings) -> int:
     from essaim.demo_finetune import run_finetune_demo
 
     return run_finetune_demo(console, checkpoint, workdir / "finetune", settings.finetune_rounds)
+
+
+def _certify_workers(keys: Path, workers: int) -> tuple[dict[str, str], list[list[str]]]:
+    """Each institution's key (admitted by the coordinator), and each worker's identity and certificate options."""
+    admitted: dict[str, str] = {}
+    args = []
+    for index in range(workers):
+        identity = keys / f"worker-{index}.key"
+        worker = Identity.load_or_create(identity)
+        args.append(["--identity", str(identity)])
+        certified = INSTITUTIONS[index % len(INSTITUTIONS)]
+        if certified is None:
+            continue
+        name, trust_class = certified
+        key_file = keys / f"institution-{name}.key"
+        if name not in admitted:
+            admitted[name] = generate_key(key_file)
+        certificate = certify(name, load_key(key_file), worker.public_key, trust_class,
+                              int(time.time()) + CERTIFICATE_SECONDS)
+        (keys / f"worker-{index}.cert").write_bytes(certificate.to_bytes())
+        args[-1] += ["--institution", name, "--certificate", str(keys / f"worker-{index}.cert")]
+    return admitted, args
 
 
 def _show_progress(console: Console, sessions, workers: list[subprocess.Popen[bytes]], settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
@@ -182,6 +215,9 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     console.print("tokens by source (share trained / target): " + ", ".join(
         f"{k} {v['tokens']:,} ({v['share']:.0%} / {v['target_share']:.0%})" for k, v in card["sources"].items()))
     console.print("tokens by licence: " + ", ".join(f"{k} {v:,}" for k, v in card["tokens_by_licence"].items()))
+    console.print("tokens by verified institution: " + ", ".join(
+        [f"{k} {v['tokens']:,}" for k, v in card["institutions"].items()]
+        + [f"volunteers (no institution) {card['volunteers']['tokens']:,}"]))
     workers = reports.worker_progress(sessions)
     console.print("tokens by worker: " + ", ".join(f"{w.name} {w.tokens_trained:,}" for w in workers))
     console.print(

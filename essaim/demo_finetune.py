@@ -3,7 +3,8 @@
 A SuperLink and one SuperNode per site (an energy utility, a hospital, a bank,
 each with its own made-up customer questions) on 127.0.0.1, a SecAgg+ LoRA
 fine-tune of the checkpoint the first act trained, then what the lineage
-record says. Every Flower process is stopped by process group.
+record says. The hospital sets its own floor (--require-secagg), which the run
+meets. Every Flower process is stopped by process group.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from rich.table import Table
 
 from coordinator.finetune_config import FinetuneSettings
 from coordinator.finetune_lineage import RECORD_FILE, SETTINGS_FILE, read_record
+from coordinator.finetune_site_privacy import floor_text
 from essaim.flower import run_local_finetune
 from model.instructions import write_pairs
 from model.sample_instructions import DOMAINS, site_pairs
 
 SITE_NAMES = {"energy": "energy-utility", "hospital": "hospital", "bank": "bank"}
+FLOORS = {"hospital": ("--require-secagg",)}  # the hospital takes part only in securely aggregated rounds
 
 
 def run_finetune_demo(console: Console, checkpoint: Path, workdir: Path, rounds: int) -> int:
@@ -36,7 +39,7 @@ def run_finetune_demo(console: Console, checkpoint: Path, workdir: Path, rounds:
     settings.save(settings.out / SETTINGS_FILE)
     with console.status(f"Federated fine-tune: {len(DOMAINS)} sites, {rounds} SecAgg+ rounds of LoRA "
                         "(Flower starts a process per message: about a minute a round)..."):
-        run_local_finetune(settings.out / SETTINGS_FILE, checkpoint, sites, logs)
+        run_local_finetune(settings.out / SETTINGS_FILE, checkpoint, sites, logs, site_options=FLOORS)
     if not (settings.out / RECORD_FILE).exists():
         console.print(f"[red]the fine-tune failed: see {logs}")
         return 1
@@ -56,6 +59,9 @@ def _print_record(console: Console, record: dict, out: Path) -> None:
     if evaluation.get("by_site"):
         console.print("held-out answer loss after the last round: " + ", ".join(
             f"{site} {result['loss']:.3f}" for site, result in sorted(evaluation["by_site"].items())))
+    for site, privacy in record["site_privacy"].items():
+        refused = f", refused rounds {[r['round'] for r in privacy['refused']]}" if privacy["refused"] else ""
+        console.print(f"site {site}: privacy floor: {floor_text(privacy['floor'])}{refused}")
     AutoModelForCausalLM.from_pretrained(out / "merged")  # proves the merged model loads as a plain model
     console.print(
         f"only adapters left the sites ({record['adapter']['parameters']:,} parameters a round), summed under SecAgg+; "

@@ -93,11 +93,12 @@ def start_superlink(workdir: Path, port: int) -> subprocess.Popen[bytes]:
                       workdir.with_suffix(".log"), env={"OMP_NUM_THREADS": "1"})
 
 
-def start_site(superlink: str, name: str, data: Path, checkpoint: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    """`essaim finetune site` in its own session, its log in WORKDIR.log."""
+def start_site(superlink: str, name: str, data: Path, checkpoint: Path, workdir: Path,
+               *options: str) -> subprocess.Popen[bytes]:
+    """`essaim finetune site` in its own session, its log in WORKDIR.log; options such as its floor (--require-secagg)."""
     return start_role(
         ["finetune", "site", "--superlink", superlink, "--name", name, "--data", str(data),
-         "--checkpoint", str(checkpoint), "--workdir", str(workdir)],
+         "--checkpoint", str(checkpoint), "--workdir", str(workdir), *options],
         workdir.with_suffix(".log"), env={"OMP_NUM_THREADS": "1"},
     )
 
@@ -115,9 +116,10 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float) 
 
 
 def run_local_finetune(settings_file: Path, checkpoint: Path, sites: dict[str, Path], workdir: Path,
-                       app_dir: Path = APP_DIR) -> int:
+                       app_dir: Path = APP_DIR, site_options: dict[str, tuple[str, ...]] | None = None) -> int:
     """A whole fine-tune on 127.0.0.1: a SuperLink, one SuperNode per site (name -> data), `flwr run`.
 
+    site_options: more `essaim finetune site` options by site name (its privacy floor).
     Logs go to WORKDIR/*.log; every process is stopped afterwards. Returns flwr run's exit code.
     """
     from essaim.processes import terminate_group
@@ -127,7 +129,8 @@ def run_local_finetune(settings_file: Path, checkpoint: Path, sites: dict[str, P
     try:
         wait_listening(port, processes[0], 60)
         for name, data in sites.items():
-            processes.append(start_site(f"127.0.0.1:{port}", name, data, checkpoint, workdir / f"site-{name}"))
+            processes.append(start_site(f"127.0.0.1:{port}", name, data, checkpoint, workdir / f"site-{name}",
+                                        *(site_options or {}).get(name, ())))
         return run_app(f"127.0.0.1:{port}", workdir / "flwr-home", settings_file, workdir / "finetune-run.log", app_dir)
     finally:
         for process in processes:

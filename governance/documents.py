@@ -3,7 +3,10 @@
 Every hash and signature is over canonical bytes (sorted keys, no spaces,
 UTF-8), so a document means the same bytes on every machine. A proposal and a
 vote name the run (the genesis hash), so neither can be replayed in another run;
-a vote signs the proposal's id, so it cannot be moved to another proposal.
+a vote signs the proposal's id, so it cannot be moved to another proposal. Both
+sign the run round they were made at: when a change comes into force follows
+from those signed rounds alone (governance.state), never from what whoever
+keeps the ledger says.
 """
 
 from __future__ import annotations
@@ -79,19 +82,25 @@ def signature_valid(document: dict, public_key_hex: str) -> bool:
 # --- documents --------------------------------------------------------------------------------
 
 
-def make_genesis(run: str, maintainers: dict[str, str], policy: dict, config: dict, institutions: list[str] | None) -> dict:
+def make_genesis(run: str, maintainers: dict[str, str], policy: dict, config: dict, institutions: dict[str, str]) -> dict:
     """A run's first document: who governs it, under which policy, starting from which config.
 
+    ``institutions`` maps each admitted institution's name to its Ed25519 public key (hex):
+    a worker is credited to an institution only with a certificate that key signed.
     Its rules are checked where every ledger starts from it (governance.state.RunState).
     """
     return {"kind": "genesis", "run": run, "maintainers": maintainers, "policy": policy, "config": config,
             "institutions": institutions}
 
 
-def make_proposal(genesis_hash: str, author: str, change: dict, reason: str, key: Ed25519PrivateKey) -> dict:
-    """A signed proposal. Its id is the hash of everything but the signature, a fresh nonce included."""
+def make_proposal(genesis_hash: str, author: str, change: dict, reason: str, key: Ed25519PrivateKey, *,
+                  round_: int) -> dict:
+    """A proposal signed at run round ``round_``; its voting period counts from that round.
+
+    Its id is the hash of everything but the signature, a fresh nonce included.
+    """
     body = {"kind": "proposal", "run": genesis_hash, "author": author, "change": change, "reason": reason,
-            "nonce": os.urandom(8).hex()}
+            "round": _round(round_), "nonce": os.urandom(8).hex()}
     return sign(body, key)
 
 
@@ -99,11 +108,19 @@ def proposal_id(proposal: dict) -> str:
     return digest(unsigned(proposal))
 
 
-def make_vote(genesis_hash: str, proposal: dict, voter: str, choice: str, key: Ed25519PrivateKey) -> dict:
+def make_vote(genesis_hash: str, proposal: dict, voter: str, choice: str, key: Ed25519PrivateKey, *,
+              round_: int) -> dict:
+    """A vote signed at run round ``round_``: the vote that passes a proposal dates its activation."""
     if choice not in ("yes", "no"):
         raise GovernanceError(f"vote {choice!r}: a vote is yes or no")
     return sign({"kind": "vote", "run": genesis_hash, "proposal": proposal_id(proposal), "voter": voter,
-                 "choice": choice}, key)
+                 "choice": choice, "round": _round(round_)}, key)
+
+
+def _round(round_: int) -> int:
+    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+        raise GovernanceError(f"round {round_!r}: the run's current round, an integer >= 0 (essaim status shows it)")
+    return round_
 
 
 def read_document(path: Path) -> dict:

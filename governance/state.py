@@ -1,9 +1,14 @@
 """What governance decides: the rules a ledger is replayed under, and the run's settings in force at each round.
 
-`RunState` starts from a genesis and takes ledger items one by one (proposal,
-vote, decision), refusing any that breaks a rule with a GovernanceError that
-names it. Accepted changes take effect from their activation round, so every
-node that replays the same ledger agrees on the config of every round.
+`RunState` starts from a genesis and takes signed ledger items one by one
+(proposals and votes), refusing any that breaks a rule with a GovernanceError
+that names it. Every item signs the round it was made at, and the rules read
+only that signed round: a vote counts if signed within its proposal's voting
+period, and a proposal passes at the round of the vote that gives it its
+threshold and quorum; it is in force from that round plus the policy's
+activation delay. So every node that replays the same ledger agrees on the
+config of every round, and nobody who merely keeps the ledger can move a change
+to another round.
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ def _is_key(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+def _named_keys(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(name, str) and name and _is_key(key) for name, key in value.items())
+
+
+def signed_round(item: dict) -> int:
+    """The round a proposal or vote was signed at: the only round the rules read."""
+    round_ = item.get("round")
+    if "round" not in item:
+        raise GovernanceError(f"{item.get('kind')} without a signed round (made before Essaim signed ledger rounds): "
+                              "its signer makes it again with --round, the run's current round")
+    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+        raise GovernanceError(f"{item.get('kind')}: signed round {round_!r} is not an integer >= 0")
+    return round_
+
+
 def check_genesis(genesis: dict) -> None:
     policy = genesis.get("policy")
     if not isinstance(policy, dict) or sorted(policy) != sorted(POLICY_FIELDS) or not all(
@@ -39,8 +59,14 @@ def check_genesis(genesis: dict) -> None:
     _check_policy_fits(policy, len(maintainers))
     check_config(genesis.get("config"), "genesis config")
     institutions = genesis.get("institutions")
-    if institutions is not None and not (isinstance(institutions, list) and all(isinstance(i, str) for i in institutions)):
-        raise GovernanceError("genesis institutions: a list of names, or null to admit any institution")
+    if isinstance(institutions, list):
+        # A genesis from before institutions held keys: a bare name is something anyone can type.
+        raise GovernanceError(
+            "genesis institutions: a list of names, from before institutions held keys; nobody could prove to be "
+            "one. Write a new genesis naming each institution's key: essaim gov init --institution NAME=PUBLIC_KEY "
+            "(the institution makes its key with `essaim institution keygen`)")
+    if institutions is not None and not _named_keys(institutions):
+        raise GovernanceError("genesis institutions: a map of name -> Ed25519 public key (64 hex digits)")
 
 
 def _check_policy_fits(policy: dict, maintainers: int) -> None:
@@ -70,9 +96,11 @@ def check_change(change: object) -> None:
             isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in mixture.values()):
         raise GovernanceError("proposal change 'mixture': a map of source -> weight >= 0")
     institutions = change.get("institutions", {})
-    if not isinstance(institutions, dict) or set(institutions) - {"admit", "remove"} or not all(
-            isinstance(v, list) and all(isinstance(i, str) for i in v) for v in institutions.values()):
-        raise GovernanceError("proposal change 'institutions': {admit: [names], remove: [names]}")
+    removed = institutions.get("remove", []) if isinstance(institutions, dict) else None
+    if not isinstance(institutions, dict) or set(institutions) - {"admit", "remove"} or not _named_keys(
+            institutions.get("admit", {})) or not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        raise GovernanceError("proposal change 'institutions': {admit: {name: public key}, remove: [names]}, "
+                              "keys of 64 hex digits (admitting a name again replaces its key)")
     maintainers = change.get("maintainers", {})
     shape = "proposal change 'maintainers': {add: {name: key}, remove: [names], rotate: {name: key}}, keys of 64 hex digits"
     if not isinstance(maintainers, dict) or set(maintainers) - {"add", "remove", "rotate"}:
@@ -91,11 +119,11 @@ class Proposal:
     id: str
     author: str
     change: dict
-    opened_round: int
+    opened_round: int  # signed by its author
     seq: int
     yes: set[str] = field(default_factory=set)
     no: set[str] = field(default_factory=set)
-    decided: bool = False
+    passed_round: int | None = None  # signed by the voter whose vote passed it
 
 
 @dataclass(frozen=True)
@@ -146,14 +174,19 @@ class RunState:
             mixture.update(accepted.change.get("mixture", {}))
         return mixture
 
-    def institutions_at(self, round_: int) -> list[str] | None:
-        """The admitted institutions, or None while any institution may join."""
-        admitted = self.genesis["institutions"]
+    def institutions_at(self, round_: int) -> dict[str, str]:
+        """The admitted institutions at this round: name -> Ed25519 public key (hex), the key their certificates verify with."""
+        admitted = dict(self.genesis["institutions"] or {})  # null: a genesis that admitted none by key
         for accepted in self.in_force(round_):
             change = accepted.change.get("institutions", {})
-            if change:
-                admitted = list((set(admitted or []) | set(change.get("admit", []))) - set(change.get("remove", [])))
-        return None if admitted is None else sorted(admitted)
+            admitted.update(change.get("admit", {}))
+            for name in change.get("remove", []):
+                admitted.pop(name, None)
+        return admitted
+
+    def closes_at(self, proposal: Proposal) -> int:
+        """The last round a vote for this proposal may be signed at."""
+        return proposal.opened_round + self.policy["voting_period_rounds"]
 
     # --- the rules, item by item ----------------------------------------------------------------
 
@@ -170,7 +203,8 @@ class RunState:
             raise GovernanceError(f"{item['kind']} by {signer!r}: the signature does not verify with their key "
                                   f"at round {round_} (tampered, or signed with another key)")
 
-    def add_proposal(self, item: dict, round_: int, seq: int) -> Proposal:
+    def add_proposal(self, item: dict, seq: int) -> Proposal:
+        round_ = signed_round(item)
         self._check_signed(item, str(item.get("author")), round_)
         check_change(item.get("change"))
         pid = proposal_id(item)
@@ -185,7 +219,9 @@ class RunState:
         self.proposals[pid] = proposal
         return proposal
 
-    def add_vote(self, item: dict, round_: int) -> None:
+    def add_vote(self, item: dict) -> None:
+        """Count a signed vote; the vote that gives its proposal threshold and quorum passes it, from its round."""
+        round_ = signed_round(item)
         voter = str(item.get("voter"))
         self._check_signed(item, voter, round_)
         proposal = self.proposals.get(str(item.get("proposal")))
@@ -194,35 +230,17 @@ class RunState:
                                   "which is not in the ledger")
         if item.get("choice") not in ("yes", "no"):
             raise GovernanceError(f"vote by {voter!r}: choice {item.get('choice')!r} is neither yes nor no")
-        if proposal.decided:
-            raise GovernanceError(f"vote by {voter!r} for proposal {proposal.id[:16]}…: it was already decided")
-        if round_ > proposal.opened_round + self.policy["voting_period_rounds"]:
-            raise GovernanceError(f"vote by {voter!r} at round {round_} for proposal {proposal.id[:16]}…: "
-                                  f"its voting period closed (opened at round {proposal.opened_round}, "
-                                  f"{self.policy['voting_period_rounds']} rounds)")
+        if proposal.passed_round is not None:
+            raise GovernanceError(f"vote by {voter!r} for proposal {proposal.id[:16]}…: it already passed at round "
+                                  f"{proposal.passed_round}")
+        if not proposal.opened_round <= round_ <= self.closes_at(proposal):
+            raise GovernanceError(f"vote by {voter!r} signed at round {round_} for proposal {proposal.id[:16]}…: "
+                                  f"outside its voting period, rounds {proposal.opened_round} to "
+                                  f"{self.closes_at(proposal)} (the voting period closed, or it was not open yet)")
         if voter in proposal.yes | proposal.no:
             raise GovernanceError(f"vote by {voter!r} for proposal {proposal.id[:16]}…: they already voted (replayed)")
         (proposal.yes if item["choice"] == "yes" else proposal.no).add(voter)
-
-    def decide(self, proposal: Proposal, round_: int) -> dict | None:
-        """The decision due on an open proposal at this round, or None while the vote goes on."""
-        yes, votes = len(proposal.yes), len(proposal.yes) + len(proposal.no)
-        passed = yes >= self.policy["threshold"] and votes >= self.policy["quorum"]
-        if proposal.decided or not (passed or round_ > proposal.opened_round + self.policy["voting_period_rounds"]):
-            return None
-        return {"kind": "decision", "proposal": proposal.id, "accepted": passed, "yes": sorted(proposal.yes),
-                "no": sorted(proposal.no),
-                "activation_round": round_ + self.policy["activation_delay_rounds"] if passed else None}
-
-    def add_decision(self, item: dict, round_: int) -> None:
-        proposal = self.proposals.get(str(item.get("proposal")))
-        if proposal is None:
-            raise GovernanceError(f"decision on proposal {str(item.get('proposal'))[:16]}…, which is not in the ledger")
-        due = self.decide(proposal, round_)
-        if due != item:
-            state = "already decided" if proposal.decided else "still open" if due is None else f"due as {due}"
-            raise GovernanceError(f"decision on proposal {proposal.id[:16]}… at round {round_} does not follow "
-                                  f"from its votes under the policy ({state})")
-        proposal.decided = True
-        if item["accepted"]:
-            self.accepted.append(Accepted(proposal.id, item["activation_round"], proposal.change))
+        votes = len(proposal.yes) + len(proposal.no)
+        if len(proposal.yes) >= self.policy["threshold"] and votes >= self.policy["quorum"]:
+            proposal.passed_round = round_
+            self.accepted.append(Accepted(proposal.id, round_ + self.policy["activation_delay_rounds"], proposal.change))

@@ -1,3 +1,9 @@
 """Values a field of the wire may take, named once for the coordinator that checks them and the worker that sends them."""
 
 PRECISIONS = ("fp32", "bf16")  # RegisterRequest.precision: what a worker's matmuls compute in (weights stay fp32)
+# A registered worker's trust class. Only an admitted institution's certificate grants one of
+# CERTIFIED_CLASSES (protocol/certificates.py); every other worker is a volunteer.
+TRUST_CLASSES = ("hpc", "institution", "volunteer")
+CERTIFIED_CLASSES = ("hpc", "institution")
+VOLUNTEER = "volunteer"
+INDEPENDENT = "independent"  # the institution of a worker no admitted institution certified; no certificate names it

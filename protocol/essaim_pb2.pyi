@@ -20,7 +20,7 @@ class RequestAuth(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id", "precision")
+    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id", "precision", "institution_certificate")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class RegisterRequest(_message.Message):
     AVAILABLE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     SLURM_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     public_key: bytes
     name: str
@@ -43,7 +44,8 @@ class RegisterRequest(_message.Message):
     available_until: float
     slurm_job_id: str
     precision: str
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    institution_certificate: bytes
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ..., precision: _Optional[str] = ..., institution_certificate: _Optional[bytes] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_id", "run_id")
@@ -60,7 +62,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,7 @@ class RunConfig(_message.Message):
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMPILE_FIELD_NUMBER: _ClassVar[int]
     DATA_URL_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_KEY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -123,7 +126,8 @@ class RunConfig(_message.Message):
     micro_batch_size: int
     compile: bool
     data_url: str
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ...) -> None: ...
+    credential_key: bytes
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ...) -> None: ...
 
 class ReadCorpusFileRequest(_message.Message):
     __slots__ = ("auth", "file", "offset", "length")
@@ -198,14 +202,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("live_workers", "current_round", "governance_head")
+    __slots__ = ("live_workers", "current_round", "governance_head", "kept_params_digest")
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     GOVERNANCE_HEAD_FIELD_NUMBER: _ClassVar[int]
+    KEPT_PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     live_workers: int
     current_round: int
     governance_head: str
-    def __init__(self, live_workers: _Optional[int] = ..., current_round: _Optional[int] = ..., governance_head: _Optional[str] = ...) -> None: ...
+    kept_params_digest: str
+    def __init__(self, live_workers: _Optional[int] = ..., current_round: _Optional[int] = ..., governance_head: _Optional[str] = ..., kept_params_digest: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("lease_id", "shard_id", "shard_file", "shard_sha256", "shard_tokens", "dtype", "start", "end", "round", "deadline_ms")
@@ -232,17 +238,19 @@ class Lease(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., shard_id: _Optional[str] = ..., shard_file: _Optional[str] = ..., shard_sha256: _Optional[str] = ..., shard_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., round: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class AcquireLeaseRequest(_message.Message):
-    __slots__ = ("auth", "max_tokens", "round")
+    __slots__ = ("auth", "max_tokens", "round", "peer_id")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     max_tokens: int
     round: int
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., max_tokens: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    peer_id: str
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., max_tokens: _Optional[int] = ..., round: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
 
 class AcquireLeaseReply(_message.Message):
-    __slots__ = ("status", "lease", "retry_after_ms")
+    __slots__ = ("status", "lease", "retry_after_ms", "round_credential")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         GRANTED: _ClassVar[AcquireLeaseReply.Status]
@@ -250,18 +258,24 @@ class AcquireLeaseReply(_message.Message):
         RUN_COMPLETE: _ClassVar[AcquireLeaseReply.Status]
         BACKOFF: _ClassVar[AcquireLeaseReply.Status]
         ALLOCATION_ENDING: _ClassVar[AcquireLeaseReply.Status]
+        ROUND_OVER: _ClassVar[AcquireLeaseReply.Status]
+        AT_LIMIT: _ClassVar[AcquireLeaseReply.Status]
     GRANTED: AcquireLeaseReply.Status
     POOL_EMPTY: AcquireLeaseReply.Status
     RUN_COMPLETE: AcquireLeaseReply.Status
     BACKOFF: AcquireLeaseReply.Status
     ALLOCATION_ENDING: AcquireLeaseReply.Status
+    ROUND_OVER: AcquireLeaseReply.Status
+    AT_LIMIT: AcquireLeaseReply.Status
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     status: AcquireLeaseReply.Status
     lease: Lease
     retry_after_ms: int
-    def __init__(self, status: _Optional[_Union[AcquireLeaseReply.Status, str]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+    round_credential: bytes
+    def __init__(self, status: _Optional[_Union[AcquireLeaseReply.Status, str]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., retry_after_ms: _Optional[int] = ..., round_credential: _Optional[bytes] = ...) -> None: ...
 
 class LeaseUsage(_message.Message):
     __slots__ = ("lease_id", "tokens_consumed")
@@ -272,7 +286,7 @@ class LeaseUsage(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., tokens_consumed: _Optional[int] = ...) -> None: ...
 
 class CompleteRoundRequest(_message.Message):
-    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds")
+    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds", "member_statements")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +297,7 @@ class CompleteRoundRequest(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     INNER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_STATEMENTS_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     round: int
     leases: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
@@ -293,19 +308,24 @@ class CompleteRoundRequest(_message.Message):
     bytes_sent: int
     inner_seconds: float
     wall_seconds: float
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+    member_statements: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., member_statements: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CompleteRoundReply(_message.Message):
-    __slots__ = ("lineage_ids", "lineage_head", "accepted", "round_params_digest")
+    __slots__ = ("lineage_ids", "lineage_head", "accepted", "round_params_digest", "pending", "retry_after_ms")
     LINEAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_HEAD_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ROUND_PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     lineage_ids: _containers.RepeatedScalarFieldContainer[int]
     lineage_head: int
     accepted: bool
     round_params_digest: str
-    def __init__(self, lineage_ids: _Optional[_Iterable[int]] = ..., lineage_head: _Optional[int] = ..., accepted: _Optional[bool] = ..., round_params_digest: _Optional[str] = ...) -> None: ...
+    pending: bool
+    retry_after_ms: int
+    def __init__(self, lineage_ids: _Optional[_Iterable[int]] = ..., lineage_head: _Optional[int] = ..., accepted: _Optional[bool] = ..., round_params_digest: _Optional[str] = ..., pending: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("auth", "lease_id", "reason")
@@ -322,8 +342,12 @@ class ReleaseLeaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("worker_offset", "worker_limit")
+    WORKER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    WORKER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    worker_offset: int
+    worker_limit: int
+    def __init__(self, worker_offset: _Optional[int] = ..., worker_limit: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("name", "institution", "trust_class", "device", "tokens_per_second", "round", "live", "leases", "available_until", "precision")
@@ -364,7 +388,7 @@ class RoundStatus(_message.Message):
     def __init__(self, number: _Optional[int] = ..., reports: _Optional[int] = ..., tokens: _Optional[int] = ..., mean_loss: _Optional[float] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "current_round", "total_rounds", "workers", "leases_out", "tokens_out", "epoch", "epoch_tokens", "epoch_tokens_trained", "tokens_per_second", "eta_seconds", "recent_rounds")
+    __slots__ = ("run_id", "current_round", "total_rounds", "workers", "leases_out", "tokens_out", "epoch", "epoch_tokens", "epoch_tokens_trained", "tokens_per_second", "eta_seconds", "recent_rounds", "workers_total", "live_workers")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -377,6 +401,8 @@ class StatusReply(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     current_round: int
     total_rounds: int
@@ -389,4 +415,48 @@ class StatusReply(_message.Message):
     tokens_per_second: float
     eta_seconds: float
     recent_rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
-    def __init__(self, run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., leases_out: _Optional[int] = ..., tokens_out: _Optional[int] = ..., epoch: _Optional[int] = ..., epoch_tokens: _Optional[int] = ..., epoch_tokens_trained: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ...) -> None: ...
+    workers_total: int
+    live_workers: int
+    def __init__(self, run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., leases_out: _Optional[int] = ..., tokens_out: _Optional[int] = ..., epoch: _Optional[int] = ..., epoch_tokens: _Optional[int] = ..., epoch_tokens_trained: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., recent_rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., workers_total: _Optional[int] = ..., live_workers: _Optional[int] = ...) -> None: ...
+
+class RoundCredential(_message.Message):
+    __slots__ = ("run_id", "worker_id", "worker_key", "peer_id", "round", "tokens", "trust_class", "expires_at")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_KEY_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_CLASS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    worker_id: str
+    worker_key: bytes
+    peer_id: str
+    round: int
+    tokens: int
+    trust_class: str
+    expires_at: float
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_key: _Optional[bytes] = ..., peer_id: _Optional[str] = ..., round: _Optional[int] = ..., tokens: _Optional[int] = ..., trust_class: _Optional[str] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class MemberStatement(_message.Message):
+    __slots__ = ("run_id", "worker_id", "round", "leases", "loss")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    worker_id: str
+    round: int
+    leases: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
+    loss: float
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class Signed(_message.Message):
+    __slots__ = ("body", "signature")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...

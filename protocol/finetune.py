@@ -26,6 +26,9 @@ class SiteInstructions:
     dp_epsilon: float = 0.0
     dp_delta: float = 0.0
     dp_clip: float = 0.0
+    # Whether the run's training rounds use SecAgg+. A site checks a training round by the
+    # protocol its messages carry; it checks an evaluation (which carries none) by this.
+    secagg: bool = False
 
     def to_config(self) -> dict[str, bool | bytes | float | int | str]:
         return asdict(self)

@@ -4,7 +4,8 @@ A peer binds one address (``host``: an interface, or 0.0.0.0) and announces anot
 (``announce``: what other machines dial, e.g. a public IP behind port forwarding), so
 the port must be fixed when announcing. hivemind puts p2pd's unix sockets in /tmp and
 leaves some behind; pointing them at a per-process directory that the owner removes on
-exit leaves nothing behind.
+exit leaves nothing behind. With a credential check, the peer stores and accepts only
+records of credentialed peers (protocol/dht_records.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+from protocol.credentials import CredentialCheck
 
 if TYPE_CHECKING:
     import hivemind
@@ -56,11 +59,13 @@ class Swarm:
     """A DHT peer plus the directory its sockets live in; `close()` removes both."""
 
     def __init__(self, host: str, initial_peers: Sequence[str] = (), client_mode: bool = False, port: int = 0,
-                 announce: str = "") -> None:
+                 announce: str = "", credentials: CredentialCheck | None = None, dht_prefix: str = "") -> None:
         os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
         os.environ.setdefault("GOLOG_LOG_LEVEL", "error")
         import hivemind
         from hivemind.p2p.p2p_daemon import P2P
+
+        from protocol.dht_records import CredentialRecords
 
         if port or announce:  # a port to announce must be fixed
             port = free_port(host, port)
@@ -70,17 +75,25 @@ class Swarm:
         self.socket_dir = Path(tempfile.mkdtemp(prefix="essaim-p2p-", dir=parent))
         P2P._UNIX_SOCKET_PREFIX = f"/unix{self.socket_dir}/hivemind-"
         self.client_mode = client_mode
+        # Created before the DHT process forks: the credential it holds is shared with it.
+        self.records = CredentialRecords(credentials, dht_prefix) if credentials is not None else None
         try:
             self.dht: hivemind.DHT = hivemind.DHT(
                 host_maddrs=[multiaddr(host, port)],
                 announce_maddrs=[multiaddr(announce, port)] if announce else None,
                 initial_peers=list(initial_peers),
                 client_mode=client_mode,
+                record_validators=[self.records] if self.records is not None else [],
                 start=True,
             )
         except Exception as error:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
             raise SwarmError(_why_not_started(error, host, port, initial_peers)) from None
+
+    def hold_credential(self, credential: bytes) -> None:
+        """What this peer's DHT records carry from now on: its newest round credential."""
+        if self.records is not None:
+            self.records.hold(credential)
 
     def visible_addresses(self) -> list[str]:
         return [str(address) for address in self.dht.get_visible_maddrs()]

@@ -79,8 +79,10 @@ class FinetuneNetwork:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def add_site(self, name: str, data: Path, checkpoint: Path) -> None:
-        self.processes[name] = start_site(f"127.0.0.1:{self.relay.port}", name, data, checkpoint, self.workdir / name)
+    def add_site(self, name: str, data: Path, checkpoint: Path, *options: str) -> None:
+        """options: more `essaim finetune site` options, such as a floor (--require-secagg, --max-epsilon E)."""
+        self.processes[name] = start_site(f"127.0.0.1:{self.relay.port}", name, data, checkpoint, self.workdir / name,
+                                          *options)
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")

@@ -116,3 +116,40 @@ def test_plaintext_off_loopback_is_refused_unless_asked_for_by_name(corpus_dir: 
     site = run("finetune", "site", "--superlink", "10.213.200.1:9093", "--name", "a", "--data", str(tmp_path / "x"),
                "--checkpoint", str(tmp_path / "y"))
     assert site.returncode == 2 and "--ca-cert" in site.stderr and "--insecure" in site.stderr
+
+
+def test_an_institution_certifies_the_key_a_worker_prints_and_the_certificate_is_its_to_present(tmp_path: Path) -> None:
+    from protocol.certificates import check, parse
+
+    worker = run("worker", "id", "--identity", str(tmp_path / "worker.key"))
+    assert worker.returncode == 0 and "worker id " in worker.stderr
+    worker_key = worker.stdout.strip()
+    assert run("worker", "id", "--identity", str(tmp_path / "worker.key")).stdout.strip() == worker_key  # stable
+    institution_key = run("institution", "keygen", str(tmp_path / "genci.key")).stdout.strip()
+    assert run("institution", "keygen", str(tmp_path / "genci.key")).returncode == 2  # never overwritten
+
+    made = run("institution", "certify", worker_key, "--key", str(tmp_path / "genci.key"), "--institution", "GENCI",
+               "--class", "hpc", "--days", "3", "--out", str(tmp_path / "worker.cert"))
+    assert made.returncode == 0, made.stderr
+    certificate = parse((tmp_path / "worker.cert").read_bytes())
+    assert (certificate.institution, certificate.trust_class, certificate.institution_key) == (
+        "GENCI", "hpc", institution_key)
+    check(certificate, bytes.fromhex(worker_key), {"GENCI": institution_key}, now=0.0)
+
+    not_hex = run("institution", "certify", "zz", "--key", str(tmp_path / "genci.key"), "--institution", "GENCI",
+                  "--out", str(tmp_path / "x.cert"))
+    assert not_hex.returncode == 2 and "the 64 hex digits `essaim worker id` prints" in not_hex.stderr
+    volunteer = run("institution", "certify", worker_key, "--key", str(tmp_path / "genci.key"), "--institution",
+                    "GENCI", "--class", "volunteer", "--out", str(tmp_path / "x.cert"))
+    assert volunteer.returncode == 2 and "grants one of hpc, institution" in volunteer.stderr
+    assert not (tmp_path / "x.cert").exists()
+
+
+def test_a_coordinator_refuses_an_institution_without_a_key_or_admitted_beside_a_ledger(tmp_path: Path) -> None:
+    bad_key = run("coordinator", "serve", "--data", str(tmp_path), "--admit-institution", "GENCI=not-a-key")
+    assert bad_key.returncode == 2 and "its key must be the 64 hex digits" in bad_key.stderr
+    no_key = run("coordinator", "serve", "--data", str(tmp_path), "--admit-institution", "GENCI")
+    assert no_key.returncode == 2 and "expected NAME=PUBLIC_KEY" in no_key.stderr
+    governed = run("coordinator", "serve", "--data", str(tmp_path), "--governance", str(tmp_path / "ledger.json"),
+                   "--admit-institution", f"GENCI={'ab' * 32}")
+    assert governed.returncode == 2 and "a governed run admits institutions by vote" in governed.stderr

@@ -2,12 +2,13 @@
 
 import random
 import threading
+import time
 
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from coordinator.accounting import accounting_problems
-from coordinator.scheduler import RoundReport, Scheduler
+from coordinator.scheduler import RoundOver, RoundReport, Scheduler
 from coordinator.store import LineageRecord, Worker, load_manifest, open_engine, session_factory
 from model.shards import Manifest, ShardInfo, SourceInfo
 
@@ -33,16 +34,16 @@ def test_concurrent_grants_never_lease_a_token_twice(database_url: str) -> None:
         scheduler = Scheduler(sessions, lease_seconds=60, total_rounds=1000) if postgres else shared
         rng = random.Random(index)
         try:
-            for request in range(REQUESTS):
-                grant = _retrying(lambda: scheduler.acquire(f"w{index}", rng.randint(20, 90), request))
-                lease = grant.lease
+            for _ in range(REQUESTS):
+                lease = _retrying(lambda: _acquire_in_open_round(scheduler, f"w{index}", rng.randint(20, 90)))
                 if rng.random() < 0.3:
                     _retrying(lambda: scheduler.release(f"w{index}", lease.id))
                 else:
                     tokens = rng.randint(1, lease.end - lease.start)
-                    report = RoundReport(round=request, leases=((lease.id, tokens),), loss=1.0,
+                    report = RoundReport(round=lease.round, leases=((lease.id, tokens),), loss=1.0,
                                          pseudo_gradient_digest="d" * 64, params_digest="p" * 64, group_size=1)
-                    _retrying(lambda: scheduler.complete_round(f"w{index}", report))
+                    while _retrying(lambda: scheduler.complete_round(f"w{index}", report)).pending:
+                        time.sleep(0.005)  # until the others' leases of the round are in, as a worker polls
         except BaseException as error:  # surfaced below, with the thread's name
             failures.append(error)
 
@@ -62,6 +63,14 @@ def test_concurrent_grants_never_lease_a_token_twice(database_url: str) -> None:
     for spans in covered.values():
         spans.sort()
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+
+
+def _acquire_in_open_round(scheduler: Scheduler, worker_id: str, tokens: int):  # type: ignore[no-untyped-def]
+    while True:
+        try:
+            return scheduler.acquire(worker_id, tokens, scheduler.current_round()).lease
+        except RoundOver:  # decided between the two calls: ask in the next one
+            continue
 
 
 def _retrying(call, attempts: int = 5):  # type: ignore[no-untyped-def]

@@ -26,17 +26,17 @@ def _ledger_raising_inner_steps(tmp_path: Path) -> tuple[Path, str, str, int]:
     for name in ("alice", "bob"):
         public = generate_key(tmp_path / f"{name}.key")
         keys[name] = (public, load_key(tmp_path / f"{name}.key"))
-    genesis = make_genesis("terms", {n: k[0] for n, k in keys.items()}, POLICY, {"inner_steps": 20}, None)
+    genesis = make_genesis("terms", {n: k[0] for n, k in keys.items()}, POLICY, {"inner_steps": 20}, {})
     ledger = Ledger(genesis)
     proposal = make_proposal(digest(genesis), "alice", {"config": {"inner_steps": 40}}, "longer rounds",
-                             keys["alice"][1])
+                             keys["alice"][1], round_=1)
     ledger.append(proposal, 1)
     for voter in keys:
-        ledger.append(make_vote(digest(genesis), proposal, voter, "yes", keys[voter][1]), 1)
-    (decision,) = ledger.tally(1)
+        ledger.append(make_vote(digest(genesis), proposal, voter, "yes", keys[voter][1], round_=1), 1)
+    (accepted,) = ledger.state.accepted  # passed by the vote signed at round 1
     path = tmp_path / "ledger.json"
     ledger.save(path)
-    return path, digest(genesis), decision["item"]["proposal"], decision["item"]["activation_round"]
+    return path, digest(genesis), accepted.proposal, accepted.activation_round
 
 
 def _scheduler(database_url: str, governed: GovernedRun | None):  # type: ignore[no-untyped-def]

@@ -78,10 +78,10 @@ def test_leases_alternate_sources_of_equal_weight_and_repeat_the_smaller(schedul
 def test_when_every_range_is_out_on_lease_the_next_epoch_opens(scheduler: Scheduler, store) -> None:
     straggler = scheduler.acquire("w1", 1000, 0).lease
     scheduler.acquire("w2", 1000, 0)
-    following = scheduler.acquire("w2", 1000, 1).lease  # no worker idles waiting for the straggler
+    following = scheduler.acquire("w2", 1000, 0).lease  # no worker idles waiting for the straggler
     assert (following.epoch, following.shard_id, following.start) == (1, "b", 0)  # b-src is behind its share
     scheduler.release("w1", straggler.id)
-    assert (scheduler.acquire("w2", 1000, 1).lease.epoch, straggler.epoch) == (0, 0)  # older epoch first
+    assert (scheduler.acquire("w2", 1000, 0).lease.epoch, straggler.epoch) == (0, 0)  # older epoch first
     assert accounting_problems(store) == []
 
 
@@ -154,16 +154,16 @@ def test_a_round_on_several_leases_is_recorded_once_with_its_costs(scheduler: Sc
     assert accounting_problems(store) == []
 
 
-def test_a_report_with_other_parameters_than_the_rounds_is_not_recorded(scheduler: Scheduler, store) -> None:
+def test_a_report_with_other_parameters_than_the_kept_ones_is_not_recorded(scheduler: Scheduler, store) -> None:
     first, second = scheduler.acquire("w1", 40, 0).lease, scheduler.acquire("w2", 40, 0).lease
-    assert scheduler.complete_round("w1", report((first.id, 40))).accepted
+    assert scheduler.complete_round("w1", report((first.id, 40))).pending  # w2's 40 tokens could still tie
     diverged = dataclasses.replace(report((second.id, 40)), params_digest="q" * 64)
-    recorded = scheduler.complete_round("w2", diverged)
+    recorded = scheduler.complete_round("w2", diverged)  # a tie with nothing out: the smaller digest, "p..."
     assert (recorded.accepted, recorded.round_params_digest, recorded.lineage_ids) == (False, "p" * 64, [])
+    assert scheduler.complete_round("w1", report((first.id, 40))).accepted  # sent again: decided now
     with store() as session:
-        assert session.get(Lease, second.id).state == "granted"  # the worker releases it
+        assert session.get(Lease, second.id).state == "released"  # its tokens are back in the pool
         assert len(session.scalars(select(Contribution)).all()) == 1
-    scheduler.release("w2", second.id)
     assert accounting_problems(store) == []
 
 
@@ -183,10 +183,10 @@ def test_a_round_report_with_one_bad_lease_records_nothing(scheduler: Scheduler,
 
 
 def test_a_fully_trained_epoch_opens_the_next(scheduler: Scheduler, store) -> None:
-    for _ in range(2):
-        lease = scheduler.acquire("w1", 1000, 0).lease
-        scheduler.complete_round("w1", done(lease.id, lease.end - lease.start))
-    nxt = scheduler.acquire("w1", 1000, 1).lease
+    for round_number in range(2):
+        lease = scheduler.acquire("w1", 1000, round_number).lease
+        scheduler.complete_round("w1", done(lease.id, lease.end - lease.start, round_number))
+    nxt = scheduler.acquire("w1", 1000, 2).lease
     assert (nxt.epoch, nxt.shard_id, nxt.start) == (1, "b", 0)
     assert accounting_problems(store) == []
 

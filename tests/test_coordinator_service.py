@@ -6,23 +6,31 @@ import time
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
 from coordinator.store import Lease, Worker
 from protocol import essaim_pb2 as pb
 from protocol import essaim_pb2_grpc
 from protocol.auth import sign_request
+from protocol.certificates import certify
 from protocol.identity import Identity
 from protocol.limits import MAX_MESSAGE_BYTES
 from worker.capabilities import Capabilities
 from worker.client import CoordinatorClient, CoordinatorRefused
 
 CPU = Capabilities("cpu", 0, "volunteer", 0.0, "", 0.0)  # a worker that declares little
+GENCI = Ed25519PrivateKey.generate()  # an institution the coordinator admits by its key
+
+
+def genci_certificate(identity: Identity) -> bytes:
+    return certify("GENCI", GENCI, identity.public_key, "hpc", int(time.time()) + 3600).to_bytes()
 
 
 @pytest.fixture
 def coordinator(start_coordinator):
-    return start_coordinator(lease_seconds=30)
+    key = certify("GENCI", GENCI, b"\0" * 32, "hpc", 0).institution_key
+    return start_coordinator(lease_seconds=30, extra=(f"--admit-institution=GENCI={key}",))
 
 
 def refusal(call, request) -> grpc.RpcError:
@@ -101,14 +109,18 @@ def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordi
     from worker.capabilities import detect
     from worker.device import plan_device
 
-    identity = Identity.generate()
+    identity, claimant = Identity.generate(), Identity.generate()
     client = CoordinatorClient(coordinator.address, identity)
     declared = detect(plan_device("cpu", "bf16"), "hpc", available_until=1_900_000_000.0, bandwidth_mbit=100.0)
-    client.register("node-7", "GENCI", declared)
+    client.register("node-7", "GENCI", declared, genci_certificate(identity))
+    CoordinatorClient(coordinator.address, claimant).register("pc", "GENCI", declared)  # the same claims, no certificate
     with coordinator.sessions()() as session:
         worker = session.get(Worker, identity.worker_id)
         assert (worker.device, worker.memory_bytes, worker.trust_class) == (declared.device, declared.memory_bytes, "hpc")
         assert (worker.available_until, worker.bandwidth_mbit, worker.precision) == (1_900_000_000.0, 100.0, "bf16")
+        assert worker.institution == "GENCI"
+        claimed = session.get(Worker, claimant.worker_id)
+        assert (claimed.institution, claimed.trust_class) == ("independent", "volunteer")
     assert declared.device.startswith("cpu ") and declared.memory_bytes > 2**30
     with pytest.raises(CoordinatorRefused, match="trust_class 'friend' is not one of hpc, institution, volunteer"):
         CoordinatorClient(coordinator.address, Identity.generate()).register(
@@ -159,7 +171,7 @@ def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coor
 
     hpc, volunteer = Identity.generate(), Identity.generate()
     gpu = Capabilities("cuda:0 H100", 80 << 30, "hpc", 0.0, "42", 0.0, "bf16")
-    CoordinatorClient(coordinator.address, hpc).register("node-1", "GENCI", gpu)
+    CoordinatorClient(coordinator.address, hpc).register("node-1", "GENCI", gpu, genci_certificate(hpc))
     client = CoordinatorClient(coordinator.address, volunteer)
     client.register("pc", "volunteer", CPU)
     client.heartbeat(0, 0.0, 1234.0)
@@ -172,6 +184,7 @@ def test_status_shows_workers_by_institution_and_class_leases_and_the_epoch(coor
     assert "2/2 workers live" in out and "1,234 tokens/s" in out
     assert f"1 leases out ({lease.end - lease.start:,} tokens)" in out
     assert "GENCI" in out and "hpc" in out and "cuda:0 H100" in out and "bf16" in out and "volunteer" in out
+    assert "independent" in out  # the volunteer typed no institution the run could verify
     assert "epoch 0: 0.0% of" in out and "ETA" in out
 
     gone = subprocess.run(essaim_command("status", "--coordinator", "127.0.0.1:1", "--once"),

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
 from coordinator.store import LineageRecord, Shard, TokenRange, open_engine, session_factory, sqlite_url
 from essaim.processes import essaim_command
 from model.checkpoints import latest_checkpoint, read_checkpoint
 from model.shards import Manifest
+from protocol.certificates import certify
+from protocol.identity import Identity
 from support import logs, start_worker, wait_all
 
 pytestmark = pytest.mark.e2e
@@ -29,14 +33,24 @@ def essaim(*args: str) -> subprocess.CompletedProcess[str]:
 def test_a_card_traces_a_checkpoint_and_verify_reports_each_kind_of_tampering(
     start_coordinator, tmp_path: Path, corpus_dir: Path
 ) -> None:
+    # Two admitted labs; lab-0 certifies w0, while w1 types lab-1 without any certificate.
+    labs = {f"lab-{i}": Ed25519PrivateKey.generate() for i in range(2)}
+    lab_keys = {name: certify(name, key, b"\0" * 32, "institution", 0).institution_key for name, key in labs.items()}
+    w0 = Identity.load_or_create(tmp_path / "w0.key")
+    (tmp_path / "w0.cert").write_bytes(
+        certify("lab-0", labs["lab-0"], w0.public_key, "institution", int(time.time()) + 3600).to_bytes())
     coordinator = start_coordinator(
         total_rounds=ROUNDS, target_group_size=2, inner_steps=8, batch_size=4, seq_len=64, matchmaking_seconds=5.0,
         heartbeat_seconds=1, checkpoint_every_rounds=1,
+        extra=tuple(f"--admit-institution={name}={key}" for name, key in lab_keys.items()),
     )
-    workers = [start_worker(coordinator, tmp_path, f"w{i}", "--institution", f"lab-{i}",
-                            "--checkpoint-dir", str(tmp_path / f"ckpt{i}")) for i in range(2)]
+    workers = [start_worker(coordinator, tmp_path, "w0", "--institution", "lab-0", "--certificate",
+                            str(tmp_path / "w0.cert"), "--checkpoint-dir", str(tmp_path / "ckpt0")),
+               start_worker(coordinator, tmp_path, "w1", "--institution", "lab-1",
+                            "--checkpoint-dir", str(tmp_path / "ckpt1"))]
     wait_all(workers, timeout=240)
     assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, "w0", "w1")
+    assert "institution 'lab-1' not credited: it presented no certificate" in (tmp_path / "w1.log").read_text()
     database = coordinator.database_url
     checkpoint = latest_checkpoint(tmp_path / "ckpt0")
     middle = tmp_path / "ckpt0" / "round-000001"
@@ -51,7 +65,11 @@ def test_a_card_traces_a_checkpoint_and_verify_reports_each_kind_of_tampering(
     assert card["tokens"] == expected > 0
     assert sum(card["tokens_by_language"].values()) == sum(card["tokens_by_licence"].values()) == expected
     assert sum(s["tokens"] for s in card["sources"].values()) == expected
-    assert {w["institution"] for w in card["workers"]} == {"lab-0", "lab-1"} == set(card["institutions"])
+    # Only the verified institution is credited; the worker that merely typed lab-1 counts as a volunteer.
+    assert {w["name"]: w["institution"] for w in card["workers"]} == {"w0": "lab-0", "w1": "independent"}
+    assert set(card["institutions"]) == {"lab-0"} and card["institutions"]["lab-0"]["workers"] == 1
+    assert card["volunteers"]["workers"] == 1
+    assert card["institutions"]["lab-0"]["tokens"] + card["volunteers"]["tokens"] == expected
     assert card["checkpoint"]["completed_round"] == 1
     assert card["configs"]["run_config"]["inner_steps"] == 8 and card["configs"]["versions"] == ["genesis"]
     manifest = Manifest.load(corpus_dir / "manifest.json")
@@ -60,6 +78,7 @@ def test_a_card_traces_a_checkpoint_and_verify_reports_each_kind_of_tampering(
     )
     markdown = (tmp_path / "card" / "MODEL_CARD.md").read_text()
     assert "round 1" in markdown and "lab-0" in markdown and card["corpus"]["root_hash"] in markdown
+    assert "| verified institution |" in markdown and "lab-1" not in markdown
 
     # An untouched run verifies.
     result = essaim("audit", "verify", "--data", str(corpus_dir), "--database", database, "--checkpoint", str(checkpoint))

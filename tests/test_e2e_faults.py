@@ -121,14 +121,24 @@ def test_a_worker_at_the_end_of_its_allocation_calibrates_leases_nothing_and_lea
 
     from coordinator.store import Worker
 
-    coordinator = start_coordinator(**SLOW_ROUND)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocol.certificates import certify
+
+    centre = Ed25519PrivateKey.generate()  # an HPC centre the run admits, certifying this worker as hpc
+    certificate = certify("GENCI", centre, Identity.load_or_create(tmp_path / "leaving.key").public_key, "hpc",
+                          int(time.time()) + 3600)
+    (tmp_path / "leaving.cert").write_bytes(certificate.to_bytes())
+    coordinator = start_coordinator(**SLOW_ROUND, extra=(f"--admit-institution=GENCI={certificate.institution_key}",))
     ends = time.time() + 30  # inside the coordinator's drain period: no lease can be trained in time
-    worker = start_worker(coordinator, tmp_path, "leaving", "--trust-class", "hpc", "--available-until", str(ends))
+    worker = start_worker(coordinator, tmp_path, "leaving", "--certificate", str(tmp_path / "leaving.cert"),
+                          "--available-until", str(ends))
     assert worker.wait(timeout=120) == 0, (tmp_path / "leaving.log").read_text()[-2000:]
     log = (tmp_path / "leaving.log").read_text()
     assert "calibrated at" in log and "the allocation ends soon" in log
     with coordinator.sessions()() as session:
         [registered] = session.scalars(select(Worker)).all()
-        assert registered.trust_class == "hpc" and registered.available_until == pytest.approx(ends)
+        assert (registered.trust_class, registered.institution) == ("hpc", "GENCI")
+        assert registered.available_until == pytest.approx(ends)
         assert registered.tokens_per_second > 0
         assert session.scalars(select(Lease)).all() == []

@@ -2,7 +2,8 @@
 
 Run A (SecAgg+): four sites, one of which holds a checkpoint other than the
 run's base, and one of which plants a canary in its private data. Run B (local
-DP, no SecAgg): three sites, one killed after round 1.
+DP, no SecAgg): three sites, one killed after round 1, and a fourth whose floor
+(--require-secagg) refuses every round.
 """
 
 from __future__ import annotations
@@ -110,14 +111,16 @@ def test_secagg_run_trains_through_a_mismatched_site_and_no_private_text_reaches
     assert CANARY in sites["energy"].read_text()  # it was there to leak
 
 
-def test_dp_run_records_its_guarantee_adds_its_noise_and_survives_a_site_dropping_out(
+def test_dp_run_records_its_guarantee_adds_its_noise_survives_a_dropout_and_a_site_refuses_less_than_its_floor(
     network: FinetuneNetwork, sites: dict[str, Path], tmp_path: Path
 ) -> None:
+    # This site takes part only under SecAgg+ (and within epsilon 100): this run has no SecAgg+.
+    network.add_site("careful", sites["hospital"], sites["base"], "--require-secagg", "--max-epsilon", "100")
     out = tmp_path / "tuned"
     run = subprocess.Popen(
         [sys.executable, "-m", "essaim", "finetune", "run", "--superlink", network.address, "--checkpoint",
          str(sites["base"]), "--out", str(out), "--log", str(tmp_path / "tuned.log"), "--rounds", "2",
-         "--min-sites", "3", "--local-steps", "5", "--no-secagg", "--dp-epsilon", "8", "--dp-clip", "0.5",
+         "--min-sites", "4", "--local-steps", "5", "--no-secagg", "--dp-epsilon", "8", "--dp-clip", "0.5",
          "--round-timeout", "40"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -134,8 +137,30 @@ def test_dp_run_records_its_guarantee_adds_its_noise_and_survives_a_site_droppin
     dp = record["privacy"]["differential_privacy"]
     assert record["privacy"]["secure_aggregation"] is None
     assert (dp["epsilon_per_round"], dp["clipping_norm"], dp["sensitivity"]) == (8, 0.5, 1.0)
-    assert dp["epsilon_total"] == 16 and dp["delta_total"] == pytest.approx(2e-5)
+    assert dp["basic_composition"] == {"epsilon_total": 16, "delta_total": pytest.approx(2e-5)}
+    assert 8 < dp["epsilon_total"] < 16 and dp["delta_total"] == 1e-5  # RDP: two rounds cost less than their sum
     assert "DP per round" in (out / "merged" / "MODEL_CARD.md").read_text()
+
+    # The careful site refused both rounds before reading its data, and the server says who, why and what to change.
+    for entry in record["rounds"]:
+        assert "careful" not in entry["sites"]
+        assert "it requires SecAgg+ (--require-secagg)" in entry["refused"]["careful"]
+        assert "without --no-secagg" in entry["refused"]["careful"]
+    assert "careful" not in record["evaluation"]["by_site"] and "careful" in record["evaluation"]["refused"]
+    assert "site careful refused round 1: it requires SecAgg+" in output
+    assert "refuses round 1" in network.log("careful")
+    assert "site careful: round" not in network.log("careful")  # never trained
+    assert "site careful: held-out" not in network.log("careful")  # nor evaluated
+    assert not (tmp_path / "careful" / "privacy-ledger.jsonl").exists()  # it spent nothing
+    privacy = record["site_privacy"]
+    assert privacy["careful"]["floor"] == {"require_secagg": True, "max_epsilon": 100, "delta": 1e-5}
+    assert privacy["careful"]["rounds"] == [] and [r["rule"] for r in privacy["careful"]["refused"]] == ["secagg"] * 2
+    # What each site spent, by the same accountant: energy answered both rounds (its whole ledger), bank one.
+    assert privacy["energy"]["floor"] == {"require_secagg": False, "max_epsilon": None, "delta": 1e-5}
+    assert privacy["energy"]["epsilon_this_run"] == pytest.approx(dp["epsilon_total"])
+    assert privacy["energy"]["epsilon_all_runs"] == pytest.approx(dp["epsilon_total"])
+    assert 8 < privacy["bank"]["epsilon_this_run"] < privacy["energy"]["epsilon_this_run"]
+    assert "Site careful: floor: requires SecAgg+" in (out / "merged" / "MODEL_CARD.md").read_text()
 
     # The noise is there at the recorded scale: lora_B starts at 0 and a few clipped steps move it
     # by ~1e-3, while each round adds the average of its sites' noise: variance s^2/3 + s^2/2.

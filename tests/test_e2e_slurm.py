@@ -1,4 +1,8 @@
-"""`essaim hpc submit` against a real single-node Slurm: workers run as job tasks, declare the job, drain on SIGTERM."""
+"""`essaim hpc submit` against a real single-node Slurm: workers run as job tasks, declare the job, drain on SIGTERM.
+
+The HPC centre (GENCI) holds a key the coordinator admits; `hpc submit` certifies each
+task's worker with it on the login node, so the workers are credited as GENCI's, class hpc.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from coordinator.accounting import accounting_problems
 from coordinator.hpc import job_status
 from coordinator.store import Contribution, Lease, Worker
 from essaim.processes import essaim_command
+from governance.documents import generate_key
 from slurm import SlurmCluster, slurm_available
 from support import wait_for
 
@@ -33,10 +38,17 @@ def essaim(slurm: SlurmCluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(essaim_command(*args), capture_output=True, text=True, env=slurm.env, timeout=120)
 
 
+@pytest.fixture
+def start_admitting_coordinator(start_coordinator, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A coordinator that admits GENCI's key (tmp_path/genci.key)."""
+    genci = generate_key(tmp_path / "genci.key")
+    return lambda **run: start_coordinator(extra=(f"--admit-institution=GENCI={genci}",), **run)
+
+
 def submit(slurm: SlurmCluster, coordinator, workdir: Path, time: str) -> str:  # type: ignore[no-untyped-def]
     result = essaim(slurm, "hpc", "submit", "--coordinator", coordinator.address, "--partition", "debug",
                     "--nodes", "1", "--tasks-per-node", "2", "--time", time, "--workdir", str(workdir),
-                    "--institution", "GENCI")
+                    "--institution", "GENCI", "--institution-key", str(workdir.parent / "genci.key"))
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split()[-1]
 
@@ -46,9 +58,10 @@ def job_state(slurm: SlurmCluster, job_id: str) -> str:
     return job.state
 
 
-def test_a_job_runs_two_workers_that_declare_the_job_and_its_walltime(slurm, start_coordinator, tmp_path: Path) -> None:
-    coordinator = start_coordinator(total_rounds=3, target_group_size=2, inner_steps=10, batch_size=4, seq_len=64,
-                                    matchmaking_seconds=5.0, heartbeat_seconds=1)
+def test_a_job_runs_two_workers_that_declare_the_job_and_its_walltime(slurm, start_admitting_coordinator,
+                                                                      tmp_path: Path) -> None:
+    coordinator = start_admitting_coordinator(total_rounds=3, target_group_size=2, inner_steps=10, batch_size=4,
+                                              seq_len=64, matchmaking_seconds=5.0, heartbeat_seconds=1)
     job_id = submit(slurm, coordinator, tmp_path / "job", "00:10:00")
     wait_for(lambda: job_state(slurm, job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 240, "the job to end")
     output = (tmp_path / "job" / f"slurm-{job_id}.out").read_text()
@@ -59,19 +72,22 @@ def test_a_job_runs_two_workers_that_declare_the_job_and_its_walltime(slurm, sta
     with coordinator.sessions()() as session:
         workers = session.scalars(select(Worker)).all()
     assert sorted(w.name for w in workers) == [f"slurm-{job_id}-0", f"slurm-{job_id}-1"]
-    for worker in workers:
+    for worker in workers:  # credited by the certificates made at submission, not by what the tasks typed
         assert (worker.slurm_job_id, worker.trust_class, worker.institution) == (job_id, "hpc", "GENCI")
         started = dt.datetime.fromtimestamp(worker.registered_at)
         assert dt.timedelta(minutes=9) < dt.datetime.fromtimestamp(worker.available_until) - started < dt.timedelta(minutes=11)
+    assert "not credited" not in output
+    assert sorted(p.name for p in (tmp_path / "job" / "keys").rglob("*.cert")) == ["task-0.cert", "task-1.cert"]
     with coordinator.sessions()() as session:
         reported = sorted((c.round, c.worker_id) for c in session.scalars(select(Contribution)))
     assert [r for r, _ in reported] == [0, 0, 1, 1, 2, 2]  # both tasks trained every round
     assert accounting_problems(coordinator.sessions()) == []
 
 
-def test_sigterm_before_the_walltime_makes_the_workers_release_their_leases(slurm, start_coordinator, tmp_path: Path) -> None:
-    coordinator = start_coordinator(total_rounds=100, target_group_size=2, inner_steps=400, batch_size=4, seq_len=64,
-                                    lease_seconds=60, heartbeat_seconds=1)
+def test_sigterm_before_the_walltime_makes_the_workers_release_their_leases(slurm, start_admitting_coordinator,
+                                                                            tmp_path: Path) -> None:
+    coordinator = start_admitting_coordinator(total_rounds=100, target_group_size=2, inner_steps=400, batch_size=4,
+                                              seq_len=64, lease_seconds=60, heartbeat_seconds=1)
     sessions = coordinator.sessions()
     job_id = submit(slurm, coordinator, tmp_path / "job", "00:10:00")
 

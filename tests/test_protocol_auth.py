@@ -3,7 +3,7 @@ import time
 import pytest
 
 from protocol import essaim_pb2 as pb
-from protocol.auth import AuthError, RequestVerifier, sign_request
+from protocol.auth import AuthError, NoncesExhausted, RequestVerifier, sign_request
 from protocol.identity import Identity, verify_signature, worker_id_for
 
 
@@ -83,6 +83,60 @@ def test_nonces_are_forgotten_only_after_their_window(identity: Identity) -> Non
     now[0] += 100  # the nonce is forgotten, but the timestamp is now stale: still refused
     with pytest.raises(AuthError, match="timestamp"):
         verifier.verify("Heartbeat", first, identity.public_key)
+
+
+def test_a_worker_past_its_nonce_cap_is_told_to_slow_down_while_others_still_pass(identity: Identity) -> None:
+    now = [1_800_000_000.0]
+    verifier = RequestVerifier(max_skew_seconds=60, clock=lambda: now[0], max_nonces_per_worker=3)
+    sent = [sign_request("Heartbeat", pb.HeartbeatRequest(), identity, now=lambda: now[0]) for _ in range(4)]
+    for request in sent[:3]:
+        verifier.verify("Heartbeat", request, identity.public_key)
+    with pytest.raises(NoncesExhausted, match=r"worker .* sent 3 signed requests within the last 60 s.*slow down"):
+        verifier.verify("Heartbeat", sent[3], identity.public_key)
+    with pytest.raises(AuthError, match="replayed"):  # a replay is still named a replay, cap or not
+        verifier.verify("Heartbeat", sent[0], identity.public_key)
+    other = Identity.generate()
+    verifier.verify("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(), other, now=lambda: now[0]),
+                    other.public_key)
+    now[0] += 2 * 60  # the first requests' timestamps are stale: their nonces are forgotten
+    verifier.verify("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(), identity, now=lambda: now[0]),
+                    identity.public_key)
+    assert verifier.remembered == 1
+
+
+def test_past_the_nonce_cap_new_requests_are_refused_and_no_remembered_nonce_is_forgotten() -> None:
+    now = [1_800_000_000.0]
+    verifier = RequestVerifier(max_skew_seconds=60, clock=lambda: now[0], max_nonces=3)
+    workers = [Identity.generate() for _ in range(4)]
+    sent = [sign_request("Heartbeat", pb.HeartbeatRequest(), worker, now=lambda: now[0]) for worker in workers]
+    for worker, request in zip(workers[:3], sent[:3]):
+        verifier.verify("Heartbeat", request, worker.public_key)
+    with pytest.raises(NoncesExhausted, match=r"already remembers 3 request nonces .*max_nonces.*retry in a few seconds"):
+        verifier.verify("Heartbeat", sent[3], workers[3].public_key)
+    now[0] += 50  # inside the window: every nonce is still remembered, so replays are still caught
+    for worker, request in zip(workers[:3], sent[:3]):
+        with pytest.raises(AuthError, match="replayed"):
+            verifier.verify("Heartbeat", request, worker.public_key)
+    now[0] += 70  # past the window: the old nonces are gone and new requests pass again
+    verifier.verify("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(), workers[3], now=lambda: now[0]),
+                    workers[3].public_key)
+    assert verifier.remembered == 1
+
+
+def test_old_nonces_are_forgotten_as_they_expire_while_recent_ones_still_catch_replays(identity: Identity) -> None:
+    base = 1_800_000_000.0
+    now = [base]
+    verifier = RequestVerifier(max_skew_seconds=64, clock=lambda: now[0])
+    sent = []
+    for second in range(64):  # one request a second for a whole window
+        now[0] = base + second
+        sent.append(sign_request("Heartbeat", pb.HeartbeatRequest(), identity, now=lambda: now[0]))
+        verifier.verify("Heartbeat", sent[-1], identity.public_key)
+    now[0] = base + 64 + 32  # the first half's timestamps are stale by now, the second half's not
+    with pytest.raises(AuthError, match="replayed"):
+        verifier.verify("Heartbeat", sent[-1], identity.public_key)
+    # The 32 still acceptable are remembered, with at most two slots' worth (2 x 64/16 s) kept late.
+    assert 32 <= verifier.remembered <= 32 + 8
 
 
 def test_identity_round_trips_through_its_key_file(tmp_path) -> None:

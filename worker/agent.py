@@ -28,6 +28,8 @@ import torch
 from model.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, load_model, read_checkpoint
 from model.presets import build_model
 from protocol import essaim_pb2 as pb
+from protocol.certificates import read_certificate
+from protocol.credentials import CredentialCheck, sign_statement
 from protocol.identity import Identity
 from protocol.swarm import Swarm, free_port
 from protocol.transport import ClientTLS
@@ -40,8 +42,10 @@ from worker.device import plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
 from worker.governance import RunGovernance
 from worker.memory import Workload, check_fits, out_of_memory_refused
+from worker.peer_admission import CredentialAdmission, GroupEntry
 from worker.reachability import ReachabilityCheck
 from worker.shards import ShardStore, open_store, shared_corpus_dir
+from worker.state_download import StateCheck
 
 log = logging.getLogger("essaim.worker")
 
@@ -54,7 +58,7 @@ class WorkerOptions:
     coordinator: str
     identity_path: Path
     name: str = ""
-    institution: str = "independent"
+    institution: str = "independent"     # claimed; credited only as `certificate` says
     host: str = "127.0.0.1"               # what the hivemind peer binds (0.0.0.0: every interface)
     announce: str = ""                    # what peers dial, when not `host` (default with 0.0.0.0: as the coordinator sees us)
     dht_port: int = 0                     # 0: a free port
@@ -64,10 +68,11 @@ class WorkerOptions:
     cache_bytes: int = 10 << 30           # most bytes of fetched chunks kept in data_dir; 0: no cap
     checkpoint_dir: Path | None = None    # where to save the final model, if anywhere
     connect_seconds: float = 15.0
-    trust_class: str = "volunteer"        # hpc, institution or volunteer
+    trust_class: str = "volunteer"        # claimed (hpc, institution or volunteer); granted only by `certificate`
+    certificate: Path | None = None       # an admitted institution's certificate of this key (essaim institution certify)
     available_until: float | None = None  # unix seconds; None: the Slurm job's end, else open-ended
     bandwidth_mbit: float = 0.0           # 0: unknown
-    genesis: str = ""                     # a run genesis hash to insist on (a governed run's name)
+    genesis: str = ""                     # the governed run's genesis hash to insist on (required to join one)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     precision: str = "auto"               # auto | fp32 | bf16
     micro_batch_size: int | None = None   # rows per pass; None: the run's setting
@@ -83,6 +88,7 @@ class RoundProgress:
     loss_sum: torch.Tensor | None = None  # on the device: read once, at the end of the round
     steps: int = 0
     inner_seconds: float = 0.0
+    credential: bytes = b""  # the newest lease's round credential: what admits us to the round's group
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
@@ -93,6 +99,10 @@ class RoundProgress:
 
     def unused_leases(self) -> list[pb.Lease]:
         return [lease for lease in self.leases if lease.lease_id not in self.consumed]
+
+
+class RoundOver(Exception):
+    """The coordinator decided this worker's round without it: adopt the swarm's state."""
 
 
 class Worker:
@@ -122,17 +132,20 @@ class Worker:
         log.info("training on %s in %s; the model needs about %.1f GiB there", plan.describe(), plan.precision,
                  estimate.device_bytes / (1 << 30))
         capabilities = detect(plan, options.trust_class, options.available_until, options.bandwidth_mbit)
-        self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities)
+        certificate = read_certificate(options.certificate, self.identity.public_key) if options.certificate else b""
+        self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities, certificate)
         config = self.client.run_config()
         self.governance = RunGovernance(config, options.genesis)  # refuses a ledger that does not verify
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
         reader = self._shard_store(config)
         checkpoint = self._checkpoint_to_resume(config)
         model = load_model(checkpoint) if checkpoint else build_model(config.model_preset, config.vocab_size, config.seed)
-        swarm = self._join_swarm(config)
+        self.swarm = swarm = self._join_swarm(config)
         trainer: DiLoCoTrainer | None = None
         try:
-            trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan)
+            admission = CredentialAdmission(CredentialCheck(config.credential_key, config.run_id))
+            trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan,
+                                    admission)
             if checkpoint is not None:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
@@ -144,7 +157,8 @@ class Worker:
             log.info("%s: calibrated at %.0f tokens/s", capabilities.device, self.tokens_per_second)
             status = self.client.heartbeat(trainer.round, 0.0, self.tokens_per_second)
             self.live_workers, self.swarm_round = status.live_workers, status.current_round
-            if status.current_round > trainer.round and not trainer.load_state_from_peers():
+            if status.current_round > trainer.round and not trainer.load_state_from_peers(
+                    check=_state_check(status, trainer)):
                 log.warning(
                     "the run is at round %d but no peer shared its state: training from round %d",
                     status.current_round, trainer.round,
@@ -197,8 +211,11 @@ class Worker:
                 client_mode = True
             elif not announce and options.host in ("0.0.0.0", "::"):
                 announce = reach.seen_host  # the one address peers are known to reach
-        return Swarm(options.host, initial_peers=list(config.initial_peers), client_mode=client_mode, port=port,
-                     announce=announce)
+        swarm = Swarm(options.host, initial_peers=list(config.initial_peers), client_mode=client_mode, port=port,
+                      announce=announce, credentials=CredentialCheck(config.credential_key, config.run_id),
+                      dht_prefix=config.dht_prefix)
+        self._peer_id = swarm.dht.peer_id.to_base58()
+        return swarm
 
     def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
@@ -218,30 +235,42 @@ class Worker:
                 progress.tokens, cancel=self.stop_requested,
                 apply_alone=lambda: self._nobody_finished(trainer.round),
                 give_up=lambda: self.swarm_round > trainer.round,
+                entry=self._group_entry(config, trainer, progress),
             )
+        except RoundOver as over:
+            self._release(progress.leases, "the round was decided without this worker")
+            self._catch_up(trainer, str(over))
+            return True
         except BaseException:
-            for lease in progress.leases:
-                self._release_quietly(lease.lease_id, "worker stopped or failed before reporting")
+            self._release(progress.leases, "worker stopped or failed before reporting")
             raise
         wall_seconds = time.perf_counter() - self._round_clock
         self._round_clock = time.perf_counter()
         if result is None:
-            self._catch_up(trainer, progress, f"round {trainer.round}: others finished it without this worker")
+            self._release(progress.leases, "not part of the swarm's model; back to the pool")
+            self._catch_up(trainer, f"round {trainer.round}: others finished it without this worker")
             return True
-        reply = self.client.complete_round(
-            pb.CompleteRoundRequest(
-                round=result.round,
-                leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
-                loss=self.last_loss, pseudo_gradient_digest=result.pseudo_gradient_digest,
-                params_digest=result.params_digest, group_size=result.group_size, bytes_sent=result.bytes_sent,
-                inner_seconds=progress.inner_seconds, wall_seconds=wall_seconds,
-            )
+        request = pb.CompleteRoundRequest(
+            round=result.round,
+            leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
+            loss=self.last_loss, pseudo_gradient_digest=result.pseudo_gradient_digest,
+            params_digest=result.params_digest, group_size=result.group_size, bytes_sent=result.bytes_sent,
+            inner_seconds=progress.inner_seconds, wall_seconds=wall_seconds, member_statements=result.member_statements,
         )
+        try:
+            reply = self.client.complete_round(request, stop=self.stop_requested.is_set)
+        except CoordinatorRefused as refused:
+            self._release(progress.leases, "the report was refused")
+            self._catch_up(trainer, f"round {result.round}: {refused}")
+            return True
+        if reply.pending:
+            return True  # stopping: the report stays filed, and the coordinator decides its round without us
         if not reply.accepted:
+            self._release(progress.leases, "not part of the swarm's model; back to the pool")
             self._catch_up(
-                trainer, progress,
-                f"round {result.round}: another group's parameters ({reply.round_params_digest[:12]}) were "
-                f"recorded first; these ({result.params_digest[:12]}) are dropped",
+                trainer,
+                f"round {result.round}: the round kept another group's parameters ({reply.round_params_digest[:12]}), "
+                f"which held more of its tokens; these ({result.params_digest[:12]}) are dropped",
             )
             return True
         self._lineage_head = reply.lineage_head
@@ -286,14 +315,31 @@ class Worker:
         except (CoordinatorUnreachable, CoordinatorRefused):
             return False
 
-    def _catch_up(self, trainer: DiLoCoTrainer, progress: RoundProgress, why: str) -> None:
-        """Give the round's tokens back and adopt the swarm's state: one model per round."""
-        for lease_id in progress.consumed:
-            self._release_quietly(lease_id, "not part of the swarm's model; back to the pool")
+    def _catch_up(self, trainer: DiLoCoTrainer, why: str) -> None:
+        """Adopt the swarm's state, as the coordinator recorded it: one model per round."""
         log.warning("%s; adopting the swarm's state", why)
         trainer.stop_sharing_state()
-        if not trainer.load_state_from_peers():
-            log.warning("no peer shared its state; retrying in the next round")
+        try:
+            status = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
+        except (CoordinatorUnreachable, CoordinatorRefused) as error:
+            log.warning("cannot learn which state the swarm kept (%s); retrying in the next round", error)
+            self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
+            return
+        if not trainer.load_state_from_peers(check=_state_check(status, trainer)):
+            log.warning("no peer shared the state round %d kept; retrying in the next round", status.current_round - 1)
+            self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
+
+    def _group_entry(self, config: pb.RunConfig, trainer: DiLoCoTrainer, progress: RoundProgress) -> GroupEntry:
+        """What admits this worker to the round's averaging group: its credential and its signed usage."""
+        statement = pb.MemberStatement(
+            run_id=config.run_id, worker_id=self.identity.worker_id, round=trainer.round, loss=self.last_loss,
+            leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
+        )
+        return GroupEntry(trainer.round, progress.credential, sign_statement(self.identity, statement))
+
+    def _release(self, leases: list[pb.Lease], reason: str) -> None:
+        for lease in leases:
+            self._release_quietly(lease.lease_id, reason)
 
     def _train_inner_steps(
         self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore, progress: RoundProgress
@@ -310,7 +356,7 @@ class Worker:
         leased = 0
         while progress.tokens < budget and (time.time() < deadline or progress.tokens == 0):
             while len(streams) < max(config.leases_per_round, 1) and leased < budget:
-                reply = self.client.acquire_lease(budget - leased, trainer.round)
+                reply = self.client.acquire_lease(budget - leased, trainer.round, self._peer_id)
                 if reply.status == pb.AcquireLeaseReply.RUN_COMPLETE:
                     log.info("run complete after %d rounds", trainer.round)
                     for lease in progress.leases:
@@ -327,9 +373,13 @@ class Worker:
                     if self.stop_requested.wait(reply.retry_after_ms / 1000):
                         raise AveragingCancelled("stop requested during a back-off")
                     continue
-                if reply.status == pb.AcquireLeaseReply.POOL_EMPTY:
-                    break
+                if reply.status in (pb.AcquireLeaseReply.POOL_EMPTY, pb.AcquireLeaseReply.AT_LIMIT):
+                    break  # train what it holds (AT_LIMIT: as much as one worker may hold)
+                if reply.status == pb.AcquireLeaseReply.ROUND_OVER:
+                    raise RoundOver(f"round {trainer.round}: the coordinator decided it without this worker")
                 progress.leases.append(reply.lease)
+                progress.credential = reply.round_credential
+                self.swarm.hold_credential(reply.round_credential)  # our DHT records carry it from now on
                 # Fetched in the background: the round's leases download side by side (worker/shards.py).
                 streams.append((reply.lease, batches_when_fetched(reader.prefetch(reply.lease), config.batch_size,
                                                                   config.seq_len)))
@@ -382,6 +432,8 @@ class Worker:
     def _release_quietly(self, lease_id: int, reason: str) -> None:
         try:
             self.client.release_lease(lease_id, reason)
+        except CoordinatorRefused as error:  # already back in the pool (a round decision, an expiry), or recorded
+            log.debug("lease %d not released: %s", lease_id, error.details)
         except Exception as error:  # the lease will expire at its deadline anyway
             log.warning("could not release lease %d (%s); it will expire at its deadline", lease_id, error)
 
@@ -394,6 +446,13 @@ class Worker:
                     self.governance.refresh(self.client.run_config())
             except Exception as error:
                 log.warning("heartbeat failed: %s", error)
+
+
+def _state_check(status: pb.HeartbeatReply, trainer: DiLoCoTrainer) -> StateCheck | None:
+    """The state a download must bring: the coordinator's current round, with the parameters the round before kept."""
+    if not status.kept_params_digest:
+        return None  # no round decided yet: every peer starts from the same seed
+    return StateCheck(status.current_round, status.kept_params_digest, len(trainer.global_params))
 
 
 def _diloco_settings(config: pb.RunConfig, micro_batch_size: int) -> DiLoCoSettings:

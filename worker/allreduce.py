@@ -8,7 +8,11 @@ apart, and DiLoCo peers that differ by a few ulps drift apart round after round.
 Here the reducer compresses the average of its slice once and every peer,
 the reducer included, decompresses those same bytes and copies them in. Bytes
 on the wire are the same as hivemind's (each slice goes up once per sender and
-comes back once per sender). Four more things happen on the way:
+comes back once per sender). Five more things happen on the way:
+- only admitted peers average (worker/peer_admission.py): a leader refuses a follower
+  without a valid round credential, every member checks the whole group before the
+  all-reduce, a reducer caps each sender's weight at its credential's tokens, and
+  volunteers reduce no slice when the group has an hpc or institution worker;
 - the averager counts the bytes it really sends (the serialized messages);
 - with error feedback, it records what compression lost from each slice it sent,
   so the trainer can add that residual to the next round's pseudo-gradient;
@@ -32,7 +36,10 @@ from typing import AsyncIterator, Callable, Sequence
 
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, BannedException
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode, BannedException
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
@@ -45,7 +52,10 @@ from hivemind.compression import (
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_dht_time, get_logger
-from hivemind.utils.asyncio import amap_in_executor, anext, attach_event_on_finished
+from hivemind.utils.asyncio import amap_in_executor, anext, attach_event_on_finished, enter_asynchronously
+
+from protocol.credentials import CredentialError
+from worker.peer_admission import Admitted, GroupEntry, OpenAdmission
 
 logger = get_logger(__name__)
 
@@ -77,10 +87,11 @@ async def _until_caller_hangs_up() -> None:
 
 class ExactAllReduceRunner(AllReduceRunner):
     def __init__(self, *, bytes_sent: mp.sharedctypes.Synchronized[int], residuals: Sequence[torch.Tensor] | None,
-                 **kwargs: object) -> None:
+                 max_weights: dict | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self._bytes_sent = bytes_sent
         self._residuals = residuals
+        self._max_weights = max_weights or {}  # peer id -> the most weight its part may carry
         self._compression = self.tensor_part_container.compression
         self._averaged_parts: dict[int, asyncio.Future[runtime_pb2.Tensor]] = {}
         if residuals is not None:
@@ -193,11 +204,18 @@ class ExactAllReduceRunner(AllReduceRunner):
         # hivemind's reducer loop, answering with the compressed average instead of a delta.
         part_index = 0
         try:
+            sender = self.sender_peer_ids[sender_index]
+            max_weight = self._max_weights.get(sender, float("inf"))
             async for tensor_part, weight in amap_in_executor(
                 lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
+                if weight > max_weight:  # claiming more than its credential's tokens gains nothing
+                    if part_index == 0:
+                        logger.warning(f"peer {sender} claims weight {weight:.0f}, its round credential allows "
+                                       f"{max_weight:.0f}: capped")
+                    weight = max_weight
                 try:
                     average = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight
@@ -217,6 +235,17 @@ class ExactAllReduceRunner(AllReduceRunner):
 COMPRESSION_NAMES = tuple(COMPRESSIONS)  # shared with the background process by index
 
 
+def _reducer_bandwidths(bandwidths: Sequence[float | None], mode_ids: Sequence[int],
+                        admitted: Sequence[Admitted]) -> list[float | None]:
+    """Each peer's share of slices to reduce (None: unknown, an average share): none for client-mode peers,
+    nor for those that may not reduce. If no peer that may reduce can (all in client mode), the others do.
+    """
+    reachable = [bandwidth if AveragingMode(mode) != AveragingMode.CLIENT else 0.0
+                 for bandwidth, mode in zip(bandwidths, mode_ids)]
+    allowed = [bandwidth if entry.may_reduce else 0.0 for bandwidth, entry in zip(reachable, admitted)]
+    return allowed if any(bandwidth is None or bandwidth > 0 for bandwidth in allowed) else reachable
+
+
 class ExactAverager(DecentralizedAverager):
     """A DecentralizedAverager on ExactAllReduceRunner, whose group size and compression can change between steps.
 
@@ -225,7 +254,9 @@ class ExactAverager(DecentralizedAverager):
     """
 
     def __init__(self, averaged_tensors: Sequence[torch.Tensor], *args: object, error_feedback: bool,
-                 target_group_size: int, compression: str, **kwargs: object) -> None:
+                 target_group_size: int, compression: str, admission: OpenAdmission = OpenAdmission(),
+                 **kwargs: object) -> None:
+        self._admission = admission
         self._bytes_sent = mp.Value(ctypes.c_int64, 0)
         self._live_target_group_size = mp.Value(ctypes.c_int32, target_group_size)
         self._live_compression = mp.Value(ctypes.c_int32, COMPRESSION_NAMES.index(compression))
@@ -262,14 +293,60 @@ class ExactAverager(DecentralizedAverager):
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        """hivemind's leader side, which then waits for the follower to hang up (it does once it has read).
+        """hivemind's leader side, for admitted followers only; it then waits for the follower to hang up.
 
         Closing at once can lose the leader's last message (BEGIN_ALLREDUCE): the follower then
         leaves the group while the leader and the others average without it until the timeout.
         """
+        refusal = self._refusal(request, context)
+        if refusal:
+            logger.warning(f"refused peer {context.remote_id} in a group: {refusal}")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         async for message in super().rpc_join_group(request, context):
             yield message
         await _until_caller_hangs_up()
+
+    def _refusal(self, request: averaging_pb2.JoinRequest, context: P2PContext) -> str:
+        """Why a follower may not join our group ("" if it may); hivemind refuses it when we are not leading."""
+        control = self._matchmaking.step_control
+        if control is None:
+            return ""
+        try:
+            ours = self._entry(control.data_for_gather)
+            self._admission.check(context.remote_id.to_base58(), self._entry(request.gather), ours.round)
+        except (CredentialError, ValueError, TypeError) as error:
+            return str(error)
+        return ""
+
+    def _entry(self, data_for_gather: bytes) -> GroupEntry:
+        _bandwidth, _mode, user_data = self.serializer.loads(data_for_gather)
+        return GroupEntry.from_gathered(self.serializer.loads(user_data))
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):  # type: ignore[no-untyped-def]
+        """hivemind's, for an admitted group: slices go to the peers that may reduce, weights are capped."""
+        try:
+            bandwidths, mode_ids, user_data = zip(*map(self.serializer.loads, group_info.gathered))
+            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_data)))
+            entries = [GroupEntry.from_gathered(data) for data in user_gathered.values()]
+            ours = entries[group_info.peer_ids.index(self.peer_id)]
+            admitted = self._admission.group([peer.to_base58() for peer in group_info.peer_ids], entries, ours.round)
+            fractions = await asyncio.get_running_loop().run_in_executor(
+                None, load_balance_peers, self.total_size, _reducer_bandwidths(bandwidths, mode_ids, admitted),
+                min_vector_size,
+            )
+            max_weights = {peer: entry.max_weight for peer, entry in zip(group_info.peer_ids, admitted)}
+            async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=fractions,
+                                                   max_weights=max_weights, **kwargs)
+                return user_gathered
+        except CredentialError as error:
+            logger.warning(f"not averaging with this group: {error}")
+            raise MatchmakingException(f"a peer of the group is not admitted: {error}") from None
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.exception(e)
+            raise MatchmakingException(f"Unable to run All-Reduce: {e}")
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):  # type: ignore[no-untyped-def]
         group_id = group_info.group_id if group_id is None else group_id

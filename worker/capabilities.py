@@ -26,7 +26,7 @@ CALIBRATION_STEPS = 3  # the first step warms up (allocations, kernels) and is n
 class Capabilities:
     device: str              # "cuda:0 NVIDIA H200", "cpu AMD EPYC 9654 x16"
     memory_bytes: int        # of the device that trains
-    trust_class: str         # hpc, institution or volunteer
+    trust_class: str         # claimed (hpc, institution or volunteer); only an institution's certificate grants one
     available_until: float   # unix seconds; 0: open-ended
     slurm_job_id: str
     bandwidth_mbit: float    # 0: unknown

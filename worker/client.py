@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf.message import Message
@@ -11,12 +12,13 @@ from google.protobuf.message import Message
 from protocol import essaim_pb2 as pb
 from protocol import essaim_pb2_grpc
 from protocol.auth import sign_request
+from protocol.certificates import ADMISSION_NOTE_METADATA
 from protocol.identity import Identity
 from protocol.limits import GRPC_OPTIONS
 from protocol.transport import ClientTLS, open_channel
 from worker.capabilities import Capabilities
 
-Reply = TypeVar("Reply", bound=Message)
+log = logging.getLogger("essaim.worker")
 
 # Transient: the coordinator is restarting or the network hiccupped.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -49,16 +51,28 @@ class CoordinatorClient:
     def close(self) -> None:
         self._channel.close()
 
-    def register(self, name: str, institution: str, capabilities: Capabilities) -> pb.RegisterReply:
-        return self._call(
+    def register(self, name: str, institution: str, capabilities: Capabilities,
+                 certificate: bytes = b"") -> pb.RegisterReply:
+        """Register with an institution's certificate of this key (protocol/certificates.py), if any.
+
+        What the coordinator did not credit (a typed institution, a certificate it does
+        not accept) it says in the trailing metadata; the worker logs it as a warning.
+        """
+        reply, call = self._call(
             "Register",
             lambda: pb.RegisterRequest(
                 public_key=self.identity.public_key, name=name, institution=institution, device=capabilities.device,
                 memory_bytes=capabilities.memory_bytes, bandwidth_mbit=capabilities.bandwidth_mbit,
                 trust_class=capabilities.trust_class, available_until=capabilities.available_until,
                 slurm_job_id=capabilities.slurm_job_id, precision=capabilities.precision,
+                institution_certificate=certificate,
             ),
+            rpc=self._stub.Register.with_call,
         )
+        note = dict(call.trailing_metadata() or ()).get(ADMISSION_NOTE_METADATA)
+        if note:
+            log.warning("%s", note.decode(errors="replace"))
+        return reply
 
     def training_shape(self) -> pb.TrainingShape:
         """What the run needs in memory: public, so it can be checked before registering."""
@@ -73,11 +87,22 @@ class CoordinatorClient:
             lambda: pb.HeartbeatRequest(round=round_number, loss=loss, tokens_per_second=tokens_per_second),
         )
 
-    def acquire_lease(self, max_tokens: int, round_number: int) -> pb.AcquireLeaseReply:
-        return self._call("AcquireLease", lambda: pb.AcquireLeaseRequest(max_tokens=max_tokens, round=round_number))
+    def acquire_lease(self, max_tokens: int, round_number: int, peer_id: str = "") -> pb.AcquireLeaseReply:
+        return self._call("AcquireLease", lambda: pb.AcquireLeaseRequest(max_tokens=max_tokens, round=round_number,
+                                                                         peer_id=peer_id))
 
-    def complete_round(self, request: pb.CompleteRoundRequest) -> pb.CompleteRoundReply:
-        return self._call("CompleteRound", lambda: _copy(request))
+    def complete_round(self, request: pb.CompleteRoundRequest, stop: Callable[[], bool] = lambda: False
+                       ) -> pb.CompleteRoundReply:
+        """Report a round; while the round is undecided, send the same report again as the coordinator asks.
+
+        Returns the pending reply itself only if `stop()` turns true first (the report stays filed:
+        the coordinator decides it without us).
+        """
+        while True:
+            reply = self._call("CompleteRound", lambda: _copy(request))
+            if not reply.pending or stop():
+                return reply
+            time.sleep(max(reply.retry_after_ms, 50) / 1000)
 
     def release_lease(self, lease_id: int, reason: str) -> pb.ReleaseLeaseReply:
         return self._call("ReleaseLease", lambda: pb.ReleaseLeaseRequest(lease_id=lease_id, reason=reason))
@@ -92,9 +117,13 @@ class CoordinatorClient:
     def check_reachable(self, port: int, token: bytes) -> pb.ReachabilityReply:
         return self._call("CheckReachable", lambda: pb.ReachabilityRequest(port=port, token=token))
 
-    def _call(self, method: str, make_request: Callable[[], Message], signed: bool = True) -> Reply:
-        """Sign a fresh request per attempt (a retried request must not look like a replay)."""
-        rpc = getattr(self._stub, method)
+    def _call(self, method: str, make_request: Callable[[], Message], signed: bool = True,
+              rpc: Callable[..., Any] | None = None) -> Any:
+        """Sign a fresh request per attempt (a retried request must not look like a replay).
+
+        ``rpc``: another way to invoke the method (``with_call``, for the reply's metadata).
+        """
+        rpc = rpc or getattr(self._stub, method)
         give_up_at = time.monotonic() + self.retry_seconds
         delay = 0.2
         while True:

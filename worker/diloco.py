@@ -7,7 +7,8 @@ applies the same outer SGD(nesterov) step to the same global parameters, so peer
 that averaged together end the round with identical weights. Groups are keyed by
 round number, so peers at different rounds never average together; a peer that
 fell behind downloads the swarm's state (round, global parameters, outer
-momentum) from a peer instead.
+momentum) from a peer instead, and keeps it only if its parameters are the ones
+the coordinator recorded for the round (a `StateCheck`).
 
 The model and inner AdamW live on the worker's device (worker/device.py) and train
 with worker/step.py; the global parameters, the momentum and the outer step live on
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -27,7 +28,10 @@ from hivemind import DHT
 from hivemind.averaging.control import AveragingStage
 
 from model.checkpoints import tensors_digest
+from protocol.dht_records import averaging_prefix, group_bits
 from worker.allreduce import COMPRESSIONS, ExactAverager
+from worker.peer_admission import GroupEntry, OpenAdmission
+from worker.state_download import CheckedStateDownload, StateCheck
 from worker.device import DevicePlan, plan_device
 from worker.outer_state import OuterState
 from worker.step import inner_optimizer, inner_step
@@ -57,16 +61,14 @@ class RoundResult:
     pseudo_gradient_digest: str
     params_digest: str       # of the global parameters after the outer step
     bytes_sent: int          # averaging bytes this peer sent this round
+    member_statements: list[bytes] = field(default_factory=list)  # the group's, ours included: they vouch
 
 
 class AveragingCancelled(Exception):
     pass
 
 
-ROUND_BITS = 16  # rounds are told apart modulo 2**16 in group keys
-
-
-class _StateSharingAverager(ExactAverager):
+class _StateSharingAverager(CheckedStateDownload, ExactAverager):
     """An averager whose peers can download the trainer's outer state."""
 
     def __init__(self, trainer: DiLoCoTrainer, *args: object, **kwargs: object) -> None:
@@ -80,7 +82,8 @@ class _StateSharingAverager(ExactAverager):
 class DiLoCoTrainer:
     """The model and inner AdamW on the plan's device; the outer state on the host (worker/outer_state.py)."""
 
-    def __init__(self, model: torch.nn.Module, settings: DiLoCoSettings, dht: DHT, plan: DevicePlan | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, settings: DiLoCoSettings, dht: DHT, plan: DevicePlan | None = None,
+                 admission: OpenAdmission = OpenAdmission()) -> None:
         if settings.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {settings.compression!r}: use one of {sorted(COMPRESSIONS)}")
         self.plan = plan or plan_device("cpu", "fp32")
@@ -99,13 +102,14 @@ class DiLoCoTrainer:
             self,
             [torch.zeros_like(p) for p in self.outer.global_params],
             dht,
-            prefix=f"{settings.dht_prefix}_pseudo_gradients",  # hivemind forbids "." in prefixes
+            prefix=averaging_prefix(settings.dht_prefix),
             target_group_size=settings.target_group_size,
             min_matchmaking_time=settings.matchmaking_seconds,
             request_timeout=max(1.0, settings.matchmaking_seconds / 2),
             allreduce_timeout=settings.averaging_timeout_seconds,
             compression=settings.compression,
             error_feedback=settings.error_feedback,
+            admission=admission,
             start=True,
         )
 
@@ -133,13 +137,15 @@ class DiLoCoTrainer:
         cancel: threading.Event,
         apply_alone: Callable[[], bool] = lambda: True,
         give_up: Callable[[], bool] = lambda: False,
+        entry: GroupEntry | None = None,
     ) -> RoundResult | None:
         """Average pseudo-gradients with the peers that are ready, then take the outer step.
 
         If no group forms (or give_up() turns true while still looking for one), the
         worker applies its own pseudo-gradient if apply_alone() says so; otherwise it
         takes no step, drops its inner progress and returns None, so that it can
-        adopt the swarm's state instead.
+        adopt the swarm's state instead. `entry` is what admits this peer to a group
+        (its round credential and member statement; worker/peer_admission.py).
         """
         # The pseudo-gradient goes straight into the averager's shared buffers and is averaged there in
         # place, and the outer step reads it there: no copy of the model's size on the way in or out.
@@ -152,7 +158,8 @@ class DiLoCoTrainer:
                     residual.zero_()
         bytes_before = self.averager.bytes_sent
         started = time.perf_counter()
-        group_size = self._average(float(max(tokens_trained, 1)), cancel, give_up)
+        entry = entry or GroupEntry(self.round)
+        group_size, statements = self._average(float(max(tokens_trained, 1)), cancel, give_up, entry)
         self.outer.timings.average = time.perf_counter() - started
         if group_size == 1 and residuals is not None:
             for residual in residuals:  # not sent compressed: nothing to carry
@@ -165,6 +172,7 @@ class DiLoCoTrainer:
             result = RoundResult(
                 round=self.round, group_size=group_size, pseudo_gradient_digest=tensors_digest(pseudo_gradients),
                 params_digest=tensors_digest(self.global_params), bytes_sent=self.averager.bytes_sent - bytes_before,
+                member_statements=statements,
             )
             self.round += 1
             self.round_started_at = time.time()
@@ -198,9 +206,12 @@ class DiLoCoTrainer:
             self.round, self.round_started_at = round_number, round_started_at
         self._offer_state()
 
-    def load_state_from_peers(self, timeout: float = 30.0) -> bool:
-        """Adopt a peer's round, global parameters and outer momentum; False if no peer answered."""
-        loaded = self.averager.load_state_from_peers(timeout=timeout)
+    def load_state_from_peers(self, timeout: float = 30.0, check: StateCheck | None = None) -> bool:
+        """Adopt a peer's round, global parameters and outer momentum; False if no peer answered.
+
+        With a check, only a state at its round with its parameters (the coordinator's record) is taken.
+        """
+        loaded = self.averager.load_state_from_peers(timeout=timeout, check=check)
         if loaded is None:
             return False
         metadata, tensors = loaded
@@ -234,16 +245,20 @@ class DiLoCoTrainer:
         with self._outer_lock:
             return tensors_digest(self.global_params)
 
-    def _average(self, weight: float, cancel: threading.Event, give_up: Callable[[], bool]) -> int:
-        """Replace the averager's tensors by the group's weighted average in place; returns the group size.
+    def _average(self, weight: float, cancel: threading.Event, give_up: Callable[[], bool],
+                 entry: GroupEntry) -> tuple[int, list[bytes]]:
+        """Replace the averager's tensors by the group's weighted average in place.
+
+        Returns the group size and the members' statements (ours alone without a group).
 
         When no group forms in time the worker keeps its own pseudo-gradient
         (a group of one) so training goes on; it is reported as group_size 1.
         A failed all-reduce leaves the tensors as they were (worker/allreduce.py).
         """
-        self.averager.set_group_bits(format(self.round % 2**ROUND_BITS, f"0{ROUND_BITS}b"))
+        alone = (1, [entry.statement] if entry.statement else [])
+        self.averager.set_group_bits(group_bits(self.round))
         control = self.averager.step(
-            weight=weight, gather=self.round, timeout=self.settings.averaging_timeout_seconds, wait=False
+            weight=weight, gather=entry.gathered(), timeout=self.settings.averaging_timeout_seconds, wait=False
         )
         while not control.done():
             if cancel.is_set():
@@ -252,20 +267,16 @@ class DiLoCoTrainer:
             if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
                 control.cancel()  # the others averaged without us: waiting longer gains nothing
                 log.warning("round %d: peers finished this round without this worker", self.round)
-                return 1
+                return alone
             time.sleep(0.05)
         try:
             gathered = control.result()
         except Exception as error:  # hivemind raises several kinds; all mean "no average this round"
             log.warning("round %d: no averaging group (%s)", self.round, error)
-            return 1
-        rounds = set(gathered.values())
-        if rounds != {self.round}:  # same key modulo 2**16 but another round: do not mix
-            log.warning("round %d: a group formed with peers at rounds %s; not using it", self.round, sorted(rounds))
-            with self.averager.get_tensors() as pseudo_gradients:
-                self.outer.pseudo_gradient(into=pseudo_gradients)  # ours again, in place of that average
-            return 1
-        return len(gathered)
+            return alone
+        # Every entry was checked, its round included, before the all-reduce (worker/peer_admission.py).
+        entries = [GroupEntry.from_gathered(data) for data in gathered.values()]
+        return len(entries), [member.statement for member in entries if member.statement]
 
     def shutdown(self) -> None:
         self.averager.shutdown()

@@ -1,0 +1,227 @@
+"""Which model a round keeps, and that its tokens are recorded exactly once (coordinator/rounds.py)."""
+
+import dataclasses
+
+import pytest
+from sqlalchemy import select
+
+from coordinator.accounting import accounting_problems
+from coordinator.rounds import Member, winner
+from coordinator.scheduler import AtLimit, LeaseError, LeaseLimits, RoundOver, RoundReport, Scheduler
+from coordinator.store import FiledReport, Lease, LineageRecord, Worker, load_manifest, open_engine, session_factory
+from model.shards import Manifest, ShardInfo, SourceInfo
+
+WORKERS = ("w1", "w2", "w3", "w4", "solo")
+GROUP = "g" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(database_url: str):
+    """One source, one 10,000-token shard, five registered workers."""
+    sessions = session_factory(open_engine(database_url))
+    load_manifest(sessions, Manifest(1000, "t" * 64, [SourceInfo("web", "fr", "CC0-1.0", 1.0, "2000-01-01", "2030-12-31")],
+                                     [ShardInfo("a", "a.bin", "0" * 64, 10_000, "uint16", "fr", "web", "CC0-1.0",
+                                                "2020-01-01", "2020-01-01")]))
+    with sessions.begin() as session:
+        session.add_all(Worker(id=name, public_key=b"k" * 32, name=name, institution="lab", device="cpu",
+                               registered_at=0.0, last_seen=0.0) for name in WORKERS)
+    return sessions
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def scheduler(store, clock: Clock) -> Scheduler:
+    limits = LeaseLimits(min_tokens=10, max_leases=4, max_tokens=1000, max_seconds=300, decision_seconds=60)
+    return Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock, limits=limits)
+
+
+def report(worker_leases: dict[str, Lease], worker: str, digest: str = GROUP, round_number: int = 0,
+           members: tuple[str, ...] = ()) -> RoundReport:
+    """The worker's report of its whole lease; `members` are vouched for on their whole leases."""
+    lease = worker_leases[worker]
+    return RoundReport(
+        round=round_number, leases=((lease.id, lease.end - lease.start),), loss=2.0, pseudo_gradient_digest="d" * 64,
+        params_digest=digest, group_size=max(len(members), 1),
+        members=tuple(Member(m, ((worker_leases[m].id, worker_leases[m].end - worker_leases[m].start),), 2.5)
+                      for m in members),
+    )
+
+
+def lease_states(store) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    with store() as session:
+        return dict(session.execute(select(Lease.id, Lease.state)).all())
+
+
+def test_the_winner_must_hold_more_than_the_runner_up_could_still_reach() -> None:
+    assert winner({"a": 10}, outstanding=9) == "a"
+    assert winner({"a": 10}, outstanding=10) is None
+    assert winner({"a": 10, "b": 4}, outstanding=5) == "a"
+    assert winner({"a": 10, "b": 6}, outstanding=5) is None
+    assert winner({"b": 10, "a": 10}, outstanding=0) == "a"  # a tie with nothing out: the smaller digest
+    assert winner({}, outstanding=0) is None
+    assert winner({"a": 10, "b": 4}, outstanding=50, group_waited={"a"}) == "a"  # a group waited out the window
+    assert winner({"a": 10, "b": 10}, outstanding=50, group_waited={"a"}) is None  # but it must lead
+
+
+def test_a_hoarder_cannot_hold_a_groups_round_open_and_a_lone_reporter_cannot_wait_one_out(
+    scheduler: Scheduler, store, clock: Clock
+) -> None:
+    leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2")}
+    leases["solo"] = scheduler.acquire("solo", 10, 0).lease
+    hoarded = [scheduler.acquire("w4", 250, 0).lease for _ in range(4)]  # 1,000 tokens, never reported
+    assert scheduler.complete_round("solo", report(leases, "solo", digest="s" * 64)).pending
+    for seconds in (25, 25, 15):  # 65 s: past the window, but alone the early reporter waits forever
+        clock.now += seconds
+        for worker in ("w1", "w2", "w4"):  # the hoarder (w4) stays alive, as do the group's workers
+            scheduler.heartbeat(worker, 0, 0.0, 1.0)
+        scheduler.expire_overdue()
+    assert scheduler.current_round() == 0
+    group = ("w1", "w2")
+    assert scheduler.complete_round("w1", report(leases, "w1", members=group)).pending  # 1,000 tokens still out
+    clock.now += 59
+    for worker in ("w2", "w4"):
+        scheduler.heartbeat(worker, 0, 0.0, 1.0)
+    scheduler.expire_overdue()
+    assert scheduler.current_round() == 0
+    clock.now += 2  # the group's window is over: the hoarder's leases no longer count
+    for worker in ("w2", "w4"):
+        scheduler.heartbeat(worker, 0, 0.0, 1.0)
+    scheduler.expire_overdue()
+    assert scheduler.current_round() == 1 and scheduler.kept_params_digest(0) == GROUP
+    assert scheduler.complete_round("w2", report(leases, "w2", members=group)).accepted  # vouched already
+    assert {lease_states(store)[lease.id] for lease in hoarded} == {"granted"}  # until their hard end
+    assert accounting_problems(store) == []
+
+
+def test_a_solo_worker_reporting_first_cannot_void_a_full_groups_round(scheduler: Scheduler, store) -> None:
+    leases = {w: scheduler.acquire(w, 400, 0).lease for w in ("w1", "w2", "w3", "w4")}
+    leases["solo"] = scheduler.acquire("solo", 10, 0).lease  # the smallest lease there is
+    solo = scheduler.complete_round("solo", report(leases, "solo", digest="s" * 64))
+    assert solo.pending and scheduler.current_round() == 0  # 10 tokens against 1,600 still out
+    answers = [scheduler.complete_round(w, report(leases, w)) for w in ("w1", "w2", "w3", "w4")]
+    assert [a.pending for a in answers] == [True, True, False, False]  # decided once three of four are in
+    assert answers[-1].accepted and answers[-1].round_params_digest == GROUP
+    first_again = scheduler.complete_round("w1", report(leases, "w1"))
+    solo_again = scheduler.complete_round("solo", report(leases, "solo", digest="s" * 64))
+    assert first_again.accepted and (solo_again.accepted, solo_again.round_params_digest) == (False, GROUP)
+    assert scheduler.current_round() == 1 and scheduler.kept_params_digest(0) == GROUP
+    assert lease_states(store)[leases["solo"].id] == "released"  # its 10 tokens are back in the pool
+    assert accounting_problems(store) == []
+
+
+def test_a_report_for_another_round_than_its_lease_or_the_open_round_is_refused_and_changes_nothing(
+    scheduler: Scheduler, store
+) -> None:
+    leases = {w: scheduler.acquire(w, 100, 0).lease for w in ("w1", "w2")}
+    with pytest.raises(LeaseError, match="round 4 is not open: the run is at round 0"):
+        scheduler.complete_round("w1", report(leases, "w1", round_number=4))  # the last round, on a round-0 lease
+    with pytest.raises(LeaseError, match="round 1 is not open yet"):
+        scheduler.acquire("w2", 100, 1)  # a lease for a future round
+    assert not scheduler.run_complete(0) and scheduler.current_round() == 0
+    assert set(lease_states(store).values()) == {"granted"}
+    scheduler.complete_round("w1", report(leases, "w1"))
+    scheduler.complete_round("w2", report(leases, "w2"))
+    with pytest.raises(RoundOver, match="round 0 is over: the run is at round 1"):
+        scheduler.acquire("w1", 100, 0)
+    later = {"w3": scheduler.acquire("w3", 100, 1).lease}
+    with pytest.raises(LeaseError, match="lease .* was granted for round 1, not round 0"):
+        scheduler.complete_round("w3", report(later, "w3", round_number=0))
+    with store() as session:
+        assert session.scalars(select(FiledReport).where(FiledReport.round == 1)).all() == []
+    assert accounting_problems(store) == []
+
+
+def test_a_group_vouches_for_a_member_whose_report_is_lost(scheduler: Scheduler, store) -> None:
+    leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2", "w3")}
+    group = ("w1", "w2", "w3")
+    scheduler.complete_round("w1", report(leases, "w1", members=group))
+    assert scheduler.complete_round("w2", report(leases, "w2", members=group)).accepted  # 600 of 900: decided
+    with store() as session:
+        vouched = session.scalars(select(LineageRecord).where(LineageRecord.worker_id == "w3")).one()
+        assert (vouched.start, vouched.end, vouched.loss) == (leases["w3"].start, leases["w3"].end, 2.5)
+    late = scheduler.complete_round("w3", report(leases, "w3", members=group))  # its report, after all
+    assert late.accepted and late.lineage_ids == [vouched.id]  # the same record, not a second one
+    with store() as session:
+        assert len(session.scalars(select(LineageRecord)).all()) == 3
+    assert accounting_problems(store) == []
+
+
+def test_a_late_report_is_recorded_only_with_the_kept_parameters(scheduler: Scheduler, store, clock: Clock) -> None:
+    leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2", "w3", "w4")}
+    for w in ("w1", "w2", "w3"):
+        scheduler.complete_round(w, report(leases, w))
+    assert scheduler.current_round() == 1
+    stray = scheduler.complete_round("w4", report(leases, "w4", digest="x" * 64))
+    assert (stray.accepted, stray.round_params_digest) == (False, GROUP)
+    assert lease_states(store)[leases["w4"].id] == "granted"  # refused: nothing changed; the worker releases it
+    assert scheduler.complete_round("w4", report(leases, "w4")).accepted  # a member that reported after the decision
+    assert accounting_problems(store) == []
+
+
+def test_an_undecided_round_is_decided_when_the_leases_still_out_expire(scheduler: Scheduler, store, clock: Clock) -> None:
+    leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2")}
+    assert scheduler.complete_round("w1", report(leases, "w1")).pending  # w2 could still tie
+    clock.now += 31  # w2 died: no heartbeat, its lease expires
+    assert scheduler.expire_overdue() == 1 and scheduler.current_round() == 1
+    assert scheduler.complete_round("w1", report(leases, "w1")).accepted
+    assert lease_states(store) == {leases["w1"].id: "completed", leases["w2"].id: "expired"}
+    assert accounting_problems(store) == []
+
+
+def test_a_worker_holds_no_more_leases_or_tokens_than_the_limits(scheduler: Scheduler, store) -> None:
+    tiny = scheduler.acquire("w1", 1, 0).lease
+    assert tiny.end - tiny.start == 10  # a smaller request gets the minimum lease
+    for _ in range(3):
+        scheduler.acquire("w1", 100, 0)
+    with pytest.raises(AtLimit, match=r"holds 4 leases \(310 tokens\); .* at most 4 leases"):
+        scheduler.acquire("w1", 100, 0)
+    scheduler.release("w1", tiny.id)
+    assert scheduler.acquire("w1", 100, 0).lease.id != tiny.id  # released: room for one more
+    held = [scheduler.acquire("w2", 300, 0).lease for _ in range(3)]
+    last = scheduler.acquire("w2", 300, 0).lease
+    assert last.end - last.start == 100 and sum(h.end - h.start for h in held) == 900  # up to 1,000 tokens
+    with pytest.raises(AtLimit, match="report or release some first"):
+        scheduler.acquire("w2", 300, 0)
+    too_many = RoundReport(round=0, leases=tuple((i, 1) for i in range(1, 6)), loss=1.0,
+                           pseudo_gradient_digest="d" * 64, params_digest=GROUP, group_size=1)
+    with pytest.raises(LeaseError, match="names 5 leases; a worker holds at most 4"):
+        scheduler.complete_round("w1", too_many)
+    assert accounting_problems(store) == []
+
+
+def test_heartbeats_do_not_keep_a_lease_alive_past_its_hard_end(scheduler: Scheduler, store, clock: Clock) -> None:
+    lease = scheduler.acquire("w1", 100, 0).lease
+    for _ in range(12):  # a hoarder heartbeating for 300 s without reporting
+        clock.now += 25
+        scheduler.heartbeat("w1", 0, 0.0, 1.0)
+        scheduler.flush_heartbeats()
+    assert scheduler.expire_overdue() == 0  # 300 s after the grant: its last deadline
+    clock.now += 1
+    assert scheduler.expire_overdue() == 1 and lease_states(store)[lease.id] == "expired"
+    assert accounting_problems(store) == []
+
+
+def test_a_reported_lease_neither_expires_nor_can_be_released_while_its_round_is_undecided(
+    scheduler: Scheduler, store, clock: Clock
+) -> None:
+    leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2")}
+    scheduler.complete_round("w1", dataclasses.replace(report(leases, "w1"), params_digest="a" * 64))
+    with pytest.raises(LeaseError, match="awaits its round's decision"):
+        scheduler.release("w1", leases["w1"].id)
+    clock.now += 1000
+    scheduler.heartbeat("w2", 0, 0.0, 1.0)  # w2 is alive but its lease passed its hard end
+    assert scheduler.expire_overdue() == 1  # w2's, not w1's reported one: the round is decided for w1's group
+    assert lease_states(store)[leases["w1"].id] == "completed"
+    assert accounting_problems(store) == []
