@@ -148,10 +148,7 @@ def lease_limits(run: RunSettings) -> LeaseLimits:
                        max_tokens=bounds.max_tokens_per_worker or 2 * run.tokens_per_round,
                        max_seconds=bounds.lease_max_seconds,
                        decision_seconds=bounds.decision_seconds or 2 * run.averaging_timeout_seconds + run.lease_seconds,
-                       # A worker is heard from first at Register, then only once its model is built and
-                       # calibrated: count it as a possible reporter for a while before its first heartbeat.
-                       idle_stake=run.tokens_per_round,
-                       live_seconds=max(3.0 * run.heartbeat_seconds, 2.0 * run.lease_seconds, 30.0))
+                       idle_stake=run.tokens_per_round, live_seconds=3.0 * run.heartbeat_seconds)
 
 
 def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:

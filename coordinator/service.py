@@ -26,7 +26,7 @@ from coordinator.scheduler import AllocationEnding, AtLimit, Backoff, LeaseError
 from coordinator.status import StatusCache, StatusPageError
 from coordinator.store import Worker
 from protocol import essaim_pb2 as pb
-from protocol.auth import AuthError, RequestVerifier
+from protocol.auth import AuthError, NoncesExhausted, RequestVerifier
 from protocol.certificates import ADMISSION_NOTE_METADATA
 from protocol.credentials import CredentialError, issue_credential, read_statement
 from protocol.identity import Identity
@@ -126,6 +126,8 @@ class CoordinatorService:
                 return handle(request, context) if with_context else handle(request)
             except Refused as refused:
                 context.abort(refused.code, str(refused))
+            except NoncesExhausted as error:  # a bound, not a forgery: the client slows down and retries
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
             except AuthError as error:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
             except LeaseError as error:

@@ -127,22 +127,23 @@ def test_a_malformed_register_request_is_refused_before_anything_else(genci, req
 # --- how fast one address may register -----------------------------------------------------------
 
 
-def test_ten_thousand_registrations_from_one_address_are_refused_past_the_burst_quickly(genci) -> None:
+def test_ten_thousand_registrations_from_one_address_are_refused_past_the_burst_before_any_signature_check(
+    genci,
+) -> None:
     now = [1000.0]
     gate = admission(genci, per_minute=60, burst=20, clock=lambda: now[0])
     identities = [Identity.generate() for _ in range(10_000)]
     requests = [register_request(identity) for identity in identities]
-    started = time.perf_counter()
+    for request in requests[20:]:
+        request.auth.signature = b"\0" * 64  # forged: a flood need not even sign, it is refused before that
     accepted, refused = [], []
     for request in requests:
         try:
             accepted.append(gate.admit(request, PEER, never_registered))
         except Refused as error:
             refused.append(error)
-    elapsed = time.perf_counter() - started
     assert len(accepted) == 20 and len(refused) == 9_980
-    assert elapsed < 5.0, f"refusing a flood took {elapsed:.1f} s"  # refused before any signature is checked
-    assert {error.code for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert {error.code for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # not UNAUTHENTICATED
     assert str(refused[0]) == "Register: too many registrations from 203.0.113.7: 60 per minute allowed; wait 1 s"
     # Another address is not held back by this one; a key already registered comes back freely.
     assert gate.admit(register_request(Identity.generate()), "ipv4:198.51.100.2:4000", never_registered)

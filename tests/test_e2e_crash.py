@@ -40,9 +40,10 @@ def test_a_killed_and_restarted_coordinator_loses_no_round_and_no_token(start_co
             kill_group(worker)
     assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, "w0", "w1")
 
-    # Every round recorded once, on one set of parameters. (A worker may still miss a round's
-    # report: one that gives up on a round just as its group's all-reduce starts is refused,
-    # and its tokens go back to the pool, which the accounting check covers.)
+    # Every round recorded once, on one set of parameters. (A worker may still miss a round: one
+    # that gives up on a round before its group's all-reduce completes is in no kept group, and its
+    # tokens go back to the pool. One whose report is lost after averaging is vouched for by its
+    # group: coordinator/rounds.py. The accounting check covers both.)
     by_round = contributions_by_round(sessions)
     assert sorted(by_round) == list(range(ROUNDS)), logs(tmp_path, "w0", "w1")
     for number, rows in by_round.items():

@@ -22,6 +22,7 @@ log = logging.getLogger("essaim.worker")
 
 # Transient: the coordinator is restarting or the network hiccupped.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED  # a bound was hit (registrations, nonces): retried, slower, then refused
 SLOWEST_FETCH_BYTES_PER_SECOND = 256 * 1024  # a corpus read slower than this is given up (and retried once)
 
 
@@ -132,12 +133,14 @@ class CoordinatorClient:
                 return rpc(request, timeout=self.call_timeout)
             except grpc.RpcError as error:
                 code = error.code()
-                if code not in RETRYABLE:
+                if code not in RETRYABLE and code != BUSY:
                     raise CoordinatorRefused(method, code, error.details()) from None
                 if "handshake" in (error.details() or "").lower():  # TLS: retrying will not change the certificate
                     raise CoordinatorRefused(method, code, (
                         f"{error.details()}: the coordinator's TLS certificate does not verify (expired, or not signed "
                         "by --ca-cert); check with the run's host, or pin it with --coordinator-fingerprint")) from None
+                if code == BUSY and time.monotonic() + delay > give_up_at:
+                    raise CoordinatorRefused(method, code, error.details()) from None
                 if time.monotonic() + delay > give_up_at:
                     raise CoordinatorUnreachable(
                         f"no coordinator answers at {self.address} (tried for {self.retry_seconds:.0f} s: "
