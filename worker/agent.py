@@ -29,7 +29,7 @@ from model.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, lo
 from model.presets import build_model
 from protocol import essaim_pb2 as pb
 from protocol.certificates import read_certificate
-from protocol.credentials import CredentialCheck, sign_statement
+from protocol.credentials import CredentialCheck
 from protocol.identity import Identity
 from protocol.swarm import Swarm, free_port
 from protocol.transport import ClientTLS
@@ -158,7 +158,7 @@ class Worker:
             status = self.client.heartbeat(trainer.round, 0.0, self.tokens_per_second)
             self.live_workers, self.swarm_round = status.live_workers, status.current_round
             if status.current_round > trainer.round and not trainer.load_state_from_peers(
-                    check=_state_check(status, trainer)):
+                    check=StateCheck.for_status(status, len(trainer.global_params))):
                 log.warning(
                     "the run is at round %d but no peer shared its state: training from round %d",
                     status.current_round, trainer.round,
@@ -235,7 +235,8 @@ class Worker:
                 progress.tokens, cancel=self.stop_requested,
                 apply_alone=lambda: self._nobody_finished(trainer.round),
                 give_up=lambda: self.swarm_round > trainer.round,
-                entry=self._group_entry(config, trainer, progress),
+                entry=GroupEntry.signed(self.identity, config.run_id, trainer.round, progress.credential,
+                                        progress.consumed, self.last_loss),
             )
         except RoundOver as over:
             self._release(progress.leases, "the round was decided without this worker")
@@ -325,17 +326,9 @@ class Worker:
             log.warning("cannot learn which state the swarm kept (%s); retrying in the next round", error)
             self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
             return
-        if not trainer.load_state_from_peers(check=_state_check(status, trainer)):
+        if not trainer.load_state_from_peers(check=StateCheck.for_status(status, len(trainer.global_params))):
             log.warning("no peer shared the state round %d kept; retrying in the next round", status.current_round - 1)
             self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
-
-    def _group_entry(self, config: pb.RunConfig, trainer: DiLoCoTrainer, progress: RoundProgress) -> GroupEntry:
-        """What admits this worker to the round's averaging group: its credential and its signed usage."""
-        statement = pb.MemberStatement(
-            run_id=config.run_id, worker_id=self.identity.worker_id, round=trainer.round, loss=self.last_loss,
-            leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
-        )
-        return GroupEntry(trainer.round, progress.credential, sign_statement(self.identity, statement))
 
     def _release(self, leases: list[pb.Lease], reason: str) -> None:
         for lease in leases:
@@ -446,13 +439,6 @@ class Worker:
                     self.governance.refresh(self.client.run_config())
             except Exception as error:
                 log.warning("heartbeat failed: %s", error)
-
-
-def _state_check(status: pb.HeartbeatReply, trainer: DiLoCoTrainer) -> StateCheck | None:
-    """The state a download must bring: the coordinator's current round, with the parameters the round before kept."""
-    if not status.kept_params_digest:
-        return None  # no round decided yet: every peer starts from the same seed
-    return StateCheck(status.current_round, status.kept_params_digest, len(trainer.global_params))
 
 
 def _diloco_settings(config: pb.RunConfig, micro_batch_size: int) -> DiLoCoSettings:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from protocol import essaim_pb2 as pb
-from protocol.credentials import CredentialCheck, CredentialError, read_statement
+from protocol.credentials import CredentialCheck, CredentialError, read_statement, sign_statement
+from protocol.identity import Identity
 
 TRUSTED_REDUCERS = ("hpc", "institution")
 
@@ -29,6 +30,16 @@ class GroupEntry:
     round: int
     credential: bytes = b""
     statement: bytes = b""
+
+    @classmethod
+    def signed(cls, identity: Identity, run_id: str, round_number: int, credential: bytes,
+               consumed: dict[int, int], loss: float) -> "GroupEntry":
+        """A worker's entry: its newest credential and its statement of the tokens it trained, signed."""
+        statement = pb.MemberStatement(
+            run_id=run_id, worker_id=identity.worker_id, round=round_number, loss=loss,
+            leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in consumed.items()],
+        )
+        return cls(round_number, credential, sign_statement(identity, statement))
 
     def gathered(self) -> dict:
         return {"round": self.round, "credential": self.credential, "statement": self.statement}

@@ -25,6 +25,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from model.checkpoints import tensors_digest
+from protocol import essaim_pb2 as pb
 
 logger = get_logger(__name__)
 
@@ -36,6 +37,13 @@ class StateCheck:
     round: int
     params_digest: str
     param_count: int
+
+    @classmethod
+    def for_status(cls, status: pb.HeartbeatReply, param_count: int) -> "StateCheck | None":
+        """The coordinator's current round, with the parameters the round before kept; None before any round."""
+        if not status.kept_params_digest:
+            return None  # no round decided yet: every peer starts from the same seed
+        return cls(status.current_round, status.kept_params_digest, param_count)
 
     def problem(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str:
         """Why the state is not the recorded one ("" if it is)."""
