@@ -13,6 +13,16 @@ from model.shards import Manifest, ShardInfo, SourceInfo
 from essaim.processes import free_port, start_role  # noqa: F401  (free_port: tests import it from here)
 
 
+class Clock:
+    """A clock a test moves by hand (`clock.now += 30`), for code that takes `clock=`."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,17 +10,10 @@ from coordinator.rounds import Member, winner
 from coordinator.scheduler import AtLimit, LeaseError, LeaseLimits, RoundOver, RoundReport, Scheduler
 from coordinator.store import FiledReport, Lease, LineageRecord, Worker, load_manifest, open_engine, session_factory
 from model.shards import Manifest, ShardInfo, SourceInfo
+from support import Clock
 
 WORKERS = ("w1", "w2", "w3", "w4", "solo")
 GROUP = "g" * 64
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

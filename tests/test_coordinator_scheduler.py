@@ -12,14 +12,7 @@ from coordinator.store import (
     Contribution, Lease, LineageRecord, TokenRange, Worker, load_manifest, open_engine, session_factory,
 )
 from model.shards import Manifest, ShardInfo, SourceInfo
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from support import Clock
 
 
 def shard(shard_id: str, tokens: int, language: str = "fr", date: str = "2020-01-01") -> ShardInfo:

@@ -14,6 +14,7 @@ from coordinator.status import DEFAULT_PAGE, StatusCache, StatusPageError
 from coordinator.store import Worker, open_engine, session_factory, sqlite_url
 from essaim.processes import essaim_command
 from protocol import essaim_pb2 as pb
+from support import Clock
 
 WORKERS = 5000
 
@@ -37,20 +38,12 @@ def sessions(tmp_path: Path) -> sessionmaker[Session]:
     return made
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def cache(sessions: sessionmaker[Session], clock: Clock, page_max: int = 500) -> StatusCache:
     return StatusCache(sessions, "run", total_rounds=10, live_within_seconds=15, page_max=page_max, clock=clock)
 
 
 def test_a_reply_lists_one_page_of_workers_by_name_with_the_networks_totals(sessions) -> None:
-    reply = cache(sessions, Clock()).reply(pb.StatusRequest())
+    reply = cache(sessions, Clock(1000.0)).reply(pb.StatusRequest())
     assert len(reply.workers) == DEFAULT_PAGE
     assert [w.name for w in reply.workers] == [f"worker-{n:05d}" for n in range(1, DEFAULT_PAGE + 1)]
     assert (reply.workers_total, reply.live_workers) == (WORKERS, WORKERS // 2)
@@ -58,7 +51,7 @@ def test_a_reply_lists_one_page_of_workers_by_name_with_the_networks_totals(sess
 
 
 def test_pages_follow_each_other_without_overlap_and_the_last_one_is_short(sessions) -> None:
-    status = cache(sessions, Clock())
+    status = cache(sessions, Clock(1000.0))
     first = status.reply(pb.StatusRequest(worker_offset=0, worker_limit=300))
     second = status.reply(pb.StatusRequest(worker_offset=300, worker_limit=300))
     assert first.workers[-1].name == "worker-00300" and second.workers[0].name == "worker-00301"
@@ -68,7 +61,7 @@ def test_pages_follow_each_other_without_overlap_and_the_last_one_is_short(sessi
 
 
 def test_a_page_larger_than_the_coordinators_limit_is_refused_with_what_to_ask_for(sessions) -> None:
-    status = cache(sessions, Clock(), page_max=100)
+    status = cache(sessions, Clock(1000.0), page_max=100)
     with pytest.raises(StatusPageError, match=r"worker_limit 101 is more than .* \(100, status_page_max.*worker_offset"):
         status.reply(pb.StatusRequest(worker_limit=101))
     with pytest.raises(StatusPageError, match="must be 0 or positive"):
@@ -78,7 +71,7 @@ def test_a_page_larger_than_the_coordinators_limit_is_refused_with_what_to_ask_f
 
 
 def test_callers_inside_the_cache_window_share_one_reading_of_the_database(sessions) -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     status = cache(sessions, clock)
     for offset in range(0, 1000, 50):  # different pages, one snapshot
         status.reply(pb.StatusRequest(worker_offset=offset))
@@ -94,7 +87,7 @@ def test_callers_inside_the_cache_window_share_one_reading_of_the_database(sessi
 
 
 def test_a_slow_reading_is_kept_ten_times_as_long_as_it_took(sessions, monkeypatch) -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     read_network = status_module._read_network
 
     def slow_reading(*args: object) -> object:
