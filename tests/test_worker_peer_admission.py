@@ -27,6 +27,7 @@ PREFIX = f"essaim-{RUN}"
 VOCAB = 300
 SETTINGS = DiLoCoSettings(inner_lr=1e-2, outer_lr=0.7, outer_momentum=0.9, dht_prefix=PREFIX,
                           target_group_size=3, matchmaking_seconds=2.0, averaging_timeout_seconds=15.0)
+ALONE = dataclasses.replace(SETTINGS, matchmaking_seconds=1.0, averaging_timeout_seconds=4.0)  # gives up sooner
 COORDINATOR = Identity.generate()
 CHECK = CredentialCheck(COORDINATOR.public_key, RUN)
 
@@ -57,13 +58,13 @@ class Peer:
 def peers():
     started: list[Peer] = []
 
-    def start(count: int, credentialed: bool = True, seed: int = 0) -> list[Peer]:
+    def start(count: int, credentialed: bool = True, settings: DiLoCoSettings = SETTINGS) -> list[Peer]:
         for index in range(count):
             initial = started[0].swarm.visible_addresses() if started else []
             swarm = Swarm("127.0.0.1", initial_peers=initial, credentials=CHECK if credentialed else None,
                           dht_prefix=PREFIX)
             admission = CredentialAdmission(CHECK) if credentialed else OpenAdmission()
-            trainer = DiLoCoTrainer(build_model("tiny", VOCAB, seed=seed), SETTINGS, swarm.dht, admission=admission)
+            trainer = DiLoCoTrainer(build_model("tiny", VOCAB, seed=0), settings, swarm.dht, admission=admission)
             started.append(Peer(swarm, trainer, Identity.generate()))
         return started[-count:]
 
@@ -131,7 +132,7 @@ def test_a_volunteer_claiming_100x_its_credentials_tokens_averages_with_its_cred
 
 def test_a_peer_without_a_credential_neither_enters_a_group_nor_taints_the_average(peers) -> None:
     honest = peers(2)
-    [intruder] = peers(1, credentialed=False)  # joined the run's DHT under its prefix, no credential
+    [intruder] = peers(1, credentialed=False, settings=ALONE)  # joined the run's DHT under its prefix, no credential
     everyone = [*honest, intruder]
     gradients = _train_apart(everyone)
     before = [p.clone() for p in honest[0].trainer.global_params]
@@ -157,7 +158,7 @@ def test_dht_records_without_a_valid_credential_are_refused(peers) -> None:
 
 
 def test_a_downloaded_state_is_kept_only_if_it_is_the_recorded_one(peers) -> None:
-    veteran, liar, newcomer = peers(3)
+    veteran, liar, newcomer = peers(3, settings=ALONE)
     for peer in (veteran, liar):
         peer.entry(0, 100)
         _train_apart([peer])
