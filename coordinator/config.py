@@ -17,7 +17,7 @@ from protocol.choices import INDEPENDENT
 
 
 class Bounds(BaseModel):
-    """What one worker may hold or cost the coordinator (docs/ARCHITECTURE.md, "Bounds").
+    """What one worker may hold or cost the coordinator (docs/ARCHITECTURE.md, "Rounds and trust").
 
     Not part of what defines the run (left out of its id): an operator may tighten them
     on a restart. None: derived from the round's size (coordinator/server.py, lease_limits).

@@ -19,14 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.lease_sizing import WorkerFacts, backoff_seconds, lease_size
-from coordinator.mixture import mixture_order
 from coordinator.leases import HELD, LeaseError, own_lease, return_to_pool
+from coordinator.mixture import mixture_order
 from coordinator.round_terms import RoundTerms
 from coordinator.rounds import RoundBook, RoundRecorded, RoundReport
 from coordinator.store import Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
 
-__all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "RoundOver", "RoundRecorded", "RoundReport",
-           "Scheduler"]
+__all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "RoundOver", "RoundRecorded",
+           "RoundReport", "Scheduler"]
 
 
 class Backoff(LeaseError):
@@ -55,7 +55,7 @@ class AtLimit(LeaseError):
 
 @dataclass(frozen=True)
 class LeaseLimits:
-    """What one worker may hold: strangers must not hoard the pool (docs/ARCHITECTURE.md, "Bounds")."""
+    """What one worker may hold: strangers must not hoard the pool (docs/ARCHITECTURE.md, "Rounds and trust")."""
 
     min_tokens: int = 1               # a smaller request is granted this much (it trains a prefix)
     max_leases: int = 1 << 30         # leases held at once (granted or awaiting their round's decision)
