@@ -165,6 +165,7 @@ class RoundBook:
                                 .order_by(FiledReport.received_at, FiledReport.id).with_for_update()).all()
         if not filed:
             return False
+        reports = {row.id: RoundReport.from_json(row.report) for row in filed}  # parsed once per decision
         stakes: dict[str, int] = defaultdict(int)
         first_report: dict[str, float] = {}
         workers: dict[str, set[str]] = defaultdict(set)  # per digest: its reporters and the members they vouch for
@@ -172,7 +173,7 @@ class RoundBook:
             stakes[row.params_digest] += row.held_tokens
             first_report.setdefault(row.params_digest, row.received_at)
             workers[row.params_digest].add(row.worker_id)
-            workers[row.params_digest].update(m.worker_id for m in RoundReport.from_json(row.report).members)
+            workers[row.params_digest].update(m.worker_id for m in reports[row.id].members)
         outstanding = session.scalar(select(func.coalesce(func.sum(Lease.end - Lease.start), 0))
                                      .where(Lease.round == round_number, Lease.state == "granted"))
         outstanding += self._idle_stake * self._idle_workers(session, round_number, now)
@@ -185,18 +186,18 @@ class RoundBook:
         kept = [row for row in filed if row.params_digest == round_row.params_digest]
         recorded: set[str] = set()
         for row in kept:
-            self._record(session, row.worker_id, RoundReport.from_json(row.report), round_row, now)
+            self._record(session, row.worker_id, reports[row.id], round_row, now)
             row.outcome = "kept"
             recorded.add(row.worker_id)
         for row in kept:
-            report = RoundReport.from_json(row.report)
+            report = reports[row.id]
             for member in report.members:
                 if member.worker_id not in recorded and self._vouch(session, member, report, round_row, now):
                     recorded.add(member.worker_id)
         for row in filed:
             if row.outcome == "pending":
                 row.outcome = "not_kept"
-                for lease_id, _ in RoundReport.from_json(row.report).leases:
+                for lease_id, _ in reports[row.id].leases:
                     lease = session.get(Lease, lease_id)
                     if lease.state == "reported":  # not vouched for by the kept group
                         return_to_pool(session, lease, "released", now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,22 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def outer_steps_together(trainers: list, tokens: list[int], entries: list | None = None) -> list:
+    """Each DiLoCoTrainer's outer step, all at once (so they can average together); their RoundResults."""
+    results: list = [None] * len(trainers)
+
+    def step(index: int) -> None:
+        entry = entries[index] if entries is not None else None
+        results[index] = trainers[index].outer_step(tokens_trained=tokens[index], cancel=threading.Event(), entry=entry)
+
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(trainers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
 
 
 def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ import torch
 
 from model.presets import build_model
 from protocol.swarm import Swarm
+from support import outer_steps_together
 from worker.diloco import DiLoCoSettings, DiLoCoTrainer
 
 SETTINGS = DiLoCoSettings(inner_lr=1e-2, outer_lr=0.7, outer_momentum=0.9, dht_prefix="test",
@@ -56,20 +57,6 @@ def _train_apart(trainers: list[DiLoCoTrainer], vocab: int) -> None:
         trainer.inner_step(batch)
 
 
-def _outer_steps_together(trainers: list[DiLoCoTrainer], tokens: list[int]) -> list:
-    results: list = [None] * len(trainers)
-
-    def step(index: int) -> None:
-        results[index] = trainers[index].outer_step(tokens_trained=tokens[index], cancel=threading.Event())
-
-    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(trainers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
-
-
 @pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
 def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compression: str) -> None:
     swarms = [Swarm("127.0.0.1")]
@@ -87,7 +74,7 @@ def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compr
             start = [torch.cat([g.flatten() for g in t.global_params]) for t in trainers]
             local = [torch.cat([p.detach().flatten() for p in t.model.parameters()]) for t in trainers]
             expected = sum(w * (g - p) for w, g, p in zip(tokens, start, local)) / sum(tokens)
-            results = _outer_steps_together(trainers, tokens=tokens)
+            results = outer_steps_together(trainers, tokens=tokens)
             assert [r.group_size for r in results] == [3, 3, 3], f"round {round_number}: {results}"
             assert len({r.params_digest for r in results}) == 1, "peers disagree after averaging"
             assert len({r.pseudo_gradient_digest for r in results}) == 1
@@ -120,7 +107,7 @@ def test_a_compression_set_between_rounds_applies_to_the_next_average(two_peers)
         for trainer in trainers:
             trainer.set_compression(compression)  # what a vote does at its activation round
         _train_apart(trainers, 300)
-        results = _outer_steps_together(trainers, tokens=[64, 64])
+        results = outer_steps_together(trainers, tokens=[64, 64])
         assert [r.group_size for r in results] == [2, 2], f"{compression}: {results}"
         assert len({r.params_digest for r in results}) == 1, f"{compression}: peers disagree after averaging"
         sent_per_round.append(sum(r.bytes_sent for r in results) / 2 / payload_bytes)

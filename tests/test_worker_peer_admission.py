@@ -18,6 +18,7 @@ from protocol import essaim_pb2 as pb
 from protocol.credentials import CredentialCheck, CredentialError, issue_credential, sign_statement
 from protocol.identity import Identity
 from protocol.swarm import Swarm
+from support import outer_steps_together
 from worker.diloco import DiLoCoSettings, DiLoCoTrainer
 from worker.peer_admission import CredentialAdmission, GroupEntry, OpenAdmission
 from worker.state_download import StateCheck
@@ -85,21 +86,6 @@ def _train_apart(peers: list[Peer]) -> list[list[torch.Tensor]]:
     return gradients
 
 
-def _average_together(peers: list[Peer], weights: list[int], entries: list[GroupEntry]) -> list:
-    results: list = [None] * len(peers)
-
-    def step(index: int) -> None:
-        results[index] = peers[index].trainer.outer_step(tokens_trained=weights[index], cancel=threading.Event(),
-                                                         entry=entries[index])
-
-    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(peers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
-
-
 def _stepped_with(before: list[torch.Tensor], average: list[torch.Tensor]) -> list[torch.Tensor]:
     """The global parameters after a first outer Nesterov step on `average` (momentum starts at the gradient)."""
     step = SETTINGS.outer_lr * (1 + SETTINGS.outer_momentum)
@@ -121,7 +107,7 @@ def test_a_volunteer_claiming_100x_its_credentials_tokens_averages_with_its_cred
     gradients = _train_apart(group)
     before = [p.clone() for p in group[0].trainer.global_params]
     entries = [group[0].entry(0, 100, "hpc"), group[1].entry(0, 300, "hpc"), group[2].entry(0, 300, "volunteer")]
-    results = _average_together(group, [100, 300, 30_000], entries)  # the third claims 100x its 300 tokens
+    results = outer_steps_together([p.trainer for p in group], [100, 300, 30_000], entries)  # the third claims 100x its 300 tokens
     assert [r.group_size for r in results] == [3, 3, 3]
     assert len({r.params_digest for r in results}) == 1  # still bit-identical
     after = group[0].trainer.global_params
@@ -137,7 +123,7 @@ def test_a_peer_without_a_credential_neither_enters_a_group_nor_taints_the_avera
     gradients = _train_apart(everyone)
     before = [p.clone() for p in honest[0].trainer.global_params]
     entries = [honest[0].entry(0, 200), honest[1].entry(0, 200), GroupEntry(0)]
-    results = _average_together(everyone, [200, 200, 200], entries)
+    results = outer_steps_together([p.trainer for p in everyone], [200, 200, 200], entries)
     assert [r.group_size for r in results[:2]] == [2, 2], results
     assert results[2].group_size == 1  # nobody averaged with it
     assert _close(honest[0].trainer.global_params, _stepped_with(before, _weighted(gradients[:2], [1, 1])))

@@ -100,6 +100,10 @@ class RoundProgress:
     def unused_leases(self) -> list[pb.Lease]:
         return [lease for lease in self.leases if lease.lease_id not in self.consumed]
 
+    def used_leases(self) -> list[pb.Lease]:
+        """The leases it trained on: the others were given back before averaging."""
+        return [lease for lease in self.leases if lease.lease_id in self.consumed]
+
 
 class RoundOver(Exception):
     """The coordinator decided this worker's round without it: adopt the swarm's state."""
@@ -140,12 +144,12 @@ class Worker:
         reader = self._shard_store(config)
         checkpoint = self._checkpoint_to_resume(config)
         model = load_model(checkpoint) if checkpoint else build_model(config.model_preset, config.vocab_size, config.seed)
-        self.swarm = swarm = self._join_swarm(config)
+        credentials = CredentialCheck(config.credential_key, config.run_id)  # the coordinator's, for peers' credentials
+        self.swarm = swarm = self._join_swarm(config, credentials)
         trainer: DiLoCoTrainer | None = None
         try:
-            admission = CredentialAdmission(CredentialCheck(config.credential_key, config.run_id))
             trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan,
-                                    admission)
+                                    CredentialAdmission(credentials))
             if checkpoint is not None:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
@@ -198,7 +202,7 @@ class Worker:
         log.info("shards in %s; missing ones are fetched from %s", data_dir, source.describe())
         return store
 
-    def _join_swarm(self, config: pb.RunConfig) -> Swarm:
+    def _join_swarm(self, config: pb.RunConfig, credentials: CredentialCheck) -> Swarm:
         """A hivemind peer; in client mode when no peer could open a connection to it (NAT, firewall)."""
         options = self.options
         port = free_port(options.host, options.dht_port)  # fixed now: dialled back, then announced
@@ -212,8 +216,7 @@ class Worker:
             elif not announce and options.host in ("0.0.0.0", "::"):
                 announce = reach.seen_host  # the one address peers are known to reach
         swarm = Swarm(options.host, initial_peers=list(config.initial_peers), client_mode=client_mode, port=port,
-                      announce=announce, credentials=CredentialCheck(config.credential_key, config.run_id),
-                      dht_prefix=config.dht_prefix)
+                      announce=announce, credentials=credentials, dht_prefix=config.dht_prefix)
         self._peer_id = swarm.dht.peer_id.to_base58()
         return swarm
 
@@ -248,7 +251,7 @@ class Worker:
         wall_seconds = time.perf_counter() - self._round_clock
         self._round_clock = time.perf_counter()
         if result is None:
-            self._release(progress.leases, "not part of the swarm's model; back to the pool")
+            self._release(progress.used_leases(), "not part of the swarm's model; back to the pool")
             self._catch_up(trainer, f"round {trainer.round}: others finished it without this worker")
             return True
         request = pb.CompleteRoundRequest(
@@ -261,13 +264,13 @@ class Worker:
         try:
             reply = self.client.complete_round(request, stop=self.stop_requested.is_set)
         except CoordinatorRefused as refused:
-            self._release(progress.leases, "the report was refused")
+            self._release(progress.used_leases(), "the report was refused")
             self._catch_up(trainer, f"round {result.round}: {refused}")
             return True
         if reply.pending:
             return True  # stopping: the report stays filed, and the coordinator decides its round without us
         if not reply.accepted:
-            self._release(progress.leases, "not part of the swarm's model; back to the pool")
+            self._release(progress.used_leases(), "not part of the swarm's model; back to the pool")
             self._catch_up(
                 trainer,
                 f"round {result.round}: the round kept another group's parameters ({reply.round_params_digest[:12]}), "
