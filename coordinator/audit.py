@@ -5,11 +5,17 @@ manifest, every lineage record against the lease it names, the accounting
 invariant (no token range lost or counted twice), and each checkpoint against its
 own digest and the round the coordinator recorded. Each problem is one sentence
 that names the shard, range, record or file.
+
+Checked work (coordinator/verification.py) is audited too: every lineage record's
+verification agrees with its round's check (verified: passed, rejected: failed), and every
+quarantined worker has the failed check that quarantined it. A quarantined worker is a
+finding, not a problem: the run is consistent, and the audit names the worker, the round and
+why its check failed. The tokens verified, unverified and rejected are counted apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -17,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.accounting import accounting_problems
 from coordinator.card import in_checkpoint
-from coordinator.store import Lease, LineageRecord, Round, Shard, meta_value
+from coordinator.store import Check, Lease, LineageRecord, Round, Shard, Worker, meta_value
+from coordinator.verification import CREDIT_STATES
 from model.checkpoints import CheckpointError, load_model, read_checkpoint
 from model.shards import Manifest, ShardIntegrityError, verify_shard
 
@@ -28,6 +35,8 @@ class AuditResult:
     shards: int
     lineage_records: int
     checkpoints: int
+    findings: list[str] = field(default_factory=list)  # what is consistent but worth knowing: quarantined workers
+    credit: dict[str, int] = field(default_factory=dict)  # tokens in kept rounds, by verification state
 
 
 def verify_run(sessions: sessionmaker[Session], data_dir: Path, checkpoints: list[Path]) -> AuditResult:
@@ -37,10 +46,12 @@ def verify_run(sessions: sessionmaker[Session], data_dir: Path, checkpoints: lis
         problems += _database_problems(session, manifest)
         records = session.scalars(select(LineageRecord).order_by(LineageRecord.id)).all()
         problems += _lineage_problems(session, records)
+        problems += _verification_problems(session, records)
+        findings = _quarantine_findings(session)
         problems += accounting_problems(sessions)
         for path in checkpoints:
             problems += _checkpoint_problems(session, Path(path), manifest)
-    return AuditResult(problems, len(manifest.shards), len(records), len(checkpoints))
+    return AuditResult(problems, len(manifest.shards), len(records), len(checkpoints), findings, _credit(records))
 
 
 def _shard_problems(manifest: Manifest, data_dir: Path) -> list[str]:
@@ -90,6 +101,52 @@ def _lineage_problems(session: Session, records: list[LineageRecord]) -> list[st
         if lease.state != expected_state:
             problems.append(f"{where}: its lease {lease.id} is {lease.state}, not {expected_state}")
     return problems
+
+
+def _verification_problems(session: Session, records: list[LineageRecord]) -> list[str]:
+    """Each record's verification as its round's check decided; each quarantine backed by a failed check."""
+    checks = {(check.worker_id, check.round): check for check in session.scalars(select(Check))}
+    expected = {"passed": "verified", "failed": "rejected"}
+    problems = []
+    for record in records:
+        check = checks.get((record.worker_id, record.round))
+        decided = "unverified"
+        if check is not None and check.decided_at is not None and record.created_at <= check.decided_at:
+            decided = expected.get(check.status, "unverified")  # a record made later (a rewound round's redo): none
+        if record.verification != decided:
+            found = f"its check {check.id} is {check.status}" if check is not None else "its round was never checked"
+            problems.append(f"lineage record {record.id} (round {record.round}, worker {record.worker_id[:12]}) is "
+                            f"credited {record.verification!r}, but {found}: it should be {decided!r}")
+    for worker in session.scalars(select(Worker).where(Worker.quarantined_at.is_not(None))):
+        check = session.get(Check, worker.quarantine_check) if worker.quarantine_check is not None else None
+        if check is None or (check.worker_id, check.status) != (worker.id, "failed"):
+            problems.append(f"worker {worker.name} ({worker.id[:12]}) is quarantined, but check "
+                            f"{worker.quarantine_check} is not a failed check of it: nothing backs the quarantine")
+    return problems
+
+
+def _quarantine_findings(session: Session) -> list[str]:
+    """Each quarantined worker, with the check that failed: the round, what triggered it, and why."""
+    findings = []
+    quarantined = session.scalars(select(Worker).where(Worker.quarantined_at.is_not(None)).order_by(Worker.name))
+    for worker in quarantined:
+        check = session.get(Check, worker.quarantine_check) if worker.quarantine_check is not None else None
+        trigger = f" ({check.trigger})" if check is not None else ""
+        rejected = sum(r.end - r.start for r in session.scalars(select(LineageRecord).where(
+            LineageRecord.worker_id == worker.id, LineageRecord.verification == "rejected")))
+        findings.append(f"worker {worker.name} ({worker.id[:12]}, {worker.institution}) is quarantined: check "
+                        f"{worker.quarantine_check}{trigger} of its round {worker.quarantine_round} failed: "
+                        f"{worker.quarantine_reason}; {rejected} of its tokens are credited rejected")
+    return findings
+
+
+def _credit(records: list[LineageRecord]) -> dict[str, int]:
+    """Tokens of records no rewind removed, by verification state."""
+    tokens = dict.fromkeys(CREDIT_STATES, 0)
+    for record in records:
+        if record.rewound_at is None:
+            tokens[record.verification] = tokens.get(record.verification, 0) + record.end - record.start
+    return tokens
 
 
 def _checkpoint_problems(session: Session, path: Path, manifest: Manifest) -> list[str]:

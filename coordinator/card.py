@@ -7,6 +7,11 @@ rounds, or of rounds a crash rewound before the save, are not in its weights.
 Contributors are credited to an institution only as verified at Register (a
 certificate from an institution the run admits, coordinator/admission.py); the
 tokens of every other worker are the volunteers', under no institution.
+
+Tokens are also told apart by what the checks of their rounds found (coordinator/verification.py):
+verified (a validator's replay of the round agreed), rejected (it disagreed: the worker was
+quarantined, but the round was kept, so its tokens are in the weights), or unverified (not checked,
+or not yet). The card shows the three apart, overall and per institution.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.mixture import target_shares
 from coordinator.store import LineageRecord, Shard, Source, Worker, meta_value
+from coordinator.verification import CREDIT_STATES
 from governance.documents import proposal_id
 from governance.ledger import Ledger
 from model.checkpoints import Checkpoint
@@ -49,7 +55,7 @@ def build_card(
         corpus_root = meta_value(session, "corpus_root_hash")
         _check_same_run(checkpoint, corpus_root, manifest)
         rows = session.execute(
-            select(LineageRecord, Shard, Worker.name)
+            select(LineageRecord, Shard, Worker.name, Worker.quarantined_at)
             .join(Shard, Shard.id == LineageRecord.shard_id)
             .join(Worker, Worker.id == LineageRecord.worker_id)
             .where(in_checkpoint(checkpoint))
@@ -62,7 +68,8 @@ def build_card(
     workers: dict[str, dict] = {}
     institutions: dict[str, dict] = {}
     config_versions: set[str] = set()
-    for record, shard, worker_name in rows:
+    checked = _by_credit()
+    for record, shard, worker_name, quarantined_at in rows:
         tokens = record.end - record.start
         by_language[shard.language] += tokens
         by_licence[shard.licence] += tokens
@@ -71,16 +78,20 @@ def build_card(
         source["date_from"] = min(source["date_from"], shard.date_from)
         source["date_to"] = max(source["date_to"], shard.date_to)
         worker = workers.setdefault(record.worker_id, {"name": worker_name, "institution": record.institution,
-                                                       "tokens": 0, "rounds": set()})
+                                                       "tokens": 0, "rounds": set(),
+                                                       "quarantined": quarantined_at is not None})
         worker["tokens"] += tokens
         worker["rounds"].add(record.round)
-        institution = institutions.setdefault(record.institution, {"tokens": 0, "workers": set()})
+        institution = institutions.setdefault(record.institution, {"tokens": 0, "workers": set(),
+                                                                   "verification": _by_credit()})
         institution["tokens"] += tokens
         institution["workers"].add(record.worker_id)
+        institution["verification"][record.verification] += tokens
+        checked[record.verification] += tokens
         config_versions.add(record.config_version)
 
     total = sum(by_language.values())
-    volunteers = institutions.get(INDEPENDENT, {"tokens": 0, "workers": set()})
+    volunteers = institutions.get(INDEPENDENT, {"tokens": 0, "workers": set(), "verification": _by_credit()})
     targets = target_shares({name: s.weight for name, s in sources.items()})
     for name, entry in by_source.items():
         entry.update(language=sources[name].language, licence=sources[name].licence,
@@ -93,17 +104,19 @@ def build_card(
         "model": {"preset": checkpoint.run_config.get("model_preset"), "vocab_size": manifest.vocab_size},
         "corpus": {"root_hash": corpus_root, "tokenizer_sha256": manifest.tokenizer_sha256},
         "tokens": total,
+        "verification": checked,  # tokens by what the checks of their rounds found
         "tokens_by_language": dict(sorted(by_language.items())),
         "tokens_by_licence": dict(sorted(by_licence.items())),
         "sources": dict(sorted(by_source.items())),
         "institutions": {  # verified institutions only
-            name: {"tokens": v["tokens"], "workers": len(v["workers"])} for name, v in sorted(institutions.items())
-            if name != INDEPENDENT
+            name: {"tokens": v["tokens"], "workers": len(v["workers"]), "verification": v["verification"]}
+            for name, v in sorted(institutions.items()) if name != INDEPENDENT
         },
-        "volunteers": {"tokens": volunteers["tokens"], "workers": len(volunteers["workers"])},
+        "volunteers": {"tokens": volunteers["tokens"], "workers": len(volunteers["workers"]),
+                       "verification": volunteers["verification"]},
         "workers": sorted(
-            ({"name": v["name"], "institution": v["institution"], "tokens": v["tokens"], "rounds": len(v["rounds"])}
-             for v in workers.values()), key=lambda w: (-w["tokens"], w["name"]),
+            ({"name": v["name"], "institution": v["institution"], "tokens": v["tokens"], "rounds": len(v["rounds"]),
+              "quarantined": v["quarantined"]} for v in workers.values()), key=lambda w: (-w["tokens"], w["name"]),
         ),
         "configs": {"versions": sorted(config_versions), "run_config": checkpoint.run_config},
     }
@@ -113,6 +126,11 @@ def build_card(
     if ledger is not None:
         card["configs"]["governance"] = _governance_summary(ledger, config_versions)
     return card
+
+
+def _by_credit() -> dict[str, int]:
+    """Tokens per verification state, every state present (0 when none)."""
+    return dict.fromkeys(CREDIT_STATES, 0)
 
 
 def _governance_summary(ledger: Ledger, versions: set[str]) -> dict:
@@ -200,14 +218,22 @@ def card_markdown(card: dict) -> str:
         "the key the run admits that institution with; every other worker is a volunteer, of no institution "
         f"(`{INDEPENDENT}`).",
         "",
-        "| verified institution | workers | tokens |",
-        "|---|---:|---:|",
-        *(f"| {k} | {v['workers']} | {v['tokens']:,} |" for k, v in card["institutions"].items()),
-        f"| volunteers (no institution) | {card['volunteers']['workers']} | {card['volunteers']['tokens']:,} |",
+        "Validators replay a sample of the rounds' reports: a worker's tokens of a round are *verified* when a "
+        "replay agreed, *rejected* when it disagreed (the worker is quarantined; the round was kept, so they are in "
+        "the weights), *unverified* when the round was not checked (or not yet).",
+        "",
+        "| verified institution | workers | tokens | verified by replay | unverified | rejected |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {k} | {v['workers']} | {v['tokens']:,} | {_credit_cells(v['verification'])} |"
+          for k, v in card["institutions"].items()),
+        f"| volunteers (no institution) | {card['volunteers']['workers']} | {card['volunteers']['tokens']:,} "
+        f"| {_credit_cells(card['volunteers']['verification'])} |",
+        f"| all | {len(card['workers'])} | {total:,} | {_credit_cells(card['verification'])} |",
         "",
         "| worker | institution | rounds | tokens |",
         "|---|---|---:|---:|",
-        *(f"| {w['name']} | {w['institution']} | {w['rounds']} | {w['tokens']:,} |" for w in card["workers"]),
+        *(f"| {w['name']}{' (quarantined)' if w['quarantined'] else ''} | {w['institution']} | {w['rounds']} "
+          f"| {w['tokens']:,} |" for w in card["workers"]),
         "",
     ]
     preparation = card.get("data_preparation")
@@ -236,6 +262,10 @@ def card_markdown(card: dict) -> str:
         lines.append("")
     lines += ["## Run configuration", "", "```json", json.dumps(card["configs"]["run_config"], indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _credit_cells(tokens: dict[str, int]) -> str:
+    return " | ".join(f"{tokens[state]:,}" for state in ("verified", "unverified", "rejected"))
 
 
 def write_card(card: dict, out_dir: Path) -> tuple[Path, Path]:

@@ -10,10 +10,10 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.auth import DEFAULT_MAX_NONCES, DEFAULT_MAX_NONCES_PER_WORKER
-from protocol.choices import INDEPENDENT
+from protocol.choices import AGGREGATIONS, INDEPENDENT
 
 
 class Bounds(BaseModel):
@@ -68,11 +68,24 @@ class RunSettings(BaseModel):
     # for batch_size rows at once trains the same tokens to the same result. 0: one pass.
     micro_batch_size: int = Field(0, ge=0)
     compile: bool = False              # workers wrap the model in torch.compile (faster on GPUs, slow to start)
+    # How a reducer combines the parts of its slice: one of protocol.choices.AGGREGATIONS. A clipped
+    # or trimmed mean bounds what one sender's part can move the average (worker/aggregation.py).
+    aggregation: str = "clipped_mean"
+    # The base share of kept reports a validator replays (coordinator/verification.py: a new volunteer's
+    # is 10x this). 0: no checks, and workers keep their inner optimizer across rounds (no replay).
+    verify_fraction: float = Field(0.025, ge=0, le=1)
     # Where workers fetch shards: "" for the coordinator itself, else an fsspec URL of the prepared
     # directory (https:// with Range support, s3://...). Where the bytes live, not what the run is:
     # it is left out of the run id, so a community can move its shards without starting over.
     data_url: str = ""
     bounds: Bounds = Bounds()
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_aggregation(cls, value: str) -> str:
+        if value not in AGGREGATIONS:
+            raise ValueError(f"aggregation {value!r} is not one of {', '.join(AGGREGATIONS)}")
+        return value
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunSettings":

@@ -25,6 +25,11 @@ The rule (docs/ARCHITECTURE.md, "Rounds"):
   leases still granted to it (a member whose report came after the decision); otherwise it is
   answered "not kept" and changes nothing.
 Until its round is decided a report is answered "pending" and sent again.
+
+Checked work (coordinator/verification.py): a report is filed with its claim and witnesses and
+the peer id its worker leased with; once kept (at the decision, or late) the round book hands it
+to `on_kept`, which opens the checks a validator replays. A quarantined worker's reports are
+refused before they reach the round book, and a group's statement vouching for one records nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -71,9 +76,14 @@ class RoundReport:
     inner_seconds: float = 0.0
     wall_seconds: float = 0.0
     members: tuple[Member, ...] = field(default=())
+    # Its claim and witnesses, a CompleteRoundRequest holding only those (protobuf): kept for the
+    # validators in the filed report's own column, not in its JSON.
+    evidence: bytes = field(default=b"", repr=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        del fields["evidence"]
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "RoundReport":
@@ -114,17 +124,22 @@ def lineage_head(session: Session) -> int:
     return session.scalar(select(func.max(LineageRecord.id))) or 0
 
 
+# Called with (session, round, its newly kept filed reports, now) once they are recorded.
+OnKept = Callable[[Session, int, Sequence[FiledReport], float], object]
+
+
 class RoundBook:
     def __init__(self, config_version: Callable[[int], str], decision_seconds: float = float("inf"),
-                 idle_stake: int = 0, live_seconds: float = 15.0) -> None:
+                 idle_stake: int = 0, live_seconds: float = 15.0, on_kept: OnKept | None = None) -> None:
         self._config_version = config_version  # the config in force at a round, named in its lineage
         self._decision_seconds = decision_seconds
         self._idle_stake = idle_stake      # what a live worker without a lease of the round may still stake
         self._live_seconds = live_seconds  # heard from this recently: live
+        self._on_kept = on_kept            # opens the checks of kept reports (coordinator/verification.py)
 
     def report(self, session: Session, worker_id: str, report: RoundReport, open_round: int, now: float) -> RoundRecorded:
         """File, decide and answer a report (module docstring); LeaseError for a refused one."""
-        replayed = self._recorded_before(session, worker_id, report)
+        replayed = self._recorded_before(session, worker_id, report, now)
         if replayed is not None:
             return replayed
         filed = session.scalar(select(FiledReport).where(FiledReport.round == report.round,
@@ -148,10 +163,7 @@ class RoundBook:
             check_usage(lease, tokens)
         if report.round < open_round:
             return self._late(session, worker_id, report, now)
-        filed = FiledReport(round=report.round, worker_id=worker_id, params_digest=report.params_digest,
-                            held_tokens=sum(lease.end - lease.start for lease in leases), report=report.to_json(),
-                            received_at=now, outcome="pending")
-        session.add(filed)
+        filed = self._file(session, worker_id, report, now, "pending")
         for lease in leases:
             lease.state = "reported"
         session.flush()
@@ -163,6 +175,7 @@ class RoundBook:
         filed = session.scalars(select(FiledReport).where(FiledReport.round == round_number,
                                                           FiledReport.outcome == "pending")
                                 .order_by(FiledReport.received_at, FiledReport.id).with_for_update()).all()
+        filed = self._drop_quarantined(session, filed, now)
         if not filed:
             return False
         reports = {row.id: RoundReport.from_json(row.report) for row in filed}  # parsed once per decision
@@ -194,6 +207,8 @@ class RoundBook:
             for member in report.members:
                 if member.worker_id not in recorded and self._vouch(session, member, report, round_row, now):
                     recorded.add(member.worker_id)
+        if self._on_kept is not None:
+            self._on_kept(session, round_number, kept, now)
         for row in filed:
             if row.outcome == "pending":
                 row.outcome = "not_kept"
@@ -215,7 +230,49 @@ class RoundBook:
         busy = select(Lease.worker_id).where(Lease.round == round_number, Lease.state.in_(("granted", "reported")))
         reported = select(FiledReport.worker_id).where(FiledReport.round == round_number)
         return session.scalar(select(func.count(Worker.id)).where(
-            Worker.last_seen >= now - self._live_seconds, Worker.id.not_in(busy), Worker.id.not_in(reported))) or 0
+            Worker.last_seen >= now - self._live_seconds, Worker.quarantined_at.is_(None), Worker.id.not_in(busy),
+            Worker.id.not_in(reported))) or 0
+
+    @staticmethod
+    def _drop_quarantined(session: Session, filed: list[FiledReport], now: float) -> list[FiledReport]:
+        """The filed reports whose workers are not quarantined; the others' are dropped, their leases back in the pool.
+
+        A verdict drops them when it quarantines (coordinator/verification.py): this is for a report
+        filed by another coordinator process while that verdict was being given.
+        """
+        if not filed:
+            return filed
+        quarantined = set(session.scalars(select(Worker.id).where(
+            Worker.id.in_(sorted({row.worker_id for row in filed})), Worker.quarantined_at.is_not(None))))
+        for row in filed:
+            if row.worker_id in quarantined:
+                row.outcome = "quarantined"
+                for lease_id, _ in RoundReport.from_json(row.report).leases:
+                    lease = session.get(Lease, lease_id)
+                    if lease.state == "reported":
+                        return_to_pool(session, lease, "released", now)
+        return [row for row in filed if row.worker_id not in quarantined]
+
+    @staticmethod
+    def _file(session: Session, worker_id: str, report: RoundReport, now: float, outcome: str) -> FiledReport:
+        """The report as filed: its stake, its JSON, and what a check of it needs (peer id, claim, witnesses)."""
+        held = sum(lease.end - lease.start for lease in (session.get(Lease, i) for i, _ in report.leases))
+        filed = FiledReport(round=report.round, worker_id=worker_id, params_digest=report.params_digest,
+                            held_tokens=held, report=report.to_json(), received_at=now, outcome=outcome,
+                            peer_id=session.get(Worker, worker_id).peer_id, evidence=report.evidence or None)
+        session.add(filed)
+        return filed
+
+    def _kept_late(self, session: Session, worker_id: str, report: RoundReport, now: float) -> None:
+        """File a report recorded after its round's decision as kept, so that it can be checked like the others."""
+        known = session.scalar(select(FiledReport.id).where(FiledReport.round == report.round,
+                                                            FiledReport.worker_id == worker_id))
+        if known is not None:
+            return
+        filed = self._file(session, worker_id, report, now, "kept")
+        session.flush()
+        if self._on_kept is not None:
+            self._on_kept(session, report.round, [filed], now)
 
     def _answer(self, session: Session, filed: FiledReport, report: RoundReport) -> RoundRecorded:
         head = lineage_head(session)
@@ -232,6 +289,7 @@ class RoundBook:
             kept = round_row.params_digest if round_row is not None else ""
             return RoundRecorded(False, kept, [], lineage_head(session))
         self._record(session, worker_id, report, round_row, now)
+        self._kept_late(session, worker_id, report, now)
         session.flush()
         return RoundRecorded(True, round_row.params_digest, self._lineage_ids(session, report), lineage_head(session))
 
@@ -265,6 +323,11 @@ class RoundBook:
 
     def _vouch(self, session: Session, member: Member, by: RoundReport, round_row: Round, now: float) -> bool:
         """Record a member that did not report itself, on its own signed usage; False if its leases do not fit."""
+        worker = session.get(Worker, member.worker_id)
+        if worker is None or worker.quarantined_at is not None:
+            log.warning("round %d: a member statement vouches for worker %s, which is quarantined or unknown: "
+                        "not recorded", round_row.number, member.worker_id[:8])
+            return False
         for lease_id, tokens in member.leases:
             lease = session.get(Lease, lease_id)
             if (lease is None or lease.worker_id != member.worker_id or lease.round != round_row.number
@@ -296,7 +359,8 @@ class RoundBook:
                                    .where(LineageRecord.lease_id.in_([i for i, _ in report.leases]))).all())
         return [ids[lease_id] for lease_id, _ in report.leases]
 
-    def _recorded_before(self, session: Session, worker_id: str, report: RoundReport) -> RoundRecorded | None:
+    def _recorded_before(self, session: Session, worker_id: str, report: RoundReport,
+                         now: float) -> RoundRecorded | None:
         """The answer already given, when this report was recorded before and its reply lost (a retry).
 
         A coordinator killed after committing a report but before replying sees the same
@@ -318,4 +382,5 @@ class RoundBook:
         kept = session.get(Round, report.round).params_digest
         if kept != report.params_digest:  # vouched for by its group, then reported other parameters
             return RoundRecorded(False, kept, [], lineage_head(session))
+        self._kept_late(session, worker_id, report, now)  # vouched for, then its own report: checkable now
         return RoundRecorded(True, kept, self._lineage_ids(session, report), lineage_head(session))

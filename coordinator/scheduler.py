@@ -23,10 +23,13 @@ from coordinator.leases import HELD, LeaseError, own_lease, return_to_pool
 from coordinator.mixture import mixture_order
 from coordinator.round_terms import RoundTerms
 from coordinator.rounds import RoundBook, RoundRecorded, RoundReport
-from coordinator.store import Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
+from coordinator.store import FiledReport, Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
+from coordinator.verification import (
+    Assignment, Quarantined, Sampler, Verdict, open_checks, refuse_if_quarantined, submit_verdict, take_check,
+)
 
-__all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "RoundOver", "RoundRecorded",
-           "RoundReport", "Scheduler"]
+__all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "Quarantined", "RoundOver",
+           "RoundRecorded", "RoundReport", "Scheduler"]
 
 
 class Backoff(LeaseError):
@@ -83,14 +86,17 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         terms: Callable[[int], RoundTerms] = lambda _round: RoundTerms(),
         limits: LeaseLimits = LeaseLimits(),
+        sampler: Sampler | None = None,  # None: no checks (verify_fraction 0, coordinator/verification.py)
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
         self.total_rounds = total_rounds
         self.limits = limits
         self._terms = terms  # lease policy, mixture and config version in force at a round
+        self._sampler = sampler
         self._rounds = RoundBook(lambda round_: terms(round_).config_version, limits.decision_seconds,
-                                 limits.idle_stake, limits.live_seconds)
+                                 limits.idle_stake, limits.live_seconds,
+                                 on_kept=self._open_checks if sampler is not None else None)
         self._heartbeats = HeartbeatBuffer(limits.max_seconds)
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
@@ -99,11 +105,13 @@ class Scheduler:
 
     # -- leases --------------------------------------------------------------------------
 
-    def acquire(self, worker_id: str, max_tokens: int, round_number: int) -> LeaseGrant | None:
+    def acquire(self, worker_id: str, max_tokens: int, round_number: int, peer_id: str = "") -> LeaseGrant | None:
         """Lease a pool range as the mixture asks, sized to the worker; None only for a corpus without tokens.
 
-        Raises Backoff while a failing worker must wait, AllocationEnding when its allocation is nearly over,
-        RoundOver when its round is decided already, and AtLimit when it holds as much as one worker may.
+        Raises Quarantined for a worker a check convicted, Backoff while a failing worker must wait,
+        AllocationEnding when its allocation is nearly over, RoundOver when its round is decided
+        already, and AtLimit when it holds as much as one worker may. `peer_id`: the hivemind peer
+        its round credential names, recorded so that reducers' witnesses map to the worker.
         """
         if max_tokens <= 0:
             raise LeaseError(f"max_tokens must be positive, got {max_tokens}")
@@ -113,15 +121,18 @@ class Scheduler:
                 with self._sessions.begin() as session:  # committed even when this worker is refused below
                     self._expire(session, now)
             with self._sessions.begin() as session:
-                return self._grant(session, worker_id, max_tokens, round_number, now)
+                return self._grant(session, worker_id, max_tokens, round_number, now, peer_id)
 
-    def _grant(self, session: Session, worker_id: str, max_tokens: int, round_number: int, now: float) -> LeaseGrant | None:
+    def _grant(self, session: Session, worker_id: str, max_tokens: int, round_number: int, now: float,
+               peer_id: str = "") -> LeaseGrant | None:
+        worker = refuse_if_quarantined(session, worker_id)
         open_round = self._open_round(session)
         if round_number < open_round:
             raise RoundOver(round_number, open_round)
         if round_number > open_round:
             raise LeaseError(f"round {round_number} is not open yet: the run is at round {open_round}")
-        worker = session.get(Worker, worker_id)
+        if peer_id:
+            worker.peer_id = peer_id
         if worker.backoff_until > now:
             raise Backoff(worker.backoff_until - now, worker.failures)
         max_tokens = min(max(max_tokens, self.limits.min_tokens), self._room(session, worker_id))
@@ -176,7 +187,26 @@ class Scheduler:
         if len(set(lease_ids)) != len(lease_ids):
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
         with self._lock, self._sessions.begin() as session:
+            refuse_if_quarantined(session, worker_id)  # nothing of a quarantined worker is recorded
             return self._rounds.report(session, worker_id, report, self._open_round(session), self._clock())
+
+    # -- checked work (coordinator/verification.py) ----------------------------------------
+
+    def _open_checks(self, session: Session, round_number: int, kept: list[FiledReport], now: float) -> None:
+        open_checks(session, round_number, self._sampler, now, kept)
+
+    def take_check(self, validator_id: str) -> Assignment | None:
+        """The next check for a certified validator (NotAValidator for another); None when none is open.
+
+        A check assigned two lease periods ago without a verdict goes to the next validator that asks.
+        """
+        with self._lock, self._sessions.begin() as session:
+            return take_check(session, validator_id, self._clock(), reassign_after=2 * self.lease_seconds)
+
+    def submit_verdict(self, validator_id: str, verdict: Verdict) -> None:
+        """Apply a validator's verdict: credit, quarantine or re-queue (coordinator/verification.py)."""
+        with self._lock, self._sessions.begin() as session:
+            submit_verdict(session, validator_id, verdict, self._clock())
 
     def _room(self, session: Session, worker_id: str) -> int:
         """How many more tokens the worker may lease now; AtLimit when it holds as much as it may."""
@@ -256,7 +286,8 @@ class Scheduler:
         self.flush_heartbeats()
         with self._sessions() as session:
             cutoff = self._clock() - within_seconds
-            return session.scalar(select(func.count(Worker.id)).where(Worker.last_seen >= cutoff)) or 0
+            return session.scalar(select(func.count(Worker.id)).where(Worker.last_seen >= cutoff,
+                                                                      Worker.quarantined_at.is_(None))) or 0
 
     # -- internals -----------------------------------------------------------------------
 

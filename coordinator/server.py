@@ -20,6 +20,7 @@ from coordinator.governed import GovernedRun
 from coordinator.round_terms import round_terms
 from coordinator.scheduler import LeaseLimits, Scheduler
 from coordinator.service import CoordinatorService
+from coordinator.verification import Sampler
 from coordinator.store import load_manifest, open_engine, session_factory
 from model.shards import Manifest
 from model.tokenizer import tokenizer_sha256
@@ -65,6 +66,8 @@ def build_run_config(
         compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
         checkpoint_every_rounds=run.checkpoint_every_rounds, leases_per_round=run.leases_per_round,
         micro_batch_size=run.micro_batch_size, compile=run.compile, data_url=run.data_url,
+        aggregation=run.aggregation, verify_fraction=run.verify_fraction,
+        fresh_inner_optimizer=run.verify_fraction > 0,  # a validator replays a round from a fresh inner AdamW
         initial_peers=peers, dht_prefix=dht_prefix(run_id),
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),
@@ -101,7 +104,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     run = settings.run
     governed = GovernedRun(settings.governance) if settings.governance else None  # refuses a ledger that fails
     scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds,
-                          terms=round_terms(run, governed), limits=lease_limits(run))
+                          terms=round_terms(run, governed), limits=lease_limits(run), sampler=sampler_for(run))
     extended = scheduler.extend_leases_after_restart()
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
@@ -149,6 +152,11 @@ def lease_limits(run: RunSettings) -> LeaseLimits:
                        max_seconds=bounds.lease_max_seconds,
                        decision_seconds=bounds.decision_seconds or 2 * run.averaging_timeout_seconds + run.lease_seconds,
                        idle_stake=run.tokens_per_round, live_seconds=3.0 * run.heartbeat_seconds)
+
+
+def sampler_for(run: RunSettings) -> Sampler | None:
+    """Which kept reports validators replay (coordinator/verification.py); None: checking is off."""
+    return Sampler(run.verify_fraction) if run.verify_fraction > 0 else None
 
 
 def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:

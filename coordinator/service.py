@@ -8,6 +8,7 @@ written to the store before a request has passed every check.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -22,9 +23,10 @@ from coordinator.corpus_files import CorpusFileError, CorpusFiles
 from coordinator.governed import GovernedRun
 from coordinator.reachability import dial_back, peer_host
 from coordinator.rounds import Member, RoundReport
-from coordinator.scheduler import AllocationEnding, AtLimit, Backoff, LeaseError, RoundOver, Scheduler
+from coordinator.scheduler import AllocationEnding, AtLimit, Backoff, LeaseError, Quarantined, RoundOver, Scheduler
 from coordinator.status import StatusCache, StatusPageError
-from coordinator.store import Worker
+from coordinator.store import Lease, Shard, Worker
+from coordinator.verification import Assignment, NotAValidator, UnknownCheck, Verdict, VerdictRefused
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, NoncesExhausted, RequestVerifier
 from protocol.certificates import ADMISSION_NOTE_METADATA
@@ -37,6 +39,12 @@ log = logging.getLogger("essaim.coordinator")
 
 SERVICE_NAME = "essaim.v1.Coordinator"
 REPORT_POLL_MS = 250  # how soon a worker whose round is undecided sends its report again
+CHECK_POLL_MS = 1000  # how soon a validator that found no check open asks again
+MAX_PEER_ID_CHARS = 128  # a hivemind peer id is ~50 base58 characters (Worker.peer_id holds 128)
+WITNESSES_PER_MEMBER = 4  # a report carries at most this many witnesses per member of a full group
+MAX_REASON_CHARS = 2000  # a verdict's reason, as the audit shows it
+OUTCOMES = {pb.VerdictRequest.PASSED: "passed", pb.VerdictRequest.FAILED: "failed",
+            pb.VerdictRequest.INCONCLUSIVE: "inconclusive"}
 
 
 class CoordinatorService:
@@ -81,6 +89,8 @@ class CoordinatorService:
             "ReleaseLease": (pb.ReleaseLeaseRequest, self.release_lease),
             "GetStatus": (pb.StatusRequest, self.get_status),
             "GetTrainingShape": (pb.TrainingShapeRequest, self.get_training_shape),
+            "TakeCheck": (pb.TakeCheckRequest, self.take_check),
+            "SubmitVerdict": (pb.VerdictRequest, self.submit_verdict),
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -179,6 +189,7 @@ class CoordinatorService:
         return config
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        _require_finite("Heartbeat", loss=request.loss, tokens_per_second=request.tokens_per_second)
         self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
         live_workers, current_round = self._swarm()
         head = self._governed.current().head if self._governed is not None else ""
@@ -200,10 +211,17 @@ class CoordinatorService:
         return self._live_workers, self._round
 
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:
+        if len(request.peer_id) > MAX_PEER_ID_CHARS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"AcquireLease: peer_id has {len(request.peer_id)} characters; a hivemind peer id has at "
+                          f"most {MAX_PEER_ID_CHARS}")
         if self._scheduler.run_complete(request.round):
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.RUN_COMPLETE)
         try:
-            grant = self._scheduler.acquire(request.auth.worker_id, request.max_tokens, request.round)
+            grant = self._scheduler.acquire(request.auth.worker_id, request.max_tokens, request.round, request.peer_id)
+        except Quarantined as quarantined:  # no lease, so no round credential: peers will not average with it
+            log.info("AcquireLease: %s", quarantined)
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.QUARANTINED)
         except Backoff as wait:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.BACKOFF, retry_after_ms=int(wait.retry_after * 1000))
         except AllocationEnding:
@@ -215,14 +233,8 @@ class CoordinatorService:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.AT_LIMIT)
         if grant is None:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.POOL_EMPTY)
-        lease, shard = grant.lease, grant.shard
         return pb.AcquireLeaseReply(
-            status=pb.AcquireLeaseReply.GRANTED,
-            lease=pb.Lease(
-                lease_id=lease.id, shard_id=shard.id, shard_file=shard.file, shard_sha256=shard.sha256,
-                shard_tokens=shard.tokens, dtype=shard.dtype, start=lease.start, end=lease.end,
-                round=lease.round, deadline_ms=int(lease.deadline * 1000),
-            ),
+            status=pb.AcquireLeaseReply.GRANTED, lease=lease_message(grant.lease, grant.shard),
             round_credential=self._round_credential(request, grant.round_tokens, grant.trust_class),
         )
 
@@ -236,6 +248,9 @@ class CoordinatorService:
         ))
 
     def complete_round(self, request: pb.CompleteRoundRequest) -> pb.CompleteRoundReply:
+        # One NaN in a stored number fails the round's decision for every reporter: refused at the edge.
+        _require_finite("CompleteRound", loss=request.loss, inner_seconds=request.inner_seconds,
+                        wall_seconds=request.wall_seconds)
         recorded = self._scheduler.complete_round(
             request.auth.worker_id,
             RoundReport(
@@ -244,7 +259,7 @@ class CoordinatorService:
                 loss=request.loss, pseudo_gradient_digest=request.pseudo_gradient_digest,
                 params_digest=request.params_digest, group_size=request.group_size, bytes_sent=request.bytes_sent,
                 inner_seconds=request.inner_seconds, wall_seconds=request.wall_seconds,
-                members=self._members(request),
+                members=self._members(request), evidence=self._evidence(request),
             ),
         )
         return pb.CompleteRoundReply(
@@ -268,10 +283,55 @@ class CoordinatorService:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"CompleteRound: a member statement of worker {statement.worker_id[:8]} is for run "
                               f"{statement.run_id!r} round {statement.round}, not this report's")
+            if not math.isfinite(statement.loss):  # its signer's own word, in an honest reporter's report
+                log.warning("CompleteRound: worker %s's member statement gives a loss of %s: it vouches for nothing",
+                            statement.worker_id[:8], statement.loss)
+                continue
             members.append(Member(statement.worker_id,
                                   tuple((usage.lease_id, usage.tokens_consumed) for usage in statement.leases),
                                   statement.loss))
         return tuple(members)
+
+    def _evidence(self, request: pb.CompleteRoundRequest) -> bytes:
+        """The report's claim and witnesses, as filed for the validators (b"": it carried neither)."""
+        most = WITNESSES_PER_MEMBER * self._run.target_group_size
+        if len(request.witnesses) > most:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"CompleteRound: {len(request.witnesses)} witnesses; a reducer witnesses at most {most} parts "
+                          "(a few per member of a group)")
+        if not request.HasField("claim") and not request.witnesses:
+            return b""
+        evidence = pb.CompleteRoundRequest(witnesses=request.witnesses)
+        if request.HasField("claim"):
+            evidence.claim.CopyFrom(request.claim)
+        return evidence.SerializeToString()
+
+    def take_check(self, request: pb.TakeCheckRequest) -> pb.CheckAssignment:
+        try:
+            assignment = self._scheduler.take_check(request.auth.worker_id)
+        except NotAValidator as error:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"TakeCheck: {error}") from None
+        if assignment is None:
+            return pb.CheckAssignment(check_id=0, retry_after_ms=CHECK_POLL_MS)
+        return assignment_message(assignment)
+
+    def submit_verdict(self, request: pb.VerdictRequest) -> pb.VerdictReply:
+        outcome = OUTCOMES.get(request.outcome)
+        if outcome is None:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"SubmitVerdict: outcome {request.outcome} is not PASSED, FAILED or INCONCLUSIVE")
+        if len(request.reason) > MAX_REASON_CHARS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"SubmitVerdict: the reason has {len(request.reason)} characters; say it in at most "
+                          f"{MAX_REASON_CHARS}")
+        verdict = Verdict(request.check_id, outcome, request.reason, request.exact, request.cosine, request.norm_ratio)
+        try:
+            self._scheduler.submit_verdict(request.auth.worker_id, verdict)
+        except UnknownCheck as error:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"SubmitVerdict: {error}") from None
+        except VerdictRefused as error:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"SubmitVerdict: {error}") from None
+        return pb.VerdictReply()
 
     def get_status(self, request: pb.StatusRequest) -> pb.StatusReply:
         try:
@@ -307,3 +367,31 @@ class CoordinatorService:
     def release_lease(self, request: pb.ReleaseLeaseRequest) -> pb.ReleaseLeaseReply:
         self._scheduler.release(request.auth.worker_id, request.lease_id)
         return pb.ReleaseLeaseReply()
+
+
+def _require_finite(method: str, **values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{method}: {name} is {value}, not a finite number: a worker whose training diverged "
+                          "reloads the swarm's state instead of reporting")
+
+
+def lease_message(lease: Lease, shard: Shard) -> pb.Lease:
+    """A lease as the wire has it: granted to its worker, or shown to a validator replaying it."""
+    return pb.Lease(
+        lease_id=lease.id, shard_id=shard.id, shard_file=shard.file, shard_sha256=shard.sha256,
+        shard_tokens=shard.tokens, dtype=shard.dtype, start=lease.start, end=lease.end,
+        round=lease.round, deadline_ms=int(lease.deadline * 1000),
+    )
+
+
+def assignment_message(assignment: Assignment) -> pb.CheckAssignment:
+    check = assignment.check
+    return pb.CheckAssignment(
+        check_id=check.id, worker_id=check.worker_id, round=check.round,
+        leases=[lease_message(lease, shard) for lease, shard in assignment.leases],
+        usage=[pb.LeaseUsage(lease_id=lease_id, tokens_consumed=tokens) for lease_id, tokens in assignment.usage],
+        claim=assignment.claim, witnesses=assignment.witnesses, witness_classes=assignment.witness_classes,
+        start_params_digest=assignment.start_params_digest,
+    )

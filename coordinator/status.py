@@ -105,7 +105,8 @@ def _read_network(
         # Columns, not ORM objects: a snapshot of thousands of workers is read once a second.
         rows = session.execute(
             select(Worker.id, Worker.name, Worker.institution, Worker.trust_class, Worker.device, Worker.precision,
-                   Worker.tokens_per_second, Worker.last_round, Worker.last_seen, Worker.available_until)
+                   Worker.tokens_per_second, Worker.last_round, Worker.last_seen, Worker.available_until,
+                   Worker.quarantined_at)
             .order_by(Worker.name, Worker.id)  # the id breaks ties: pages must not overlap or skip anyone
         ).all()
         leases_out, tokens_out = session.execute(
@@ -121,13 +122,14 @@ def _read_network(
         ]
     cutoff = now - live_within_seconds
     workers = [
-        pb.WorkerStatus(
+        pb.WorkerStatus(  # a quarantined worker may still call, but it trains nothing: not live
             name=name, institution=institution, trust_class=trust_class, device=device, precision=precision,
-            tokens_per_second=tokens_per_second, round=last_round, live=last_seen >= cutoff,
+            tokens_per_second=tokens_per_second, round=last_round,
+            live=last_seen >= cutoff and quarantined_at is None,
             leases=leases_by_worker.get(worker_id, 0), available_until=available_until,
         )
         for (worker_id, name, institution, trust_class, device, precision, tokens_per_second, last_round, last_seen,
-             available_until) in rows
+             available_until, quarantined_at) in rows
     ]
     live = [w for w in workers if w.live]
     throughput = sum(w.tokens_per_second for w in live)

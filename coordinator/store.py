@@ -56,6 +56,15 @@ class Worker(Base):
     # Leases that expired in a row: each one halves the next lease and doubles the back-off.
     failures: Mapped[int] = mapped_column(default=0, server_default="0")
     backoff_until: Mapped[float] = mapped_column(default=0.0, server_default="0")
+    # Checked work (coordinator/verification.py). The hivemind peer id it last leased with, as its round
+    # credential names it: a reducer's witness names senders by peer id, and this maps one to its worker.
+    peer_id: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    passed_checks: Mapped[int] = mapped_column(default=0, server_default="0")  # fewer: sampled more often
+    # Set by a failed check: no more leases, no more credit. The round and check say which work failed.
+    quarantined_at: Mapped[float | None] = mapped_column(default=None)
+    quarantine_round: Mapped[int | None] = mapped_column(default=None)
+    quarantine_check: Mapped[int | None] = mapped_column(default=None)  # a check id (no foreign key: checks name workers)
+    quarantine_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class Source(Base):
@@ -157,8 +166,35 @@ class FiledReport(Base):
     held_tokens: Mapped[int] = mapped_column(BigInteger)  # the sizes of the report's leases: its group's stake
     report: Mapped[str] = mapped_column(Text)  # the RoundReport as JSON, members' vouched usage included
     received_at: Mapped[float]
-    outcome: Mapped[str] = mapped_column(String(16))  # pending | kept | not_kept
+    outcome: Mapped[str] = mapped_column(String(16))  # pending | kept | not_kept | quarantined (dropped)
+    # What a check of the report needs: the worker's peer id when it filed (a witness names senders by
+    # peer id), and the report's claim and witnesses as a CompleteRoundRequest holding only those two.
+    peer_id: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    evidence: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # None: it carried neither
     __table_args__ = (UniqueConstraint("round", "worker_id"),)
+
+
+class Check(Base):
+    """A kept report to replay, sampled or triggered by a witness; a validator's verdict (coordinator/verification.py)."""
+
+    __tablename__ = "checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
+    round: Mapped[int]  # with worker_id, names the kept report it replays (a rewind deletes reports, not checks)
+    status: Mapped[str] = mapped_column(String(16))  # pending | assigned | passed | failed | inconclusive
+    trigger: Mapped[str] = mapped_column(String(256))  # "sampled" | "anomaly: <what a witness showed>"
+    created_at: Mapped[float]
+    # The validator it is assigned to; while pending again after an inconclusive verdict, the one that gave it.
+    validator_id: Mapped[str | None] = mapped_column(ForeignKey("workers.id"), default=None)
+    assigned_at: Mapped[float | None] = mapped_column(default=None)
+    decided_at: Mapped[float | None] = mapped_column(default=None)
+    inconclusive: Mapped[int] = mapped_column(default=0, server_default="0")  # verdicts so: the first re-queues it
+    # The verdict, as the validator gave it.
+    reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    exact: Mapped[bool | None] = mapped_column(default=None)
+    cosine: Mapped[float | None] = mapped_column(default=None)
+    norm_ratio: Mapped[float | None] = mapped_column(default=None)
+    __table_args__ = (UniqueConstraint("worker_id", "round"), Index("ix_checks_status", "status", "id"))
 
 
 class Contribution(Base):
@@ -199,6 +235,9 @@ class LineageRecord(Base):
     precision: Mapped[str] = mapped_column(String(8), default="", server_default="")
     created_at: Mapped[float]
     rewound_at: Mapped[float | None] = mapped_column(default=None)  # set: no model holds these tokens any more
+    # What a check of the round's report found: unverified (none passed yet) | verified | rejected.
+    verification: Mapped[str] = mapped_column(String(16), default="unverified", server_default="unverified")
+    __table_args__ = (Index("ix_lineage_worker_round", "worker_id", "round"),)  # a verdict credits one round
 
 
 def sqlite_url(path: Path) -> str:

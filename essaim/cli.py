@@ -14,6 +14,7 @@ from essaim.cli_hpc import hpc_app
 from essaim.cli_institution import institution_app, named_keys
 from essaim.cli_support import DEFAULT_STATE_DIR
 from essaim.cli_support import fail as _fail
+from essaim.cli_validator import validator_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Essaim: train open language models together.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare corpora.")
@@ -28,6 +29,7 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(gov_app, name="gov")
 app.add_typer(institution_app, name="institution")
+app.add_typer(validator_app, name="validator")
 
 
 def _logging(verbose: bool) -> None:
@@ -182,6 +184,7 @@ def worker_join(
     micro_batch_size: int | None = typer.Option(
         None, min=1, help="Rows per forward/backward pass, gradients accumulated (default: the run's setting)."
     ),
+    adversary: str = typer.Option("", hidden=True, help="Tests and benchmarks: misbehave this way (worker/adversary.py)."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards (fetched and verified if not here), train DiLoCo rounds with peers, report."""
@@ -207,7 +210,7 @@ def worker_join(
             connect_seconds=connect_seconds, trust_class=trust_class, certificate=certificate,
             available_until=_moment(available_until) if available_until else None,
             bandwidth_mbit=bandwidth_mbit, genesis=genesis, device=device, precision=precision,
-            micro_batch_size=micro_batch_size,
+            micro_batch_size=micro_batch_size, adversary=adversary,
         )
         raise typer.Exit(code=run_worker(options))
     except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, ShardUnavailable, CheckpointError,
@@ -309,7 +312,10 @@ def audit_verify(
         _fail(str(error))
     for problem in result.problems:
         typer.secho(f"problem: {problem}", fg=typer.colors.RED)
-    summary = (f"{result.shards} shards, {result.lineage_records} lineage records, "
+    for finding in result.findings:
+        typer.secho(f"finding: {finding}", fg=typer.colors.YELLOW)
+    credit = ", ".join(f"{tokens} {state}" for state, tokens in result.credit.items())
+    summary = (f"{result.shards} shards, {result.lineage_records} lineage records ({credit or 'no'} tokens), "
                f"{result.checkpoints} checkpoints checked")
     if result.problems:
         typer.echo(f"{len(result.problems)} problem(s) in {summary}")

@@ -48,7 +48,7 @@ def gov_init(
     threshold: int = typer.Option(..., help="Yes votes needed to pass (M of the N maintainers)."),
     voting_period: int = typer.Option(5, help="Rounds a proposal stays open for votes."),
     activation_delay: int = typer.Option(2, help="Rounds between the vote that passes a change and its taking effect."),
-    config: list[str] = typer.Option([], help="KEY=VALUE of the starting config (inner_lr, outer_lr, inner_steps, compression)."),
+    config: list[str] = typer.Option([], help="KEY=VALUE of the starting config (inner_lr, outer_lr, inner_steps, compression, aggregation)."),
     institution: list[str] = typer.Option([], help="NAME=PUBLIC_KEY of an admitted institution (repeatable; "
                                           "essaim institution keygen): its certificates credit its workers."),
 ) -> None:

@@ -5,7 +5,9 @@ process groups -> DiLoCo rounds shown live -> a Hugging Face checkpoint -> a sum
 -> a federated fine-tune of that checkpoint by three sites (essaim.demo_finetune).
 
 The institutions are real ones in miniature: each has a key the coordinator admits,
-and certifies its workers' keys; the volunteers join without a certificate.
+and certifies its workers' keys; the volunteers join without a certificate. One
+institution also runs a validator, which replays the rounds the coordinator samples
+(docs/ARCHITECTURE.md, "Checked work").
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def run_demo(settings: DemoSettings) -> int:
     (workdir / "run.toml").write_text(run_settings_toml(settings))
 
     admitted, worker_args = _certify_workers(workdir / "keys", settings.workers)
+    validator_args = _certify_validator(workdir / "keys", admitted)
     coordinator = start_role(
         ["coordinator", "serve", "--data", str(workdir / "data"), "--port", "0",
          "--run", str(workdir / "run.toml"), "--ready-file", str(workdir / "ready.json"),
@@ -115,6 +118,7 @@ def run_demo(settings: DemoSettings) -> int:
         workdir / "logs" / "coordinator.log",
     )
     workers: list[subprocess.Popen[bytes]] = []
+    validator: subprocess.Popen[bytes] | None = None
     try:
         ready = wait_for_ready_file(
             coordinator, workdir / "ready.json", workdir / "logs" / "coordinator.log", settings.startup_timeout_seconds
@@ -128,11 +132,13 @@ def run_demo(settings: DemoSettings) -> int:
                 args += ["--checkpoint-dir", str(workdir / "checkpoint")]
             # One thread each: several workers share this machine's cores.
             workers.append(start_role(args, workdir / "logs" / f"worker-{index}.log", env={"OMP_NUM_THREADS": "1"}))
+        validator = start_role(["validator", "join", "--coordinator", address, *validator_args],
+                               workdir / "logs" / "validator.log", env={"OMP_NUM_THREADS": "1"})
         sessions = session_factory(open_engine(sqlite_url(workdir / "data" / "coordinator.db")))
         _show_progress(console, sessions, workers, settings)
         failed = [i for i, w in enumerate(workers) if w.returncode != 0]
     finally:
-        for process in workers:
+        for process in [*workers, *([validator] if validator else [])]:
             stop_group(process)
         stop_group(coordinator)
     if failed:
@@ -168,6 +174,17 @@ def _certify_workers(keys: Path, workers: int) -> tuple[dict[str, str], list[lis
     return admitted, args
 
 
+def _certify_validator(keys: Path, admitted: dict[str, str]) -> list[str]:
+    """The validator's identity and certificate: the first admitted institution checks others' work."""
+    name = next(iter(admitted))
+    identity = Identity.load_or_create(keys / "validator.key")
+    certificate = certify(name, load_key(keys / f"institution-{name}.key"), identity.public_key, "institution",
+                          int(time.time()) + CERTIFICATE_SECONDS)
+    (keys / "validator.cert").write_bytes(certificate.to_bytes())
+    return ["--identity", str(keys / "validator.key"), "--certificate", str(keys / "validator.cert"),
+            "--institution", name, "--name", "validator"]
+
+
 def _show_progress(console: Console, sessions, workers: list[subprocess.Popen[bytes]], settings: DemoSettings) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + settings.run_timeout_seconds
     started = time.monotonic()
@@ -189,6 +206,8 @@ def _progress_view(sessions, settings: DemoSettings, elapsed: float) -> Group:  
     )
     table = Table("worker", "institution", "round", "loss", "tokens/s", "tokens trained", "MB sent", "computing")
     for worker in reports.worker_progress(sessions):
+        if worker.name == "validator":
+            continue  # it trains nothing: it replays others' rounds
         loss = f"{worker.loss:.3f}" if worker.loss is not None else "-"
         table.add_row(worker.name, worker.institution, str(worker.round), loss,
                       f"{worker.tokens_per_second:,.0f}", f"{worker.tokens_trained:,}",
@@ -218,7 +237,9 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     console.print("tokens by verified institution: " + ", ".join(
         [f"{k} {v['tokens']:,}" for k, v in card["institutions"].items()]
         + [f"volunteers (no institution) {card['volunteers']['tokens']:,}"]))
-    workers = reports.worker_progress(sessions)
+    console.print("tokens by what the validator's replays found: " + ", ".join(
+        f"{state} {tokens:,}" for state, tokens in card["verification"].items()))
+    workers = [w for w in reports.worker_progress(sessions) if w.name != "validator"]
     console.print("tokens by worker: " + ", ".join(f"{w.name} {w.tokens_trained:,}" for w in workers))
     console.print(
         "averaging traffic (8-bit pseudo-gradients): "

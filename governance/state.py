@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from governance.documents import GovernanceError, digest, proposal_id, signature_valid
+from protocol.choices import AGGREGATIONS
 
 POLICY_FIELDS = ("quorum", "threshold", "voting_period_rounds", "activation_delay_rounds")
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -24,6 +25,7 @@ CONFIG_RULES = {  # what a vote may set in the run config, and what a value must
     "outer_lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
     "inner_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "compression": lambda v: v in COMPRESSIONS,
+    "aggregation": lambda v: v in AGGREGATIONS,  # how reducers combine a slice (worker/aggregation.py)
 }
 CHANGE_KINDS = ("config", "mixture", "institutions", "maintainers")
 UNGOVERNED_CONFIG_VERSION = "genesis"  # what lineage records for a run without a ledger: its one config

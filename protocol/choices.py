@@ -7,3 +7,5 @@ TRUST_CLASSES = ("hpc", "institution", "volunteer")
 CERTIFIED_CLASSES = ("hpc", "institution")
 VOLUNTEER = "volunteer"
 INDEPENDENT = "independent"  # the institution of a worker no admitted institution certified; no certificate names it
+# How a reducer combines the parts of its slice (worker/aggregation.py): RunConfig.aggregation, a run setting.
+AGGREGATIONS = ("mean", "clipped_mean", "trimmed_mean")

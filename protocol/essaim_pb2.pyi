@@ -62,7 +62,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key", "aggregation", "verify_fraction", "fresh_inner_optimizer")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,9 @@ class RunConfig(_message.Message):
     COMPILE_FIELD_NUMBER: _ClassVar[int]
     DATA_URL_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    FRESH_INNER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -127,7 +130,10 @@ class RunConfig(_message.Message):
     compile: bool
     data_url: str
     credential_key: bytes
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ...) -> None: ...
+    aggregation: str
+    verify_fraction: float
+    fresh_inner_optimizer: bool
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ..., aggregation: _Optional[str] = ..., verify_fraction: _Optional[float] = ..., fresh_inner_optimizer: _Optional[bool] = ...) -> None: ...
 
 class ReadCorpusFileRequest(_message.Message):
     __slots__ = ("auth", "file", "offset", "length")
@@ -260,6 +266,7 @@ class AcquireLeaseReply(_message.Message):
         ALLOCATION_ENDING: _ClassVar[AcquireLeaseReply.Status]
         ROUND_OVER: _ClassVar[AcquireLeaseReply.Status]
         AT_LIMIT: _ClassVar[AcquireLeaseReply.Status]
+        QUARANTINED: _ClassVar[AcquireLeaseReply.Status]
     GRANTED: AcquireLeaseReply.Status
     POOL_EMPTY: AcquireLeaseReply.Status
     RUN_COMPLETE: AcquireLeaseReply.Status
@@ -267,6 +274,7 @@ class AcquireLeaseReply(_message.Message):
     ALLOCATION_ENDING: AcquireLeaseReply.Status
     ROUND_OVER: AcquireLeaseReply.Status
     AT_LIMIT: AcquireLeaseReply.Status
+    QUARANTINED: AcquireLeaseReply.Status
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -286,7 +294,7 @@ class LeaseUsage(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., tokens_consumed: _Optional[int] = ...) -> None: ...
 
 class CompleteRoundRequest(_message.Message):
-    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds", "member_statements")
+    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds", "member_statements", "claim", "witnesses")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +306,8 @@ class CompleteRoundRequest(_message.Message):
     INNER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    WITNESSES_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     round: int
     leases: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
@@ -309,7 +319,49 @@ class CompleteRoundRequest(_message.Message):
     inner_seconds: float
     wall_seconds: float
     member_statements: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., member_statements: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    claim: WorkClaim
+    witnesses: _containers.RepeatedCompositeFieldContainer[SliceWitness]
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., member_statements: _Optional[_Iterable[bytes]] = ..., claim: _Optional[_Union[WorkClaim, _Mapping]] = ..., witnesses: _Optional[_Iterable[_Union[SliceWitness, _Mapping]]] = ...) -> None: ...
+
+class WorkClaim(_message.Message):
+    __slots__ = ("pseudo_gradient_digest", "pseudo_gradient_norm", "loss_before", "loss_after", "step_leases", "micro_batch_size", "device", "precision")
+    PSEUDO_GRADIENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PSEUDO_GRADIENT_NORM_FIELD_NUMBER: _ClassVar[int]
+    LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    STEP_LEASES_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    pseudo_gradient_digest: str
+    pseudo_gradient_norm: float
+    loss_before: float
+    loss_after: float
+    step_leases: _containers.RepeatedScalarFieldContainer[int]
+    micro_batch_size: int
+    device: str
+    precision: str
+    def __init__(self, pseudo_gradient_digest: _Optional[str] = ..., pseudo_gradient_norm: _Optional[float] = ..., loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., step_leases: _Optional[_Iterable[int]] = ..., micro_batch_size: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+
+class SliceWitness(_message.Message):
+    __slots__ = ("sender_peer_id", "start", "end", "finite", "norm", "projections", "cosine_to_aggregate", "median_norm")
+    SENDER_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    FINITE_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    COSINE_TO_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_NORM_FIELD_NUMBER: _ClassVar[int]
+    sender_peer_id: str
+    start: int
+    end: int
+    finite: bool
+    norm: float
+    projections: _containers.RepeatedScalarFieldContainer[float]
+    cosine_to_aggregate: float
+    median_norm: float
+    def __init__(self, sender_peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., finite: _Optional[bool] = ..., norm: _Optional[float] = ..., projections: _Optional[_Iterable[float]] = ..., cosine_to_aggregate: _Optional[float] = ..., median_norm: _Optional[float] = ...) -> None: ...
 
 class CompleteRoundReply(_message.Message):
     __slots__ = ("lineage_ids", "lineage_head", "accepted", "round_params_digest", "pending", "retry_after_ms")
@@ -326,6 +378,66 @@ class CompleteRoundReply(_message.Message):
     pending: bool
     retry_after_ms: int
     def __init__(self, lineage_ids: _Optional[_Iterable[int]] = ..., lineage_head: _Optional[int] = ..., accepted: _Optional[bool] = ..., round_params_digest: _Optional[str] = ..., pending: _Optional[bool] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class TakeCheckRequest(_message.Message):
+    __slots__ = ("auth",)
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
+
+class CheckAssignment(_message.Message):
+    __slots__ = ("check_id", "worker_id", "round", "leases", "usage", "claim", "witnesses", "start_params_digest", "retry_after_ms", "witness_classes")
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    WITNESSES_FIELD_NUMBER: _ClassVar[int]
+    START_PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    WITNESS_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    check_id: int
+    worker_id: str
+    round: int
+    leases: _containers.RepeatedCompositeFieldContainer[Lease]
+    usage: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
+    claim: WorkClaim
+    witnesses: _containers.RepeatedCompositeFieldContainer[SliceWitness]
+    start_params_digest: str
+    retry_after_ms: int
+    witness_classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, check_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., claim: _Optional[_Union[WorkClaim, _Mapping]] = ..., witnesses: _Optional[_Iterable[_Union[SliceWitness, _Mapping]]] = ..., start_params_digest: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., witness_classes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VerdictRequest(_message.Message):
+    __slots__ = ("auth", "check_id", "outcome", "reason", "exact", "cosine", "norm_ratio")
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PASSED: _ClassVar[VerdictRequest.Outcome]
+        FAILED: _ClassVar[VerdictRequest.Outcome]
+        INCONCLUSIVE: _ClassVar[VerdictRequest.Outcome]
+    PASSED: VerdictRequest.Outcome
+    FAILED: VerdictRequest.Outcome
+    INCONCLUSIVE: VerdictRequest.Outcome
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    NORM_RATIO_FIELD_NUMBER: _ClassVar[int]
+    auth: RequestAuth
+    check_id: int
+    outcome: VerdictRequest.Outcome
+    reason: str
+    exact: bool
+    cosine: float
+    norm_ratio: float
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., check_id: _Optional[int] = ..., outcome: _Optional[_Union[VerdictRequest.Outcome, str]] = ..., reason: _Optional[str] = ..., exact: _Optional[bool] = ..., cosine: _Optional[float] = ..., norm_ratio: _Optional[float] = ...) -> None: ...
+
+class VerdictReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("auth", "lease_id", "reason")

@@ -84,6 +84,16 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_essaim__pb2.ReachabilityRequest.SerializeToString,
                 response_deserializer=protocol_dot_essaim__pb2.ReachabilityReply.FromString,
                 _registered_method=True)
+        self.TakeCheck = channel.unary_unary(
+                '/essaim.v1.Coordinator/TakeCheck',
+                request_serializer=protocol_dot_essaim__pb2.TakeCheckRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.CheckAssignment.FromString,
+                _registered_method=True)
+        self.SubmitVerdict = channel.unary_unary(
+                '/essaim.v1.Coordinator/SubmitVerdict',
+                request_serializer=protocol_dot_essaim__pb2.VerdictRequest.SerializeToString,
+                response_deserializer=protocol_dot_essaim__pb2.VerdictReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -162,6 +172,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeCheck(self, request, context):
+        """Validators only (an hpc or institution worker, certified): the next sampled report to replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitVerdict(self, request, context):
+        """A validator's verdict on a check it took: a failed one quarantines the checked worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +238,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CheckReachable,
                     request_deserializer=protocol_dot_essaim__pb2.ReachabilityRequest.FromString,
                     response_serializer=protocol_dot_essaim__pb2.ReachabilityReply.SerializeToString,
+            ),
+            'TakeCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeCheck,
+                    request_deserializer=protocol_dot_essaim__pb2.TakeCheckRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.CheckAssignment.SerializeToString,
+            ),
+            'SubmitVerdict': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitVerdict,
+                    request_deserializer=protocol_dot_essaim__pb2.VerdictRequest.FromString,
+                    response_serializer=protocol_dot_essaim__pb2.VerdictReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +520,60 @@ class Coordinator:
             '/essaim.v1.Coordinator/CheckReachable',
             protocol_dot_essaim__pb2.ReachabilityRequest.SerializeToString,
             protocol_dot_essaim__pb2.ReachabilityReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/essaim.v1.Coordinator/TakeCheck',
+            protocol_dot_essaim__pb2.TakeCheckRequest.SerializeToString,
+            protocol_dot_essaim__pb2.CheckAssignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitVerdict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/essaim.v1.Coordinator/SubmitVerdict',
+            protocol_dot_essaim__pb2.VerdictRequest.SerializeToString,
+            protocol_dot_essaim__pb2.VerdictReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,14 @@ def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -
     with pytest.raises(Exception, match="belongs to another worker"):
         CoordinatorClient(coordinator.address, other).complete_round(steal)
 
+    # A NaN stored with a report would fail its round's decision for every reporter: refused at the edge.
+    nan = pb.CompleteRoundRequest(round=0, leases=[pb.LeaseUsage(lease_id=1, tokens_consumed=10)], loss=float("nan"))
+    with pytest.raises(CoordinatorRefused, match="loss is nan, not a finite number") as refused:
+        client.complete_round(nan)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(CoordinatorRefused, match="tokens_per_second is inf, not a finite number"):
+        client.heartbeat(0, 0.0, float("inf"))
+
     # The server still serves, and only the honest calls left a trace.
     assert client.heartbeat(0, 0.0, 0.0).live_workers == 2
     with coordinator.sessions()() as session:

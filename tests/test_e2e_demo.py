@@ -40,6 +40,9 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert {part.split()[0] for part in languages.split(", ")} == {"code", "en", "fr"}
     before, after = map(float, re.search(r"sample: ([\d.]+) before, ([\d.]+) after 2 rounds", printed).groups())
     assert after < before
+    # A validator ran beside the workers: every token is unverified or verified, none rejected.
+    assert re.search(r"tokens by what the validator's replays found: unverified [\d,]+, verified [\d,]+, rejected 0 ",
+                     printed), printed[-2000:]
     checkpoint = latest_checkpoint(workdir / "checkpoint")
     AutoModelForCausalLM.from_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(checkpoint)

@@ -72,7 +72,7 @@ def test_secagg_run_trains_through_a_mismatched_site_and_no_private_text_reaches
 ) -> None:
     network.add_site("wrong-base", sites["bank"], sites["other-base"])
     out = tmp_path / "tuned"
-    done = finetune(network, sites["base"], out, "--rounds", "2", "--min-sites", "4", "--local-steps", "15",
+    done = finetune(network, sites["base"], out, "--rounds", "1", "--min-sites", "4", "--local-steps", "15",
                     "--round-timeout", "120")
     assert done.returncode == 0, done.stderr + (tmp_path / "tuned.log").read_text()[-3000:]
     record = json.loads((out / "finetune.json").read_text())
@@ -80,7 +80,7 @@ def test_secagg_run_trains_through_a_mismatched_site_and_no_private_text_reaches
     # The mismatched site was told why, and the run went on with the other three.
     assert "this run fine-tunes" in network.log("wrong-base")
     assert "copy the run's base checkpoint" in network.log("wrong-base")
-    assert [r["sites"] for r in record["rounds"]] == [sorted(DOMAINS)] * 2
+    assert [r["sites"] for r in record["rounds"]] == [sorted(DOMAINS)]
     assert all(len(r["failures"]) == 1 for r in record["rounds"])
     assert record["privacy"]["secure_aggregation"]["reconstruction_threshold"] == 3
     assert record["base"]["params_digest"] == read_checkpoint(sites["base"]).params_digest

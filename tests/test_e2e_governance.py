@@ -104,7 +104,7 @@ def test_a_vote_changes_the_training_config_and_every_worker_switches_at_the_sam
 
     wait_for(lambda: current_round() >= 1, 180, "round 0 to complete")
     # The maintainers vote, each signing the current round on their own; the operator appends the signed files.
-    change = {"config": {"inner_lr": 0.0005, "inner_steps": 45, "compression": "8bit"}}
+    change = {"config": {"inner_lr": 0.0005, "inner_steps": 45, "compression": "8bit", "aggregation": "trimmed_mean"}}
     decided_at = current_round()
     proposal = make_proposal(genesis_hash, "alice", change, "calmer, longer, lighter rounds", maintainers["alice"][1],
                              round_=decided_at)
@@ -125,6 +125,7 @@ def test_a_vote_changes_the_training_config_and_every_worker_switches_at_the_sam
         assert switches[0][1] == 0.003  # the genesis config
         assert switches[-1] == (activation, 0.0005), switches  # both switch at the activation round, not before
         assert re.findall(r"round (\d+): compression (\w+)", log) == [(str(activation), "8bit")]
+        assert re.findall(r"round (\d+): aggregation (\w+)", log) == [(str(activation), "trimmed_mean")]
     assert "ledger head" in (tmp_path / "coordinator.log").read_text()
 
     # The coordinator sizes leases from the voted inner_steps (a round's tokens over 4 leases) from that round on.

@@ -103,6 +103,7 @@ def test_the_activation_round_follows_from_the_signed_round_of_the_vote_that_pas
     (lambda k, g, p: sign({**vote(k, g, p, "carol", 2), "run": "f" * 64}, k["carol"][1]), "not this run"),
     (lambda k, g, p: p, "already in the ledger"),
     (lambda k, g, p: propose(k, g, {"config": {"inner_lr": 5}}, 2), "out of range"),
+    (lambda k, g, p: propose(k, g, {"config": {"aggregation": "median"}}, 2), "aggregation = 'median' is out of range"),
     (lambda k, g, p: propose(k, g, {"config": {"seed": 1}}, 2), "not a setting votes govern"),
     (lambda k, g, p: propose(k, g, {"maintainers": {"remove": ["bob", "carol"]}}, 2), "must not exceed"),
     (lambda k, g, p: propose(k, g, {"maintainers": {"add": ["dave"]}}, 2), "proposal change 'maintainers'"),

@@ -33,6 +33,7 @@ from protocol.credentials import CredentialCheck
 from protocol.identity import Identity
 from protocol.swarm import Swarm, free_port
 from protocol.transport import ClientTLS
+from worker.adversary import adversary_for
 from worker.capabilities import calibrate, detect
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
@@ -46,10 +47,12 @@ from worker.peer_admission import CredentialAdmission, GroupEntry
 from worker.reachability import ReachabilityCheck
 from worker.shards import ShardStore, open_store, shared_corpus_dir
 from worker.state_download import StateCheck
+from worker.step import probe_loss
 
 log = logging.getLogger("essaim.worker")
 
 POOL_EMPTY_WAIT_SECONDS = 1.0
+QUARANTINED_EXIT = 3  # the coordinator refuses this worker's work: a supervisor should not just restart it
 DEFAULT_DATA_ROOT = Path.home() / ".essaim" / "data"  # a run's cache: DEFAULT_DATA_ROOT / <run id>
 
 
@@ -76,6 +79,7 @@ class WorkerOptions:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     precision: str = "auto"               # auto | fp32 | bf16
     micro_batch_size: int | None = None   # rows per pass; None: the run's setting
+    adversary: str = ""                   # tests and benchmarks only: misbehave this way (worker/adversary.py)
 
 
 @dataclass
@@ -89,6 +93,10 @@ class RoundProgress:
     steps: int = 0
     inner_seconds: float = 0.0
     credential: bytes = b""  # the newest lease's round credential: what admits us to the round's group
+    # What the round's claim states (WorkClaim): a validator replays the round against it.
+    step_leases: list[int] = field(default_factory=list)  # the lease of each batch taken, in order
+    probe: torch.Tensor | None = None  # the round's first batch: the claim's losses are measured on it
+    loss_before: float = 0.0
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
@@ -126,6 +134,8 @@ class Worker:
         self._checkpointed_round = -1
         self._lineage_head = 0  # the newest lineage record the coordinator reported back
         self._learning_rates: tuple[float, float] | None = None  # in force, as last applied to the trainer
+        self.adversary = adversary_for(options.adversary)
+        self.quarantined = False  # a validator's check of this worker failed: the coordinator grants it nothing
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -150,6 +160,7 @@ class Worker:
         try:
             trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan,
                                     CredentialAdmission(credentials))
+            trainer.sent_transform = self.adversary.sent_transform if self.adversary.kind else None
             if checkpoint is not None:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
@@ -232,6 +243,7 @@ class Worker:
             drain_started = time.perf_counter()
             self.last_loss = progress.mean_loss()  # the one read of the device per round: it waits for the queued steps
             progress.inner_seconds += time.perf_counter() - drain_started
+            loss_after = _probe_loss(trainer, progress.probe) if progress.probe is not None else 0.0
             self.tokens_per_second = progress.tokens / max(progress.inner_seconds, 1e-9)
             trainer.expect_peers(self.live_workers)
             result = trainer.outer_step(
@@ -260,6 +272,13 @@ class Worker:
             loss=self.last_loss, pseudo_gradient_digest=result.pseudo_gradient_digest,
             params_digest=result.params_digest, group_size=result.group_size, bytes_sent=result.bytes_sent,
             inner_seconds=progress.inner_seconds, wall_seconds=wall_seconds, member_statements=result.member_statements,
+            claim=pb.WorkClaim(
+                pseudo_gradient_digest=result.local_digest, pseudo_gradient_norm=result.local_norm,
+                loss_before=progress.loss_before, loss_after=loss_after, step_leases=progress.step_leases,
+                micro_batch_size=trainer.settings.micro_batch_size, device=trainer.plan.describe(),
+                precision=trainer.plan.precision,
+            ),
+            witnesses=result.witnesses,
         )
         try:
             reply = self.client.complete_round(request, stop=self.stop_requested.is_set)
@@ -308,6 +327,10 @@ class Worker:
         if compression != trainer.compression:
             log.info("round %d: compression %s (ledger head %s)", trainer.round, compression, self.governance.head[:16])
             trainer.set_compression(compression)
+        aggregation = governed.aggregation or "mean"
+        if aggregation != trainer.aggregation:
+            log.info("round %d: aggregation %s (ledger head %s)", trainer.round, aggregation, self.governance.head[:16])
+            trainer.set_aggregation(aggregation)
         return governed
 
     def _nobody_finished(self, round_number: int) -> bool:
@@ -373,11 +396,19 @@ class Worker:
                     break  # train what it holds (AT_LIMIT: as much as one worker may hold)
                 if reply.status == pb.AcquireLeaseReply.ROUND_OVER:
                     raise RoundOver(f"round {trainer.round}: the coordinator decided it without this worker")
+                if reply.status == pb.AcquireLeaseReply.QUARANTINED:
+                    log.error("the coordinator quarantined this worker: a validator's replay of one of its rounds "
+                              "disagreed with what it sent (`essaim audit verify` names the check); it gets no more "
+                              "leases")
+                    self.quarantined = True
+                    self._release(progress.leases, "quarantined")
+                    return False
                 progress.leases.append(reply.lease)
                 progress.credential = reply.round_credential
                 self.swarm.hold_credential(reply.round_credential)  # our DHT records carry it from now on
                 # Fetched in the background: the round's leases download side by side (worker/shards.py).
-                streams.append((reply.lease, batches_when_fetched(reader.prefetch(reply.lease), config.batch_size,
+                read = self.adversary.lease_to_read(reply.lease, reader.manifest.shards if reader.manifest else [])
+                streams.append((reply.lease, batches_when_fetched(reader.prefetch(read), config.batch_size,
                                                                   config.seq_len)))
                 leased += reply.lease.end - reply.lease.start
             if not streams:
@@ -393,7 +424,11 @@ class Worker:
             if self.stop_requested.is_set():
                 raise AveragingCancelled("stop requested during inner steps")
             started = time.perf_counter()
-            if batch.shape[1] > 1:
+            progress.step_leases.append(lease.lease_id)
+            if progress.probe is None and batch.shape[1] > 1:
+                progress.probe = batch
+                progress.loss_before = _probe_loss(trainer, batch)  # the round's start state: a validator's too
+            if batch.shape[1] > 1 and self.adversary.trains():
                 progress.add_loss(trainer.inner_step(batch))
                 if not self._stepped:
                     self._stepped = True
@@ -444,13 +479,18 @@ class Worker:
                 log.warning("heartbeat failed: %s", error)
 
 
+def _probe_loss(trainer: DiLoCoTrainer, batch: torch.Tensor) -> float:
+    return probe_loss(trainer.forward_model, batch, trainer.plan, trainer.settings.micro_batch_size)
+
+
 def _diloco_settings(config: pb.RunConfig, micro_batch_size: int) -> DiLoCoSettings:
     return DiLoCoSettings(
         inner_lr=config.inner_lr, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
         dht_prefix=config.dht_prefix, target_group_size=config.target_group_size,
         matchmaking_seconds=config.matchmaking_seconds, averaging_timeout_seconds=config.averaging_timeout_seconds,
         compression=config.compression or "none", error_feedback=config.error_feedback,
-        micro_batch_size=micro_batch_size, compile=config.compile,
+        micro_batch_size=micro_batch_size, compile=config.compile, aggregation=config.aggregation or "mean",
+        fresh_inner_optimizer=config.fresh_inner_optimizer,
     )
 
 
@@ -471,4 +511,4 @@ def run_worker(options: WorkerOptions) -> int:
     signal.signal(signal.SIGINT, request_stop)
     rounds = worker.run()
     log.info("worker %s stopped after %d rounds", worker.identity.worker_id[:8], rounds)
-    return 0
+    return QUARANTINED_EXIT if worker.quarantined else 0

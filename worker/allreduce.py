@@ -8,7 +8,13 @@ apart, and DiLoCo peers that differ by a few ulps drift apart round after round.
 Here the reducer compresses the average of its slice once and every peer,
 the reducer included, decompresses those same bytes and copies them in. Bytes
 on the wire are the same as hivemind's (each slice goes up once per sender and
-comes back once per sender). Five more things happen on the way:
+comes back once per sender). More happens on the way:
+- the reducer keeps every sender's part of its slice and combines them with the run's
+  aggregation rule (worker/aggregation.py: the mean, or a clipped or trimmed mean that a
+  few bad senders cannot steer; non-finite parts never count), in sender order;
+- the reducer writes down a witness of each sender's part of its slice (worker/witness.py:
+  its norm, its sketch under the round's seed, its cosine with the aggregate), which the
+  trainer reports so a validator can check what each sender averaged against its replay;
 - only admitted peers average (worker/peer_admission.py): a leader refuses a follower
   without a valid round credential, every member checks the whole group before the
   all-reduce, a reducer caps each sender's weight at its credential's tokens, and
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import multiprocessing as mp
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
 
 import torch
@@ -55,6 +62,7 @@ from hivemind.utils import get_dht_time, get_logger
 from hivemind.utils.asyncio import amap_in_executor, anext, attach_event_on_finished, enter_asynchronously
 
 from protocol.credentials import CredentialError
+from worker.aggregation import AGGREGATIONS, RobustPartReducer, SenderWitness
 from worker.peer_admission import Admitted, GroupEntry, OpenAdmission
 
 logger = get_logger(__name__)
@@ -85,9 +93,18 @@ async def _until_caller_hangs_up() -> None:
     await asyncio.sleep(HANGUP_WAIT_SECONDS)
 
 
+@dataclass(frozen=True)
+class GroupOutcome:
+    """What a finished all-reduce hands back to the trainer process (hivemind's step result)."""
+
+    gathered: dict                   # peer id -> the data it gathered (hivemind's all-gather)
+    witnesses: list[SenderWitness]   # empty when this peer reduced no slice
+
+
 class ExactAllReduceRunner(AllReduceRunner):
     def __init__(self, *, bytes_sent: mp.sharedctypes.Synchronized[int], residuals: Sequence[torch.Tensor] | None,
-                 max_weights: dict | None = None, **kwargs: object) -> None:
+                 max_weights: dict | None = None, aggregation: str = "mean", seed: int = 0,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
         self._bytes_sent = bytes_sent
         self._residuals = residuals
@@ -97,6 +114,18 @@ class ExactAllReduceRunner(AllReduceRunner):
         if residuals is not None:
             for residual in residuals:  # a retried attempt must not keep an earlier attempt's residuals
                 residual.zero_()
+        # One code path for every rule, "mean" included: hivemind's reducer is replaced before anything runs.
+        local_parts = self.parts_for_local_averaging
+        self.tensor_part_reducer.finished.set()  # unused: finalizing it would only warn that it received nothing
+        self.tensor_part_reducer = RobustPartReducer(
+            tuple(part.shape for part in local_parts), len(self.sender_peer_ids), rule=AGGREGATIONS[aggregation],
+            flat_starts=[self._flat_start(part) for part in local_parts], seed=seed,
+        )
+
+    def witnesses(self) -> list[SenderWitness]:
+        """What this peer saw, as the reducer of its slice, of each sender's part (after a finished all-reduce)."""
+        assert isinstance(self.tensor_part_reducer, RobustPartReducer)
+        return self.tensor_part_reducer.witnesses([peer.to_base58() for peer in self.sender_peer_ids])
 
     def _count(self, message: averaging_pb2.AveragingData) -> None:
         with self._bytes_sent.get_lock():
@@ -194,10 +223,19 @@ class ExactAllReduceRunner(AllReduceRunner):
     def _residual_slice(self, part: torch.Tensor) -> torch.Tensor:
         """The residual elements matching `part`, a flat view into one of the averaged tensors."""
         assert self._residuals is not None
-        for tensor, residual in zip(self.tensor_part_container.local_tensors, self._residuals):
+        tensor_index, start = self._locate(part)
+        return self._residuals[tensor_index].view(-1)[start : start + part.numel()]
+
+    def _flat_start(self, part: torch.Tensor) -> int:
+        """Where `part` begins in the flattened concatenation of the averaged tensors (what witnesses index)."""
+        tensor_index, start = self._locate(part)
+        return sum(tensor.numel() for tensor in self.tensor_part_container.local_tensors[:tensor_index]) + start
+
+    def _locate(self, part: torch.Tensor) -> tuple[int, int]:
+        """(which averaged tensor `part`, a flat view, belongs to; its offset in that tensor)."""
+        for index, tensor in enumerate(self.tensor_part_container.local_tensors):
             if part.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-                start = part.storage_offset() - tensor.storage_offset()
-                return residual.view(-1)[start : start + part.numel()]
+                return index, part.storage_offset() - tensor.storage_offset()
         raise AssertionError("a tensor part that belongs to no averaged tensor")
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):  # type: ignore[no-untyped-def]
@@ -233,6 +271,7 @@ class ExactAllReduceRunner(AllReduceRunner):
 
 
 COMPRESSION_NAMES = tuple(COMPRESSIONS)  # shared with the background process by index
+AGGREGATION_NAMES = tuple(AGGREGATIONS)
 
 
 def _reducer_bandwidths(bandwidths: Sequence[float | None], mode_ids: Sequence[int],
@@ -247,19 +286,23 @@ def _reducer_bandwidths(bandwidths: Sequence[float | None], mode_ids: Sequence[i
 
 
 class ExactAverager(DecentralizedAverager):
-    """A DecentralizedAverager on ExactAllReduceRunner, whose group size and compression can change between steps.
+    """A DecentralizedAverager on ExactAllReduceRunner, whose group size, compression and rule can change between steps.
 
     The counters, residual buffers and live settings live in shared memory, created
     before hivemind forks its background process, so each side sees what the other wrote.
+    A step's result (control.result()) is a GroupOutcome: the group's gathered data and
+    this peer's witnesses as a reducer.
     """
 
     def __init__(self, averaged_tensors: Sequence[torch.Tensor], *args: object, error_feedback: bool,
-                 target_group_size: int, compression: str, admission: OpenAdmission = OpenAdmission(),
-                 **kwargs: object) -> None:
+                 target_group_size: int, compression: str, aggregation: str = "mean",
+                 admission: OpenAdmission = OpenAdmission(), **kwargs: object) -> None:
         self._admission = admission
         self._bytes_sent = mp.Value(ctypes.c_int64, 0)
         self._live_target_group_size = mp.Value(ctypes.c_int32, target_group_size)
         self._live_compression = mp.Value(ctypes.c_int32, COMPRESSION_NAMES.index(compression))
+        self._live_aggregation = mp.Value(ctypes.c_int32, AGGREGATION_NAMES.index(aggregation))
+        self._live_round = mp.Value(ctypes.c_int64, 0)  # seeds the witnesses' sign vectors
         self._compression_in_use = compression  # in the background process: what allreduce_kwargs holds
         self.residuals: list[torch.Tensor] | None = None
         if error_feedback:
@@ -280,6 +323,14 @@ class ExactAverager(DecentralizedAverager):
         """Send from the next step on compressed this way (a key of COMPRESSIONS)."""
         self._live_compression.value = COMPRESSION_NAMES.index(name)
 
+    def set_aggregation(self, name: str) -> None:
+        """Combine the slices this peer reduces with this rule (a key of AGGREGATIONS) from the next step on."""
+        self._live_aggregation.value = AGGREGATION_NAMES.index(name)
+
+    def set_round(self, round_number: int) -> None:
+        """The round the next step averages: the seed of its witnesses, which a validator's replay uses too."""
+        self._live_round.value = round_number
+
     async def _step(self, **kwargs: object) -> None:  # runs in hivemind's background process
         size = int(self._live_target_group_size.value)
         self._matchmaking.target_group_size = size
@@ -288,6 +339,8 @@ class ExactAverager(DecentralizedAverager):
         if compression != self._compression_in_use:
             self.allreduce_kwargs["compression"] = COMPRESSIONS[compression]()
             self._compression_in_use = compression
+        self.allreduce_kwargs["aggregation"] = AGGREGATION_NAMES[self._live_aggregation.value]
+        self.allreduce_kwargs["seed"] = int(self._live_round.value)
         await super()._step(**kwargs)
 
     async def rpc_join_group(
@@ -323,8 +376,12 @@ class ExactAverager(DecentralizedAverager):
         _bandwidth, _mode, user_data = self.serializer.loads(data_for_gather)
         return GroupEntry.from_gathered(self.serializer.loads(user_data))
 
-    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):  # type: ignore[no-untyped-def]
-        """hivemind's, for an admitted group: slices go to the peers that may reduce, weights are capped."""
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int,  # type: ignore[no-untyped-def]
+                                    **kwargs) -> GroupOutcome:
+        """hivemind's, for an admitted group: slices go to the peers that may reduce, weights are capped.
+
+        Returns the gathered data, as hivemind does, with this peer's witnesses as a reducer.
+        """
         try:
             bandwidths, mode_ids, user_data = zip(*map(self.serializer.loads, group_info.gathered))
             user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_data)))
@@ -337,9 +394,9 @@ class ExactAverager(DecentralizedAverager):
             )
             max_weights = {peer: entry.max_weight for peer, entry in zip(group_info.peer_ids, admitted)}
             async with enter_asynchronously(self.get_tensors()) as local_tensors:
-                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=fractions,
-                                                   max_weights=max_weights, **kwargs)
-                return user_gathered
+                witnesses = await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=fractions,
+                                                               max_weights=max_weights, **kwargs)
+                return GroupOutcome(user_gathered, witnesses)
         except CredentialError as error:
             logger.warning(f"not averaging with this group: {error}")
             raise MatchmakingException(f"a peer of the group is not admitted: {error}") from None
@@ -348,7 +405,9 @@ class ExactAverager(DecentralizedAverager):
                 logger.exception(e)
             raise MatchmakingException(f"Unable to run All-Reduce: {e}")
 
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):  # type: ignore[no-untyped-def]
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None,  # type: ignore[no-untyped-def]
+                                      **kwargs) -> list[SenderWitness]:
+        """Average `tensors` in place with the group; returns this peer's witnesses of the slice it reduced."""
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
@@ -367,3 +426,4 @@ class ExactAverager(DecentralizedAverager):
             tensor.copy_(average)
         self.last_updated = get_dht_time()
         self._state_updated.set()
+        return runner.witnesses()

@@ -82,6 +82,10 @@ class CoordinatorClient:
     def run_config(self) -> pb.RunConfig:
         return self._call("GetRunConfig", pb.GetRunConfigRequest)
 
+    def status(self) -> pb.StatusReply:
+        """The run's public status (a one-worker page): its round, read without counting as a live worker."""
+        return self._call("GetStatus", lambda: pb.StatusRequest(worker_limit=1), signed=False)
+
     def heartbeat(self, round_number: int, loss: float, tokens_per_second: float) -> pb.HeartbeatReply:
         return self._call(
             "Heartbeat",
@@ -114,6 +118,14 @@ class CoordinatorClient:
                                self.identity)
         timeout = 60.0 + (length or 64 << 20) / SLOWEST_FETCH_BYTES_PER_SECOND
         return self._stub.ReadCorpusFile(request, timeout=timeout)
+
+    def take_check(self) -> pb.CheckAssignment:
+        """The next report to replay (validators only: an hpc or institution worker); check_id 0 when none is open."""
+        return self._call("TakeCheck", pb.TakeCheckRequest)
+
+    def submit_verdict(self, request: pb.VerdictRequest) -> pb.VerdictReply:
+        """A verdict on a check this worker took; sending the same verdict again is harmless."""
+        return self._call("SubmitVerdict", lambda: _copy(request))
 
     def check_reachable(self, port: int, token: bytes) -> pb.ReachabilityReply:
         return self._call("CheckReachable", lambda: pb.ReachabilityRequest(port=port, token=token))

@@ -13,11 +13,18 @@ the coordinator recorded for the round (a `StateCheck`).
 The model and inner AdamW live on the worker's device (worker/device.py) and train
 with worker/step.py; the global parameters, the momentum and the outer step live on
 the host in float32 (worker/outer_state.py), whatever the device and precision.
+
+Checked work: each round reports the digest and norm of this peer's own pseudo-gradient
+(what a validator replays from the round's start state; with fresh_inner_optimizer the
+inner AdamW starts empty every round so the replay needs nothing else), and, when this
+peer reduced a slice, a witness of what every sender sent for it (worker/witness.py).
+The reducers combine the slices with the run's aggregation rule (worker/aggregation.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,8 +35,10 @@ from hivemind import DHT
 from hivemind.averaging.control import AveragingStage
 
 from model.checkpoints import tensors_digest
+from protocol import essaim_pb2 as pb
 from protocol.dht_records import averaging_prefix, group_bits
-from worker.allreduce import COMPRESSIONS, ExactAverager
+from worker.aggregation import AGGREGATIONS, SenderWitness
+from worker.allreduce import COMPRESSIONS, ExactAverager, GroupOutcome
 from worker.peer_admission import GroupEntry, OpenAdmission
 from worker.state_download import CheckedStateDownload, StateCheck
 from worker.device import DevicePlan, plan_device
@@ -52,6 +61,10 @@ class DiLoCoSettings:
     error_feedback: bool = False
     micro_batch_size: int = 0     # > 0: rows per forward/backward pass, gradients accumulated over the batch
     compile: bool = False         # torch.compile the model for the inner steps
+    aggregation: str = "mean"     # how reducers combine slices: a key of worker.aggregation.AGGREGATIONS
+    # Clear the inner AdamW state whenever the local parameters become the global ones, so a round's
+    # inner steps depend only on its start state and batches: what a validator replays.
+    fresh_inner_optimizer: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,9 @@ class RoundResult:
     params_digest: str       # of the global parameters after the outer step
     bytes_sent: int          # averaging bytes this peer sent this round
     member_statements: list[bytes] = field(default_factory=list)  # the group's, ours included: they vouch
+    local_digest: str = ""   # of this peer's own pseudo-gradient (global - local), before error feedback
+    local_norm: float = 0.0  # its L2 norm
+    witnesses: list[pb.SliceWitness] = field(default_factory=list)  # of the slice this peer reduced, if any
 
 
 class AveragingCancelled(Exception):
@@ -86,12 +102,18 @@ class DiLoCoTrainer:
                  admission: OpenAdmission = OpenAdmission()) -> None:
         if settings.compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {settings.compression!r}: use one of {sorted(COMPRESSIONS)}")
+        _check_aggregation(settings.aggregation)
         self.plan = plan or plan_device("cpu", "fp32")
         self.model = model.to(self.plan.device)
         # What the inner steps call: the same parameters, compiled into fused kernels if the run asks.
         self.forward_model = torch.compile(self.model) if settings.compile else self.model
         self.settings = settings
         self.compression = settings.compression  # in force; a governance vote may change it
+        self.aggregation = settings.aggregation
+        # An adversary's hook, for tests and benchmarks only: rewrites, in place, what this peer sends
+        # (after error feedback, before averaging) while its report stays the honest one. Honest workers
+        # never set it.
+        self.sent_transform: Callable[[list[torch.Tensor]], None] | None = None
         self.round = 0
         self.round_started_at = time.time()  # wall clock, shared with peers that download our state
         self._params = [p for p in self.model.parameters() if p.requires_grad]
@@ -108,6 +130,7 @@ class DiLoCoTrainer:
             request_timeout=max(1.0, settings.matchmaking_seconds / 2),
             allreduce_timeout=settings.averaging_timeout_seconds,
             compression=settings.compression,
+            aggregation=settings.aggregation,
             error_feedback=settings.error_feedback,
             admission=admission,
             start=True,
@@ -152,14 +175,17 @@ class DiLoCoTrainer:
         residuals = self.averager.residuals
         with self.averager.get_tensors() as pseudo_gradients:
             self.outer.pseudo_gradient(into=pseudo_gradients)
+            local_digest, local_norm = tensors_digest(pseudo_gradients), _norm(pseudo_gradients)
             if residuals is not None:  # error feedback: resend what compression dropped last round
                 for gradient, residual in zip(pseudo_gradients, residuals):
                     gradient.add_(residual)
                     residual.zero_()
+            if self.sent_transform is not None:
+                self.sent_transform(pseudo_gradients)
         bytes_before = self.averager.bytes_sent
         started = time.perf_counter()
         entry = entry or GroupEntry(self.round)
-        group_size, statements = self._average(float(max(tokens_trained, 1)), cancel, give_up, entry)
+        group_size, statements, witnesses = self._average(float(max(tokens_trained, 1)), cancel, give_up, entry)
         self.outer.timings.average = time.perf_counter() - started
         if group_size == 1 and residuals is not None:
             for residual in residuals:  # not sent compressed: nothing to carry
@@ -172,10 +198,11 @@ class DiLoCoTrainer:
             result = RoundResult(
                 round=self.round, group_size=group_size, pseudo_gradient_digest=tensors_digest(pseudo_gradients),
                 params_digest=tensors_digest(self.global_params), bytes_sent=self.averager.bytes_sent - bytes_before,
-                member_statements=statements,
+                member_statements=statements, local_digest=local_digest, local_norm=local_norm, witnesses=witnesses,
             )
             self.round += 1
             self.round_started_at = time.time()
+            self._after_local_reset()
         self._offer_state()  # late joiners download the newest state first
         return result
 
@@ -192,6 +219,15 @@ class DiLoCoTrainer:
         """Back to the global parameters: the inner steps since the last outer step are dropped."""
         with self._outer_lock:
             self.outer.reset_local()
+            self._after_local_reset()
+
+    def _after_local_reset(self) -> None:
+        """The local parameters just became the global ones: with fresh_inner_optimizer, AdamW starts over too.
+
+        AdamW builds its state lazily, step count included, so an empty state is a new optimizer.
+        """
+        if self.settings.fresh_inner_optimizer:
+            self.inner_optimizer.state.clear()
 
     def outer_state(self) -> tuple[dict, list[torch.Tensor], None]:
         """(metadata, tensors, compression infos) as hivemind's state download expects."""
@@ -204,6 +240,7 @@ class DiLoCoTrainer:
         with self._outer_lock:
             self.outer.load(tensors)
             self.round, self.round_started_at = round_number, round_started_at
+            self._after_local_reset()
         self._offer_state()
 
     def load_state_from_peers(self, timeout: float = 30.0, check: StateCheck | None = None) -> bool:
@@ -234,6 +271,16 @@ class DiLoCoTrainer:
         self.averager.set_compression(name)
         self.compression = name
 
+    def set_aggregation(self, name: str) -> None:
+        """Reduce the slices this peer reduces with this rule from the next outer step on (a governance vote).
+
+        Only reducers apply it, each to its own slice, and every peer takes the reducer's bytes:
+        peers that disagree on it mid-switch still end with identical parameters.
+        """
+        _check_aggregation(name)
+        self.averager.set_aggregation(name)
+        self.aggregation = name
+
     def set_learning_rates(self, inner_lr: float, outer_lr: float) -> None:
         """From the next step on (a governance vote changes them at a round boundary, on every worker alike)."""
         for group in self.inner_optimizer.param_groups:
@@ -246,17 +293,19 @@ class DiLoCoTrainer:
             return tensors_digest(self.global_params)
 
     def _average(self, weight: float, cancel: threading.Event, give_up: Callable[[], bool],
-                 entry: GroupEntry) -> tuple[int, list[bytes]]:
-        """Replace the averager's tensors by the group's weighted average in place.
+                 entry: GroupEntry) -> tuple[int, list[bytes], list[pb.SliceWitness]]:
+        """Replace the averager's tensors by the group's aggregate in place.
 
-        Returns the group size and the members' statements (ours alone without a group).
+        Returns the group size, the members' statements (ours alone without a group) and
+        this peer's witnesses as a reducer.
 
         When no group forms in time the worker keeps its own pseudo-gradient
         (a group of one) so training goes on; it is reported as group_size 1.
         A failed all-reduce leaves the tensors as they were (worker/allreduce.py).
         """
-        alone = (1, [entry.statement] if entry.statement else [])
+        alone: tuple[int, list[bytes], list[pb.SliceWitness]] = (1, [entry.statement] if entry.statement else [], [])
         self.averager.set_group_bits(group_bits(self.round))
+        self.averager.set_round(self.round)
         control = self.averager.step(
             weight=weight, gather=entry.gathered(), timeout=self.settings.averaging_timeout_seconds, wait=False
         )
@@ -270,13 +319,33 @@ class DiLoCoTrainer:
                 return alone
             time.sleep(0.05)
         try:
-            gathered = control.result()
+            outcome: GroupOutcome = control.result()
         except Exception as error:  # hivemind raises several kinds; all mean "no average this round"
             log.warning("round %d: no averaging group (%s)", self.round, error)
             return alone
         # Every entry was checked, its round included, before the all-reduce (worker/peer_admission.py).
-        entries = [GroupEntry.from_gathered(data) for data in gathered.values()]
-        return len(entries), [member.statement for member in entries if member.statement]
+        entries = [GroupEntry.from_gathered(data) for data in outcome.gathered.values()]
+        statements = [member.statement for member in entries if member.statement]
+        return len(entries), statements, [_slice_witness(witness) for witness in outcome.witnesses]
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+def _check_aggregation(name: str) -> None:
+    if name not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {name!r}: use one of {sorted(AGGREGATIONS)}")
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of the tensors as one vector, accumulated in float64 (what a validator recomputes)."""
+    return math.sqrt(sum(float(t.detach().to(torch.float64).square().sum()) for t in tensors))
+
+
+def _slice_witness(witness: SenderWitness) -> pb.SliceWitness:
+    sketch = witness.sketch
+    return pb.SliceWitness(
+        sender_peer_id=witness.sender_peer_id, start=sketch.start, end=sketch.end, finite=sketch.finite,
+        norm=sketch.norm, projections=sketch.projections, cosine_to_aggregate=witness.cosine_to_aggregate,
+        median_norm=witness.median_norm,
+    )

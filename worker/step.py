@@ -43,3 +43,25 @@ def inner_step(
 def inner_optimizer(params: list[torch.nn.Parameter], lr: float, plan: DevicePlan) -> torch.optim.AdamW:
     """AdamW on the device: fused (one kernel for every parameter) on CUDA, the default loop elsewhere."""
     return torch.optim.AdamW(params, lr=lr, fused=plan.is_cuda or None)
+
+
+@torch.no_grad()
+def probe_loss(model: torch.nn.Module, batch: torch.Tensor, plan: DevicePlan, micro_batch_size: int = 0) -> float:
+    """The mean loss on `batch` without training: what a round's claim states before and after its inner steps.
+
+    In eval mode (no dropout) and in the same passes as inner_step, so a validator's replay gets the same number.
+    """
+    rows = batch.shape[0]
+    micro = micro_batch_size if 0 < micro_batch_size < rows else rows
+    batch = plan.to_device(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        total = 0.0
+        for first in range(0, rows, micro):
+            chunk = batch[first : first + micro]
+            with plan.autocast():
+                total += float(model(input_ids=chunk, labels=chunk).loss) * (chunk.shape[0] / rows)
+        return total
+    finally:
+        model.train(was_training)
