@@ -132,11 +132,13 @@ def _quarantine_findings(session: Session) -> list[str]:
     for worker in quarantined:
         check = session.get(Check, worker.quarantine_check) if worker.quarantine_check is not None else None
         trigger = f" ({check.trigger})" if check is not None else ""
-        rejected = sum(r.end - r.start for r in session.scalars(select(LineageRecord).where(
-            LineageRecord.worker_id == worker.id, LineageRecord.verification == "rejected")))
-        findings.append(f"worker {worker.name} ({worker.id[:12]}, {worker.institution}) is quarantined: check "
+        records = session.scalars(select(LineageRecord).where(LineageRecord.worker_id == worker.id)).all()
+        rejected = sum(r.end - r.start for r in records if r.verification == "rejected")
+        unverified = sum(r.end - r.start for r in records if r.verification == "unverified" and r.rewound_at is None)
+        findings.append(f"worker {worker.name} ({worker.id}, {worker.institution}) is quarantined: check "
                         f"{worker.quarantine_check}{trigger} of its round {worker.quarantine_round} failed: "
-                        f"{worker.quarantine_reason}; {rejected} of its tokens are credited rejected")
+                        f"{worker.quarantine_reason}; {rejected} of its tokens are credited rejected, {unverified} "
+                        "unverified (a ledger's retrain decision has them trained again)")
     return findings
 
 

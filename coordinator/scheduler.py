@@ -25,7 +25,8 @@ from coordinator.round_terms import RoundTerms
 from coordinator.rounds import RoundBook, RoundRecorded, RoundReport
 from coordinator.store import FiledReport, Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
 from coordinator.verification import (
-    Assignment, Quarantined, Sampler, Verdict, open_checks, refuse_if_quarantined, submit_verdict, take_check,
+    Assignment, Quarantined, Sampler, Verdict, open_checks, refuse_if_quarantined, retrain_unverified, submit_verdict,
+    take_check,
 )
 
 __all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "Quarantined", "RoundOver",
@@ -202,6 +203,13 @@ class Scheduler:
         """
         with self._lock, self._sessions.begin() as session:
             return take_check(session, validator_id, self._clock(), reassign_after=2 * self.lease_seconds)
+
+    def retrain(self, worker_ids: set[str]) -> int:
+        """Return the named workers' unverified tokens to the pool (a ledger's "retrain"); the tokens returned."""
+        if not worker_ids:
+            return 0
+        with self._lock, self._sessions.begin() as session:
+            return retrain_unverified(session, worker_ids, self._clock())
 
     def submit_verdict(self, validator_id: str, verdict: Verdict) -> None:
         """Apply a validator's verdict: credit, quarantine or re-queue (coordinator/verification.py)."""

@@ -137,7 +137,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
 
     stop_expiry = threading.Event()
     threading.Thread(
-        target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0), daemon=True
+        target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0, governed), daemon=True
     ).start()
     address = f"{settings.announce or settings.host}:{port}"
     return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry,
@@ -159,12 +159,20 @@ def sampler_for(run: RunSettings) -> Sampler | None:
     return Sampler(run.verify_fraction) if run.verify_fraction > 0 else None
 
 
-def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float) -> None:
-    """Every second: write the heartbeats received, and return overdue leases' tokens to the pool."""
+def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, period: float,
+                                governed: GovernedRun | None = None) -> None:
+    """Every second: write the heartbeats received, return overdue leases' tokens to the pool, and those
+    of workers the ledger says to train again ("retrain")."""
     while not stop.wait(period):
         expired = scheduler.expire_overdue()
         if expired:
             log.info("%d lease(s) passed their deadline; their tokens are back in the pool", expired)
+        if governed is not None:
+            workers = governed.current().state.retrain_at(scheduler.current_round())
+            returned = scheduler.retrain(workers)
+            if returned:
+                log.info("the ledger has %d worker(s)' unverified tokens trained again: %d tokens back in the pool",
+                         len(workers), returned)
 
 
 def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None:

@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.leases import HELD, LeaseError, return_to_pool
 from coordinator.rounds import RoundReport
-from coordinator.store import Check, FiledReport, Lease, LineageRecord, Round, Shard, Worker
+from coordinator.store import Check, FiledReport, Lease, LineageRecord, Round, Shard, TokenRange, Worker, count_assigned
 from protocol import essaim_pb2 as pb
 from protocol.choices import CERTIFIED_CLASSES, VOLUNTEER
 
@@ -423,3 +423,34 @@ def refuse_if_quarantined(session: Session, worker_id: str) -> Worker:
         raise Quarantined(worker)
     return worker
 
+
+
+# -- a maintainers' decision: train again what no check verified ----------------------------
+
+
+def retrain_unverified(session: Session, worker_ids: Iterable[str], now: float) -> int:
+    """Return the tokens of the named workers' unverified and rejected lineage to the pool; the tokens returned.
+
+    A ledger item decides it ("retrain", governance/state.py), typically for a quarantined worker
+    whose earlier rounds nobody checked. The tokens are in the weights already (their rounds were
+    kept), so this does not undo them: it has honest workers train the same data again, as a
+    rewind does (coordinator/rewind.py): the lease is marked rewound, the range goes back to the
+    pool, and the lineage record stays for the audit trail with the time it was returned.
+    Idempotent: a returned record is never returned twice.
+    """
+    workers = sorted(set(worker_ids))
+    if not workers:
+        return 0
+    records = session.scalars(select(LineageRecord).where(
+        LineageRecord.worker_id.in_(workers), LineageRecord.verification != "verified",
+        LineageRecord.rewound_at.is_(None)).with_for_update()).all()
+    tokens = 0
+    for record in records:
+        lease = session.get(Lease, record.lease_id)
+        token_range = session.get(TokenRange, lease.range_id)
+        token_range.state = "pool"
+        count_assigned(session, token_range.source, -(token_range.end - token_range.start))
+        lease.state = "rewound"
+        record.rewound_at = now
+        tokens += record.end - record.start
+    return tokens

@@ -78,7 +78,8 @@ def gov_propose(
     key: Path = typer.Option(..., help="Your private key."),
     author: str = typer.Option(..., help="Your maintainer name."),
     change: str = typer.Option(..., help='JSON: {"config": {"inner_lr": 0.001}}; also mixture, maintainers, '
-                               'institutions ({"admit": {"NAME": "PUBLIC_KEY"}, "remove": ["NAME"]}).'),
+                               'institutions ({"admit": {"NAME": "PUBLIC_KEY"}, "remove": ["NAME"]}), '
+                               'retrain ({"workers": ["WORKER_ID"]}: their unverified tokens are trained again).'),
     reason: str = typer.Option(...),
     round_: int = typer.Option(..., "--round", min=0, help="The run's current round (essaim status): signed; "
                                "the voting period counts from it."),

@@ -27,12 +27,18 @@ CONFIG_RULES = {  # what a vote may set in the run config, and what a value must
     "compression": lambda v: v in COMPRESSIONS,
     "aggregation": lambda v: v in AGGREGATIONS,  # how reducers combine a slice (worker/aggregation.py)
 }
-CHANGE_KINDS = ("config", "mixture", "institutions", "maintainers")
+# "retrain": {"workers": [worker ids]}: the tokens of those workers' rounds no validator verified go back to
+# the pool, to be trained again by others (coordinator/verification.py, retrain_unverified).
+CHANGE_KINDS = ("config", "mixture", "institutions", "maintainers", "retrain")
 UNGOVERNED_CONFIG_VERSION = "genesis"  # what lineage records for a run without a ledger: its one config
 
 
 def _is_key(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_worker_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
 
 
 def _named_keys(value: object) -> bool:
@@ -103,6 +109,11 @@ def check_change(change: object) -> None:
             institutions.get("admit", {})) or not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
         raise GovernanceError("proposal change 'institutions': {admit: {name: public key}, remove: [names]}, "
                               "keys of 64 hex digits (admitting a name again replaces its key)")
+    retrain = change.get("retrain", {"workers": []})
+    if not isinstance(retrain, dict) or set(retrain) != {"workers"} or not isinstance(retrain["workers"], list) \
+            or not all(_is_worker_id(w) for w in retrain["workers"]):
+        raise GovernanceError("proposal change 'retrain': {workers: [worker ids]}, ids of 32 hex digits "
+                              "(`essaim audit verify` names quarantined workers with theirs)")
     maintainers = change.get("maintainers", {})
     shape = "proposal change 'maintainers': {add: {name: key}, remove: [names], rotate: {name: key}}, keys of 64 hex digits"
     if not isinstance(maintainers, dict) or set(maintainers) - {"add", "remove", "rotate"}:
@@ -175,6 +186,11 @@ class RunState:
         for accepted in self.in_force(round_):
             mixture.update(accepted.change.get("mixture", {}))
         return mixture
+
+    def retrain_at(self, round_: int) -> set[str]:
+        """Workers whose unverified tokens the maintainers decided to have trained again, by this round."""
+        return {worker for accepted in self.in_force(round_)
+                for worker in accepted.change.get("retrain", {}).get("workers", [])}
 
     def institutions_at(self, round_: int) -> dict[str, str]:
         """The admitted institutions at this round: name -> Ed25519 public key (hex), the key their certificates verify with."""

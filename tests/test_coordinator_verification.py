@@ -385,7 +385,7 @@ def test_a_passed_verdict_credits_the_round_and_a_failed_one_quarantines_the_wor
     assert accounting_problems(network.sessions) == []
     audit = verify_run(network.sessions, network.data_dir, [])
     assert audit.problems == []
-    assert len(audit.findings) == 1 and f"({b.worker_id[:12]}, independent) is quarantined: check " \
+    assert len(audit.findings) == 1 and f"({b.worker_id}, independent) is quarantined: check " \
         f"{check_b.check_id} (sampled) of its round 0 failed: replay: cosine -0.90 to the claim" in audit.findings[0]
     tokens = {name: lease.end - lease.start for name, lease in round_0.items()}
     assert audit.credit["verified"] == tokens["a"] and audit.credit["rejected"] == tokens["b"]
@@ -470,3 +470,23 @@ def test_a_rewound_rounds_check_waits_for_the_round_to_be_kept_again(store) -> N
     again = scheduler.take_check("lab2")
     lease = redone["v2"]
     assert again.check.worker_id == "v2" and again.usage == [(lease.id, lease.end - lease.start)]  # the redone report
+
+
+def test_a_maintainers_retrain_decision_returns_a_workers_unverified_tokens_to_the_pool_once(store) -> None:
+    scheduler = book_scheduler(store, NEVER)  # nothing sampled: v1's rounds stay unverified
+    for round_number in range(2):
+        leases = {w: scheduler.acquire(w, 200, round_number).lease for w in ("v1", "v2")}
+        for worker in ("v1", "v2"):
+            scheduler.complete_round(worker, filed_report(leases[worker], evidence(), round_number=round_number))
+    with store() as session:
+        v1_tokens = sum(r.end - r.start for r in session.scalars(select(LineageRecord).where(LineageRecord.worker_id == "v1")))
+    assert scheduler.retrain({"v1"}) == v1_tokens > 0
+    assert scheduler.retrain({"v1"}) == 0  # decided once, applied once
+    with store() as session:
+        records = session.scalars(select(LineageRecord)).all()
+        assert {r.worker_id for r in records if r.rewound_at is not None} == {"v1"}
+        assert all(r.rewound_at is None for r in records if r.worker_id == "v2")
+        assert {session.get(Lease, r.lease_id).state for r in records if r.worker_id == "v1"} == {"rewound"}
+    assert accounting_problems(store) == []
+    regranted = scheduler.acquire("v2", 10_000, 2).lease  # the returned tokens are leased again
+    assert regranted is not None

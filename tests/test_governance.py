@@ -104,6 +104,7 @@ def test_the_activation_round_follows_from_the_signed_round_of_the_vote_that_pas
     (lambda k, g, p: p, "already in the ledger"),
     (lambda k, g, p: propose(k, g, {"config": {"inner_lr": 5}}, 2), "out of range"),
     (lambda k, g, p: propose(k, g, {"config": {"aggregation": "median"}}, 2), "aggregation = 'median' is out of range"),
+    (lambda k, g, p: propose(k, g, {"retrain": {"workers": ["mallory"]}}, 2), "{workers: [worker ids]}"),
     (lambda k, g, p: propose(k, g, {"config": {"seed": 1}}, 2), "not a setting votes govern"),
     (lambda k, g, p: propose(k, g, {"maintainers": {"remove": ["bob", "carol"]}}, 2), "must not exceed"),
     (lambda k, g, p: propose(k, g, {"maintainers": {"add": ["dave"]}}, 2), "proposal change 'maintainers'"),
@@ -272,3 +273,15 @@ def test_a_rotated_key_signs_from_the_activation_round_and_the_old_one_no_longer
         add(ledger, vote(keys, genesis, later, "bob", 3))  # bob's old key
     add(ledger, make_vote(digest(genesis), later, "bob", "yes", load_key(tmp_path / "bob-2026.key"), round_=3))
     assert ledger.state.maintainers_at(3)["bob"] == new_public != ledger.state.maintainers_at(2)["bob"]
+
+
+def test_a_retrain_decision_names_its_workers_from_its_activation_round(keys: dict) -> None:
+    genesis = genesis_of(keys)
+    ledger = Ledger(genesis)
+    offender = "ab" * 16  # a worker id, as `essaim audit verify` names a quarantined worker
+    retrain = propose(keys, genesis, {"retrain": {"workers": [offender]}}, 1)
+    add(ledger, retrain)
+    add(ledger, vote(keys, genesis, retrain, "bob", 1))
+    add(ledger, vote(keys, genesis, retrain, "carol", 2))  # passes at round 2: in force from round 4
+    state = verify(ledger.genesis, ledger.entries, head=ledger.head)
+    assert state.retrain_at(3) == set() and state.retrain_at(4) == {offender}
