@@ -27,7 +27,7 @@ from coordinator.accounting import accounting_problems
 from coordinator.store import FiledReport, LineageRecord, Round, Worker
 from protocol.certificates import certify
 from protocol.identity import Identity
-from essaim.processes import stop_group
+from essaim.processes import kill_group, stop_group
 from support import contributions_by_round, logs, start_role, start_worker, wait_all, wait_for
 from worker.agent import QUARANTINED_EXIT
 
@@ -74,7 +74,7 @@ def test_six_kinds_of_liars_are_each_caught_on_their_first_round_and_credited_no
             stop_group(process)  # the run is long enough: SIGTERM, and they report what they trained and leave
     finally:
         for process in [*honest, *offenders.values(), validator]:
-            process.kill() if process.poll() is None else None
+            kill_group(process)  # whatever is left of each process group, hivemind's children included
     names = ["h0", "h1", *offenders, "validator"]
     assert [w.returncode for w in honest] == [0, 0], logs(tmp_path, *names)
     assert {kind: p.returncode for kind, p in offenders.items()} == dict.fromkeys(offenders, QUARANTINED_EXIT), \
