@@ -31,6 +31,21 @@ class Rewound:
     tokens: int
 
 
+def untrain(session: Session, record: LineageRecord, now: float) -> int:
+    """A trained range back in the pool, to be trained again; its lease is rewound and its record kept, dated.
+
+    Also what a maintainers' "retrain" decision does to a quarantined worker's unverified tokens
+    (coordinator/verification.py). Returns the tokens returned.
+    """
+    lease = session.get(Lease, record.lease_id)
+    token_range = session.get(TokenRange, lease.range_id)
+    token_range.state = "pool"
+    count_assigned(session, token_range.source, -(token_range.end - token_range.start))
+    lease.state = "rewound"
+    record.rewound_at = now
+    return record.end - record.start
+
+
 def rewind(sessions: sessionmaker[Session], to_round: int, now: float | None = None) -> Rewound:
     """Forget rounds >= to_round. Refused while leases are live (stop the coordinator and workers first)."""
     if to_round < 0:
@@ -46,15 +61,7 @@ def rewind(sessions: sessionmaker[Session], to_round: int, now: float | None = N
         records = session.scalars(
             select(LineageRecord).where(LineageRecord.round >= to_round, LineageRecord.rewound_at.is_(None))
         ).all()
-        tokens = 0
-        for record in records:
-            lease = session.get(Lease, record.lease_id)
-            token_range = session.get(TokenRange, lease.range_id)
-            token_range.state = "pool"
-            count_assigned(session, token_range.source, -(token_range.end - token_range.start))
-            lease.state = "rewound"
-            record.rewound_at = now
-            tokens += record.end - record.start
+        tokens = sum(untrain(session, record, now) for record in records)
         for lease in session.scalars(select(Lease).where(Lease.state == "reported", Lease.round >= to_round)):
             return_to_pool(session, lease, "rewound", now)  # filed for a round the rewind forgets
             tokens += lease.end - lease.start

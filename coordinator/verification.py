@@ -49,7 +49,8 @@ from sqlalchemy.orm import Session
 
 from coordinator.leases import HELD, LeaseError, return_to_pool
 from coordinator.rounds import RoundReport
-from coordinator.store import Check, FiledReport, Lease, LineageRecord, Round, Shard, TokenRange, Worker, count_assigned
+from coordinator.rewind import untrain
+from coordinator.store import Check, FiledReport, Lease, LineageRecord, Round, Shard, Worker
 from protocol import essaim_pb2 as pb
 from protocol.choices import CERTIFIED_CLASSES, VOLUNTEER
 
@@ -444,13 +445,4 @@ def retrain_unverified(session: Session, worker_ids: Iterable[str], now: float) 
     records = session.scalars(select(LineageRecord).where(
         LineageRecord.worker_id.in_(workers), LineageRecord.verification != "verified",
         LineageRecord.rewound_at.is_(None)).with_for_update()).all()
-    tokens = 0
-    for record in records:
-        lease = session.get(Lease, record.lease_id)
-        token_range = session.get(TokenRange, lease.range_id)
-        token_range.state = "pool"
-        count_assigned(session, token_range.source, -(token_range.end - token_range.start))
-        lease.state = "rewound"
-        record.rewound_at = now
-        tokens += record.end - record.start
-    return tokens
+    return sum(untrain(session, record, now) for record in records)
