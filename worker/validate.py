@@ -267,7 +267,7 @@ class Validator:
         source = UrlSource(config.data_url) if config.data_url else CoordinatorSource(self.client)
         reader = open_store(config, data_dir, source, options.cache_bytes)
         states = RoundStates()
-        replay_model = build_model(config.model_preset, config.vocab_size, config.seed)
+        replay_model = build_model(config.model_preset, config.vocab_size, config.seed).to(plan.device)
         follower_model = build_model(config.model_preset, config.vocab_size, config.seed)
         seed_digest = states.add([p for p in follower_model.parameters() if p.requires_grad])  # round 0's start
         swarm = Swarm(options.host, initial_peers=list(config.initial_peers), client_mode=True,
