@@ -296,8 +296,11 @@ class Checking:
                                    pseudo_gradient_norm=float(claim.double().norm())))
             honest = _flat(trained[peer])
             replay = Replay(tensors_digest(trained[peer]), float(honest.double().norm()), honest, 0.0, 0.0, {})
-            if judge(check, replay).outcome == pb.VerdictRequest.PASSED:
+            outcome = judge(check, replay).outcome
+            if outcome == pb.VerdictRequest.PASSED:
                 self.passed[peer] += 1
+            elif outcome == pb.VerdictRequest.INCONCLUSIVE:
+                continue  # one reducer's word: neither verified nor caught
             elif peer == ATTACKER:
                 self.caught_in = self.caught_in if self.caught_in is not None else round_number
             else:

@@ -148,21 +148,28 @@ def judge(check: pb.CheckAssignment, replay: Replay, tolerances: Tolerances = To
             if abs(claimed - replayed) > tolerances.loss * max(abs(replayed), 1e-6):
                 return _failed(verdict, f"it claims a probe loss of {claimed:.4f} {name} its inner steps; "
                                         f"the replay gets {replayed:.4f}")
-    problem, cosine = _witnessed_problem(check, replay, tolerances)
+    problem, doubt, cosine = _witnessed_problem(check, replay, tolerances)
     verdict.cosine = cosine if cosine is not None else (1.0 if verdict.exact else 0.0)
     if problem:
         return _failed(verdict, problem)
+    if doubt:  # not enough to convict, and not to vouch for it either: its next rounds are checked again
+        verdict.outcome = pb.VerdictRequest.INCONCLUSIVE
+        verdict.reason = doubt
+        return verdict
     verdict.outcome = pb.VerdictRequest.PASSED
     verdict.reason = "exact replay" if verdict.exact else "replay within tolerances"
     return verdict
 
 
-def _witnessed_problem(check: pb.CheckAssignment, replay: Replay, tolerances: Tolerances) -> tuple[str, float | None]:
-    """Why the reducers' witnesses convict the worker ("" if they do not), and the estimated cosine of sent and replayed.
+def _witnessed_problem(check: pb.CheckAssignment, replay: Replay,
+                       tolerances: Tolerances) -> tuple[str, str, float | None]:
+    """What the reducers' witnesses say: why they convict the worker ("" if they do not), why they leave
+    a doubt ("" if none), and the estimated cosine of what it sent with its replay.
 
     Each witness covers one reducer's slice; pooled over slices, the sketch's estimate is far less
     noisy than slice by slice. A certified reducer is believed; volunteers' witnesses convict only
     pooled without the one that disagrees most, so a single lying reducer cannot frame a worker.
+    A lone volunteer's disagreement (the worker's group was small) leaves a doubt: no verdict.
     """
     certified: list[Comparison] = []
     volunteers: list[Comparison] = []
@@ -178,17 +185,22 @@ def _witnessed_problem(check: pb.CheckAssignment, replay: Replay, tolerances: To
     everything = certified + volunteers
     cosine = pooled(everything).cosine if everything else None
     if not_finite["certified"] or not_finite["volunteer"] >= 2:
-        return f"{sum(not_finite.values())} reducer(s) saw it send NaN or infinity", cosine
+        return f"{sum(not_finite.values())} reducer(s) saw it send NaN or infinity", "", cosine
     if certified and pooled(certified).relative_distance > tolerances.sketch_distance:
         distance = pooled(certified).relative_distance
-        return f"certified reducers saw it send values {distance:.2f} of its replay's norm away from it", cosine
+        return f"certified reducers saw it send values {distance:.2f} of its replay's norm away from it", "", cosine
     if len(volunteers) >= 2:
         all_but_worst = sorted(volunteers, key=lambda c: c.distance)[:-1]
         distance = pooled(all_but_worst).relative_distance
         if distance > tolerances.sketch_distance:
             return (f"{len(volunteers)} reducers saw it send values {distance:.2f} of its replay's norm away from it "
-                    f"(pooled over {len(all_but_worst)} slices, leaving out the most distant)"), cosine
-    return "", cosine
+                    f"(pooled over {len(all_but_worst)} slices, leaving out the most distant)"), "", cosine
+    far = [c for c in volunteers if c.relative_distance > tolerances.sketch_distance]
+    if not_finite["volunteer"] or far:
+        return "", ("one volunteer reducer saw it send other values than it trained (NaN or "
+                    f"{far[0].relative_distance if far else float('nan'):.2f} of its replay's norm away): "
+                    "one word is not enough to convict nor to verify"), cosine
+    return "", "", cosine
 
 
 def _failed(verdict: pb.VerdictRequest, reason: str) -> pb.VerdictRequest:
