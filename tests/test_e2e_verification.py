@@ -34,11 +34,11 @@ from worker.agent import QUARANTINED_EXIT
 
 pytestmark = pytest.mark.e2e
 
-RUN = dict(total_rounds=500, target_group_size=8, inner_steps=24, batch_size=4, seq_len=64, lease_seconds=10,
+RUN = dict(total_rounds=500, target_group_size=8, inner_steps=16, batch_size=4, seq_len=64, lease_seconds=10,
            heartbeat_seconds=1, matchmaking_seconds=4.0, averaging_timeout_seconds=15.0, verify_fraction=0.1,
            leases_per_round=1)
 OFFENDERS = ("x100", "sign_flip", "random", "nan", "zero", "wrong_shard")
-ROUNDS_AT_LEAST = 8  # long enough for each offender to be kept in a round or be seen straggling
+ROUNDS_AT_LEAST = 5  # long enough for each offender to be kept in a round or be seen straggling
 YEAR = 365 * 86400
 
 
