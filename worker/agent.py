@@ -425,7 +425,8 @@ class Worker:
                 raise AveragingCancelled("stop requested during inner steps")
             started = time.perf_counter()
             progress.step_leases.append(lease.lease_id)
-            if progress.probe is None and batch.shape[1] > 1:
+            # The claim's probe losses cost two forward passes a round: only while a validator may replay it.
+            if progress.probe is None and batch.shape[1] > 1 and config.verify_fraction > 0:
                 progress.probe = batch
                 progress.loss_before = _probe_loss(trainer, batch)  # the round's start state: a validator's too
             if batch.shape[1] > 1 and self.adversary.trains():
