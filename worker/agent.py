@@ -37,7 +37,6 @@ from worker.adversary import adversary_for
 from worker.capabilities import calibrate, detect
 from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
-from worker.corpus_source import CoordinatorSource, UrlSource
 from worker.data import batches_when_fetched
 from worker.device import plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
@@ -45,7 +44,7 @@ from worker.governance import RunGovernance
 from worker.memory import Workload, check_fits, out_of_memory_refused
 from worker.peer_admission import CredentialAdmission, GroupEntry
 from worker.reachability import ReachabilityCheck
-from worker.shards import ShardStore, open_store, shared_corpus_dir
+from worker.shards import ShardStore, run_store
 from worker.state_download import StateCheck
 from worker.step import probe_loss
 
@@ -53,7 +52,6 @@ log = logging.getLogger("essaim.worker")
 
 POOL_EMPTY_WAIT_SECONDS = 1.0
 QUARANTINED_EXIT = 3  # the coordinator refuses this worker's work: a supervisor should not just restart it
-DEFAULT_DATA_ROOT = Path.home() / ".essaim" / "data"  # a run's cache: DEFAULT_DATA_ROOT / <run id>
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,7 @@ class Worker:
         self.swarm = swarm = self._join_swarm(config, credentials)
         trainer: DiLoCoTrainer | None = None
         try:
-            trainer = DiLoCoTrainer(model, _diloco_settings(config, workload.micro_batch_size), swarm.dht, plan,
+            trainer = DiLoCoTrainer(model, DiLoCoSettings.for_run(config, workload.micro_batch_size), swarm.dht, plan,
                                     CredentialAdmission(credentials))
             trainer.sent_transform = self.adversary.sent_transform if self.adversary.kind else None
             if checkpoint is not None:
@@ -207,9 +205,7 @@ class Worker:
 
     def _shard_store(self, config: pb.RunConfig) -> ShardStore:
         """The run's shards: a local copy, the coordinator's directory if visible here, else a cache to fetch into."""
-        data_dir = self.options.data_dir or shared_corpus_dir(config) or DEFAULT_DATA_ROOT / config.run_id
-        source = UrlSource(config.data_url) if config.data_url else CoordinatorSource(self.client)
-        store = open_store(config, data_dir, source, self.options.cache_bytes)  # ShardUnavailable: refused here
+        store, data_dir, source = run_store(config, self.options.data_dir, self.client, self.options.cache_bytes)
         log.info("shards in %s; missing ones are fetched from %s", data_dir, source.describe())
         return store
 
@@ -484,15 +480,6 @@ def _probe_loss(trainer: DiLoCoTrainer, batch: torch.Tensor) -> float:
     return probe_loss(trainer.forward_model, batch, trainer.plan, trainer.settings.micro_batch_size)
 
 
-def _diloco_settings(config: pb.RunConfig, micro_batch_size: int) -> DiLoCoSettings:
-    return DiLoCoSettings(
-        inner_lr=config.inner_lr, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
-        dht_prefix=config.dht_prefix, target_group_size=config.target_group_size,
-        matchmaking_seconds=config.matchmaking_seconds, averaging_timeout_seconds=config.averaging_timeout_seconds,
-        compression=config.compression or "none", error_feedback=config.error_feedback,
-        micro_batch_size=micro_batch_size, compile=config.compile, aggregation=config.aggregation or "mean",
-        fresh_inner_optimizer=config.fresh_inner_optimizer,
-    )
 
 
 def run_worker(options: WorkerOptions) -> int:

@@ -66,6 +66,18 @@ class DiLoCoSettings:
     # inner steps depend only on its start state and batches: what a validator replays.
     fresh_inner_optimizer: bool = False
 
+    @classmethod
+    def for_run(cls, config: pb.RunConfig, micro_batch_size: int) -> "DiLoCoSettings":
+        """The run's settings as its config states them (a governance vote changes some later, per round)."""
+        return cls(
+            inner_lr=config.inner_lr, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
+            dht_prefix=config.dht_prefix, target_group_size=config.target_group_size,
+            matchmaking_seconds=config.matchmaking_seconds, averaging_timeout_seconds=config.averaging_timeout_seconds,
+            compression=config.compression or "none", error_feedback=config.error_feedback,
+            micro_batch_size=micro_batch_size, compile=config.compile, aggregation=config.aggregation or "mean",
+            fresh_inner_optimizer=config.fresh_inner_optimizer,
+        )
+
 
 @dataclass(frozen=True)
 class RoundResult:

@@ -38,7 +38,8 @@ from model.shards import (
     verify_shard,
 )
 from protocol import essaim_pb2 as pb
-from worker.corpus_source import CorpusSource, FetchFailed
+from worker.client import CoordinatorClient
+from worker.corpus_source import CoordinatorSource, CorpusSource, FetchFailed, UrlSource
 
 log = logging.getLogger("essaim.worker.shards")
 
@@ -316,6 +317,21 @@ def open_store(config: pb.RunConfig, data_dir: Path, source: CorpusSource, cache
     for shard in manifest.shards:
         check_file_name(shard.file)
     return ShardStore(data_dir, manifest, source, cache_bytes)
+
+
+DEFAULT_DATA_ROOT = Path.home() / ".essaim" / "data"  # a run's cache: DEFAULT_DATA_ROOT / <run id>
+
+
+def run_store(config: pb.RunConfig, data_dir: Path | None, client: CoordinatorClient,
+              cache_bytes: int) -> tuple[ShardStore, Path, CorpusSource]:
+    """The run's shards as a worker or a validator reads them, and where from.
+
+    In `data_dir` if given, else the coordinator's own directory if this machine sees it, else a
+    cache under DEFAULT_DATA_ROOT; missing bytes come from the run's data_url, else the coordinator.
+    """
+    data_dir = data_dir or shared_corpus_dir(config) or DEFAULT_DATA_ROOT / config.run_id
+    source = UrlSource(config.data_url) if config.data_url else CoordinatorSource(client)
+    return open_store(config, data_dir, source, cache_bytes), data_dir, source  # ShardUnavailable: refused here
 
 
 def shared_corpus_dir(config: pb.RunConfig) -> Path | None:

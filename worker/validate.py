@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,10 +47,9 @@ from worker.capabilities import detect
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import batches
 from worker.device import DevicePlan, plan_device
-from worker.corpus_source import CoordinatorSource, UrlSource
 from worker.diloco import DiLoCoSettings, DiLoCoTrainer
 from worker.governance import RunGovernance
-from worker.shards import ShardStore, open_store, shared_corpus_dir
+from worker.shards import ShardStore, run_store
 from worker.step import inner_optimizer, inner_step, probe_loss
 from worker.witness import Comparison, compare, pooled, sketch
 
@@ -275,16 +274,16 @@ class Validator:
                              capabilities, certificate)
         config = self.client.run_config()
         governance = RunGovernance(config, options.genesis)
-        data_dir = options.data_dir or shared_corpus_dir(config) or Path.home() / ".essaim" / "data" / config.run_id
-        source = UrlSource(config.data_url) if config.data_url else CoordinatorSource(self.client)
-        reader = open_store(config, data_dir, source, options.cache_bytes)
+        reader, _, _ = run_store(config, options.data_dir, self.client, options.cache_bytes)
         states = RoundStates()
         replay_model = build_model(config.model_preset, config.vocab_size, config.seed).to(plan.device)
         follower_model = build_model(config.model_preset, config.vocab_size, config.seed)
         seed_digest = states.add([p for p in follower_model.parameters() if p.requires_grad])  # round 0's start
         swarm = Swarm(options.host, initial_peers=list(config.initial_peers), client_mode=True,
                       credentials=CredentialCheck(config.credential_key, config.run_id), dht_prefix=config.dht_prefix)
-        follower = DiLoCoTrainer(follower_model, _follower_settings(config), swarm.dht, plan)
+        # It only downloads states: no averaging, so no error-feedback buffers.
+        follower = DiLoCoTrainer(follower_model, replace(DiLoCoSettings.for_run(config, 0), error_feedback=False),
+                                 swarm.dht, plan)
         following = threading.Thread(target=self._follow, args=(follower, states), daemon=True)
         following.start()
         try:
@@ -341,13 +340,6 @@ class Validator:
             log.warning("check %d: the verdict was not taken (%s)", verdict.check_id, error)
 
 
-def _follower_settings(config: pb.RunConfig) -> DiLoCoSettings:
-    """Enough to download the swarm's state: the follower never trains nor averages."""
-    return DiLoCoSettings(
-        inner_lr=config.inner_lr, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
-        dht_prefix=config.dht_prefix, target_group_size=config.target_group_size,
-        matchmaking_seconds=config.matchmaking_seconds, averaging_timeout_seconds=config.averaging_timeout_seconds,
-    )
 
 
 def run_validator(options: ValidatorOptions) -> dict[str, int]:
