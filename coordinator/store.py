@@ -65,6 +65,8 @@ class Worker(Base):
     quarantine_round: Mapped[int | None] = mapped_column(default=None)
     quarantine_check: Mapped[int | None] = mapped_column(default=None)  # a check id (no foreign key: checks name workers)
     quarantine_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Declared at Register: the carbon intensity of its electricity (gCO2e/kWh). 0: not declared.
+    grid_gco2_per_kwh: Mapped[float] = mapped_column(default=0.0, server_default="0")
 
 
 class Source(Base):
@@ -212,6 +214,27 @@ class Contribution(Base):
     wall_seconds: Mapped[float]
     params_digest: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float]
+    # What the round cost its device (worker/energy.py): measured ("nvml", "rapl") or an "estimate".
+    energy_joules: Mapped[float] = mapped_column(default=0.0, server_default="0")
+    energy_method: Mapped[str] = mapped_column(String(16), default="", server_default="")
+
+
+class Evaluation(Base):
+    """Held-out figures of the parameters after a round's outer step, one row per group and name."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round: Mapped[int]
+    params_digest: Mapped[str] = mapped_column(String(64))
+    group: Mapped[str] = mapped_column(String(16))   # all | language | source
+    name: Mapped[str] = mapped_column(String(128))   # "all", a language code or a source name
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)   # UTF-8 bytes of the held-out text
+    loss: Mapped[float]                              # nats per token
+    bits_per_byte: Mapped[float]
+    worker_id: Mapped[str] = mapped_column(String(64), default="", server_default="")  # who evaluated
+    created_at: Mapped[float]
+    __table_args__ = (UniqueConstraint("round", "group", "name"),)  # the first report's figures are kept
 
 
 class LineageRecord(Base):
@@ -237,6 +260,8 @@ class LineageRecord(Base):
     rewound_at: Mapped[float | None] = mapped_column(default=None)  # set: no model holds these tokens any more
     # What a check of the round's report found: unverified (none passed yet) | verified | rejected.
     verification: Mapped[str] = mapped_column(String(16), default="unverified", server_default="unverified")
+    # Its share, by tokens, of the energy its worker's round took (Contribution.energy_joules).
+    energy_joules: Mapped[float] = mapped_column(default=0.0, server_default="0")
     __table_args__ = (Index("ix_lineage_worker_round", "worker_id", "round"),)  # a verdict credits one round
 
 

@@ -20,7 +20,7 @@ class RequestAuth(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id", "precision", "institution_certificate")
+    __slots__ = ("auth", "public_key", "name", "institution", "device", "memory_bytes", "bandwidth_mbit", "trust_class", "available_until", "slurm_job_id", "precision", "institution_certificate", "grid_gco2_per_kwh")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class RegisterRequest(_message.Message):
     SLURM_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     INSTITUTION_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    GRID_GCO2_PER_KWH_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     public_key: bytes
     name: str
@@ -45,7 +46,8 @@ class RegisterRequest(_message.Message):
     slurm_job_id: str
     precision: str
     institution_certificate: bytes
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ..., precision: _Optional[str] = ..., institution_certificate: _Optional[bytes] = ...) -> None: ...
+    grid_gco2_per_kwh: float
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., institution: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., bandwidth_mbit: _Optional[float] = ..., trust_class: _Optional[str] = ..., available_until: _Optional[float] = ..., slurm_job_id: _Optional[str] = ..., precision: _Optional[str] = ..., institution_certificate: _Optional[bytes] = ..., grid_gco2_per_kwh: _Optional[float] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_id", "run_id")
@@ -62,7 +64,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key", "aggregation", "verify_fraction", "fresh_inner_optimizer")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key", "aggregation", "verify_fraction", "fresh_inner_optimizer", "eval_every_rounds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +100,7 @@ class RunConfig(_message.Message):
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     FRESH_INNER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -133,7 +136,8 @@ class RunConfig(_message.Message):
     aggregation: str
     verify_fraction: float
     fresh_inner_optimizer: bool
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ..., aggregation: _Optional[str] = ..., verify_fraction: _Optional[float] = ..., fresh_inner_optimizer: _Optional[bool] = ...) -> None: ...
+    eval_every_rounds: int
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ..., aggregation: _Optional[str] = ..., verify_fraction: _Optional[float] = ..., fresh_inner_optimizer: _Optional[bool] = ..., eval_every_rounds: _Optional[int] = ...) -> None: ...
 
 class ReadCorpusFileRequest(_message.Message):
     __slots__ = ("auth", "file", "offset", "length")
@@ -294,7 +298,7 @@ class LeaseUsage(_message.Message):
     def __init__(self, lease_id: _Optional[int] = ..., tokens_consumed: _Optional[int] = ...) -> None: ...
 
 class CompleteRoundRequest(_message.Message):
-    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds", "member_statements", "claim", "witnesses")
+    __slots__ = ("auth", "round", "leases", "loss", "pseudo_gradient_digest", "params_digest", "group_size", "bytes_sent", "inner_seconds", "wall_seconds", "member_statements", "claim", "witnesses", "energy", "evaluation")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +312,8 @@ class CompleteRoundRequest(_message.Message):
     MEMBER_STATEMENTS_FIELD_NUMBER: _ClassVar[int]
     CLAIM_FIELD_NUMBER: _ClassVar[int]
     WITNESSES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     auth: RequestAuth
     round: int
     leases: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
@@ -321,7 +327,41 @@ class CompleteRoundRequest(_message.Message):
     member_statements: _containers.RepeatedScalarFieldContainer[bytes]
     claim: WorkClaim
     witnesses: _containers.RepeatedCompositeFieldContainer[SliceWitness]
-    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., member_statements: _Optional[_Iterable[bytes]] = ..., claim: _Optional[_Union[WorkClaim, _Mapping]] = ..., witnesses: _Optional[_Iterable[_Union[SliceWitness, _Mapping]]] = ...) -> None: ...
+    energy: RoundEnergy
+    evaluation: Evaluation
+    def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., leases: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ..., loss: _Optional[float] = ..., pseudo_gradient_digest: _Optional[str] = ..., params_digest: _Optional[str] = ..., group_size: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., inner_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., member_statements: _Optional[_Iterable[bytes]] = ..., claim: _Optional[_Union[WorkClaim, _Mapping]] = ..., witnesses: _Optional[_Iterable[_Union[SliceWitness, _Mapping]]] = ..., energy: _Optional[_Union[RoundEnergy, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
+
+class RoundEnergy(_message.Message):
+    __slots__ = ("joules", "method")
+    JOULES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    joules: float
+    method: str
+    def __init__(self, joules: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("params_digest", "figures")
+    PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    params_digest: str
+    figures: _containers.RepeatedCompositeFieldContainer[EvalFigure]
+    def __init__(self, params_digest: _Optional[str] = ..., figures: _Optional[_Iterable[_Union[EvalFigure, _Mapping]]] = ...) -> None: ...
+
+class EvalFigure(_message.Message):
+    __slots__ = ("group", "name", "tokens", "bytes", "loss", "bits_per_byte")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    name: str
+    tokens: int
+    bytes: int
+    loss: float
+    bits_per_byte: float
+    def __init__(self, group: _Optional[str] = ..., name: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_byte: _Optional[float] = ...) -> None: ...
 
 class WorkClaim(_message.Message):
     __slots__ = ("pseudo_gradient_digest", "pseudo_gradient_norm", "loss_before", "loss_after", "step_leases", "micro_batch_size", "device", "precision")
