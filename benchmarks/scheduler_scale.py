@@ -1,7 +1,7 @@
 """The coordinator under a 10,000-worker network: lease grants and heartbeats per second, latency, CPU.
 
 Usage: python benchmarks/scheduler_scale.py [--workers 10000 --ranges 1000000 --seconds 20
-                                             --backends sqlite,postgresql]
+                                             --backends sqlite,postgresql] [--views]
 
 A real coordinator (`essaim coordinator serve`, gRPC, signed requests) on a corpus of
 --ranges shard ranges, with --workers simulated workers (registered in its database
@@ -14,18 +14,33 @@ Prints achieved rates, p50/p99 latency per call, and the coordinator's CPU (core
 process CPU time / wall time; for PostgreSQL, the database server's CPU too).
 Goal: the target load costs under half a core with p99 under 50 ms. Run it on an
 otherwise idle machine; the load generators share the cores with the coordinator.
+
+With --views (SQLite), instead: what /metrics and the dashboard cost. The target load runs
+against two coordinators at once, side by side, each on its own copy of one seeded database
+(--repeats times): one without the views, one with --metrics-port and --dashboard-port while
+Prometheus' part is played by a scrape of /metrics every --scrape-seconds and the page's by
+--viewers browsers polling /api/summary every --poll-seconds. The scraper and viewers run
+in this process, so their own CPU is not the coordinator's; each starts with one request
+before the measured window (the first readings, the epoch's token-range scan included, are a
+start-up cost: in steady state that scan recurs at most every 200x its duration).
+Goal: the views add at most 5 % to the coordinator's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing as mp
 import os
+import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from sqlalchemy import delete, insert  # noqa: E402
 
 from coordinator.store import Source, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url  # noqa: E402
-from essaim.processes import start_role, stop_group, wait_for_ready_file  # noqa: E402
+from essaim.processes import free_port, start_role, stop_group, wait_for_ready_file  # noqa: E402
 from model.shards import Manifest, ShardInfo, SourceInfo  # noqa: E402
 from model.tokenizer import train_tokenizer, tokenizer_sha256  # noqa: E402
 from protocol import essaim_pb2 as pb  # noqa: E402
@@ -207,6 +222,24 @@ def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator
     return figures
 
 
+RUN_TOML = ("lease_seconds = 3600\nheartbeat_seconds = 10\ntotal_rounds = 1000000\n"
+            f"seq_len = {RANGE_TOKENS}\ninner_steps = 4\nbatch_size = 1\nleases_per_round = 4\n")
+
+
+def serve(data: Path, url: str, where: Path, *extra: str):  # type: ignore[no-untyped-def]
+    """A coordinator on the seeded database; (its process, its address)."""
+    (where / "run.toml").write_text(RUN_TOML)
+    ready, log = where / "ready.json", where / "coordinator.log"
+    ready.unlink(missing_ok=True)
+    coordinator = start_role(["coordinator", "serve", "--data", str(data), "--database", url, "--port", "0",
+                              "--run", str(where / "run.toml"), "--ready-file", str(ready), "--no-verbose", *extra], log)
+    try:
+        return coordinator, wait_for_ready_file(coordinator, ready, log, timeout=120)["address"]
+    except BaseException:
+        stop_group(coordinator)
+        raise
+
+
 def benchmark(backend: str, args: argparse.Namespace, scratch: Path) -> list[dict]:
     data = scratch / backend / "data"
     data.mkdir(parents=True)
@@ -224,14 +257,10 @@ def benchmark(backend: str, args: argparse.Namespace, scratch: Path) -> list[dic
         seed_database(url, manifest, args.workers)
         print(f"[{backend}] seeded {args.ranges:,} ranges and {args.workers:,} workers in {time.perf_counter() - started:.0f} s",
               flush=True)
-        run = scratch / backend / "run.toml"
-        run.write_text("lease_seconds = 3600\nheartbeat_seconds = 10\ntotal_rounds = 1000000\n"
-                       f"seq_len = {RANGE_TOKENS}\ninner_steps = 4\nbatch_size = 1\nleases_per_round = 4\n")
-        ready, log = scratch / backend / "ready.json", scratch / backend / "coordinator.log"
-        coordinator = start_role(["coordinator", "serve", "--data", str(data), "--database", url, "--port", "0",
-                                  "--run", str(run), "--ready-file", str(ready), "--no-verbose"], log)
+        if args.views:
+            return views_comparison(data, scratch / backend / "coordinator.db", scratch / backend, args)
+        coordinator, address = serve(data, url, scratch / backend)
         try:
-            address = wait_for_ready_file(coordinator, ready, log, timeout=120)["address"]
             return [run_phase(address, args.workers, mode, seconds, coordinator.pid, server is not None)
                     for mode, seconds in (("target", args.seconds), ("saturation", args.seconds / 2))]
         finally:
@@ -241,19 +270,111 @@ def benchmark(backend: str, args: argparse.Namespace, scratch: Path) -> list[dic
             server.stop()
 
 
+# -- what /metrics and the dashboard cost ----------------------------------------------------------
+
+
+class Watchers:
+    """Prometheus (a scrape of /metrics every scrape_seconds) and viewers polling the dashboard's JSON."""
+
+    def __init__(self, metrics_url: str, summary_url: str, args: argparse.Namespace) -> None:
+        self._loops = [(metrics_url, args.scrape_seconds)] + [(summary_url, args.poll_seconds)] * args.viewers
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._watch, args=loop, daemon=True) for loop in self._loops]
+        self.answers: dict[str, int] = {"metrics": 0, "summary": 0, "failures": 0}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for url, _ in self._loops:  # the first readings before the measured window
+            urllib.request.urlopen(url, timeout=60).read()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        return self.answers
+
+    def _watch(self, url: str, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                urllib.request.urlopen(url, timeout=30).read()
+                kind = "metrics" if url.endswith("/metrics") else "summary"
+            except OSError:
+                kind = "failures"
+            with self._lock:
+                self.answers[kind] += 1
+
+
+def views_comparison(data: Path, seeded: Path, where: Path, args: argparse.Namespace) -> list[dict]:
+    """The target load on two coordinators at once, one without the views and one with them, each on its own
+    copy of the seeded database: side by side, both share whatever else the machine does. --repeats times."""
+    phases = []
+    for repeat in range(args.repeats):
+        started: list[tuple[subprocess.Popen[bytes], str, Watchers | None]] = []
+        try:
+            for views in (False, True):
+                run = where / f"{'views' if views else 'plain'}-{repeat}"
+                run.mkdir()
+                with sqlite3.connect(seeded) as source, sqlite3.connect(run / "coordinator.db") as copy:
+                    source.backup(copy)  # the same state for both: a coordinator writes to the one it serves
+                ports = (free_port(), free_port())
+                extra = ("--metrics-port", str(ports[0]), "--dashboard-port", str(ports[1])) if views else ()
+                coordinator, address = serve(data, sqlite_url(run / "coordinator.db"), run, *extra)
+                started.append((coordinator, address, Watchers(f"http://127.0.0.1:{ports[0]}/metrics",
+                                                               f"http://127.0.0.1:{ports[1]}/api/summary", args)
+                                if views else None))
+            for _, _, watchers in started:
+                if watchers:
+                    watchers.start()
+            with ThreadPoolExecutor(len(started)) as pool:
+                measured = list(pool.map(lambda served: run_phase(served[1], args.workers, "target", args.seconds,
+                                                                  served[0].pid, False), started))
+            for figures, (_, _, watchers) in zip(measured, started):
+                figures["mode"] = f"target{' + views' if watchers else ''} #{repeat + 1}"
+                figures["views"] = watchers is not None
+                if watchers:
+                    figures["answers"] = watchers.stop()
+                phases.append(figures)
+        finally:
+            for coordinator, _, _ in started:
+                stop_group(coordinator)
+    return phases
+
+
+def views_headline(phases: list[dict], args: argparse.Namespace) -> dict:
+    plain = sum(p["coordinator_cores"] for p in phases if not p["views"]) / args.repeats
+    views = sum(p["coordinator_cores"] for p in phases if p["views"]) / args.repeats
+    answers = [p["answers"] for p in phases if p["views"]]
+    return {"plain_cores": round(plain, 4), "views_cores": round(views, 4), "added_cores": round(views - plain, 4),
+            "added_percent": round(100 * (views - plain) / plain, 1), "target_percent": 5.0,
+            "scrape_seconds": args.scrape_seconds, "poll_seconds": args.poll_seconds, "viewers": args.viewers,
+            "metrics_scrapes": sum(a["metrics"] for a in answers), "summary_polls": sum(a["summary"] for a in answers),
+            "failed_requests": sum(a["failures"] for a in answers)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=10_000)
     parser.add_argument("--ranges", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--views", action="store_true", help="what /metrics and the dashboard cost (SQLite)")
+    parser.add_argument("--repeats", type=int, default=2, help="--views: pairs of phases, without and with")
+    parser.add_argument("--scrape-seconds", type=float, default=2.0, help="--views: between two scrapes of /metrics")
+    parser.add_argument("--poll-seconds", type=float, default=2.0, help="--views: between two polls of each viewer")
+    parser.add_argument("--viewers", type=int, default=3, help="--views: browsers polling the dashboard")
     args = parser.parse_args()
+    if args.views:
+        args.backends = "sqlite"
     print(f"{args.workers:,} workers: target {args.workers / 10:,.0f} heartbeats/s and {args.workers / 60:,.0f} "
           "lease grants/s (each reported)")
+    headline: dict = {"workers": args.workers, "ranges": args.ranges, "seconds": args.seconds, "phases": {}}
     with tempfile.TemporaryDirectory(prefix="essaim-scale-") as scratch:
         for backend in args.backends.split(","):
-            for figures in benchmark(backend, args, Path(scratch)):
-                line = [f"[{backend} {figures['mode']}] coordinator {figures['coordinator_cores']:.2f} cores"]
+            phases = benchmark(backend, args, Path(scratch))
+            for figures in phases:
+                line = [f"[{backend} {figures['mode']}] coordinator {figures['coordinator_cores']:.3f} cores"]
                 if figures["database_cores"] is not None:
                     line.append(f"database {figures['database_cores']:.2f} cores")
                 for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
@@ -261,9 +382,24 @@ def main() -> None:
                         f = figures[method]
                         line.append(f"{method} {f['per_second']:,.0f}/s p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms")
                 line.append(f"errors {figures['errors']}")
+                if "answers" in figures:
+                    line.append("views answered {metrics} scrapes, {summary} polls, {failures} failures".format(
+                        **figures["answers"]))
                 print("; ".join(line), flush=True)
                 if figures["errors"]:
                     print("  e.g. " + " | ".join(figures["error_samples"][:3]))
+                headline["phases"][f"{backend} {figures['mode']}"] = {
+                    "coordinator_cores": round(figures["coordinator_cores"], 4), "errors": figures["errors"],
+                    **({"p99_ms": {m: round(figures[m]["p99_ms"], 1) for m in ("Heartbeat", "AcquireLease", "CompleteRound")
+                                   if m in figures}})}
+            if args.views:
+                headline["views"] = views_headline(phases, args)
+                v = headline["views"]
+                print(f"[views] coordinator {v['plain_cores']:.3f} cores without, {v['views_cores']:.3f} with /metrics "
+                      f"scraped every {args.scrape_seconds:g} s and {args.viewers} viewers polling every "
+                      f"{args.poll_seconds:g} s: {v['added_cores']:+.3f} cores, {v['added_percent']:+.1f} % "
+                      f"(goal: at most +{v['target_percent']:g} %)", flush=True)
+    print(json.dumps(headline))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.accounting import accounting_problems
 from coordinator.card import in_checkpoint
+from coordinator.energy import JOULES_PER_KWH
+from coordinator.evaluations import checkpoint_evaluations, evaluation_problems
 from coordinator.store import Check, Lease, LineageRecord, Round, Shard, Worker, meta_value
 from coordinator.verification import CREDIT_STATES
 from model.checkpoints import CheckpointError, load_model, read_checkpoint
@@ -37,6 +39,7 @@ class AuditResult:
     checkpoints: int
     findings: list[str] = field(default_factory=list)  # what is consistent but worth knowing: quarantined workers
     credit: dict[str, int] = field(default_factory=dict)  # tokens in kept rounds, by verification state
+    energy_kwh: float = 0.0  # what the kept rounds' lineage records cost (coordinator/energy.py)
 
 
 def verify_run(sessions: sessionmaker[Session], data_dir: Path, checkpoints: list[Path]) -> AuditResult:
@@ -51,12 +54,16 @@ def verify_run(sessions: sessionmaker[Session], data_dir: Path, checkpoints: lis
         problems += accounting_problems(sessions)
         for path in checkpoints:
             problems += _checkpoint_problems(session, Path(path), manifest)
-    return AuditResult(problems, len(manifest.shards), len(records), len(checkpoints), findings, _credit(records))
+        problems += evaluation_problems(session)  # figures stored only of the parameters each round kept
+        findings += checkpoint_evaluations(session, checkpoints)
+    energy_kwh = sum(r.energy_joules for r in records if r.rewound_at is None) / JOULES_PER_KWH
+    return AuditResult(problems, len(manifest.shards), len(records), len(checkpoints), findings, _credit(records),
+                       energy_kwh)
 
 
 def _shard_problems(manifest: Manifest, data_dir: Path) -> list[str]:
     problems = []
-    for shard in manifest.shards:
+    for shard in [*manifest.shards, *manifest.heldout]:  # held-out shards too: the run is evaluated on them
         try:
             verify_shard(data_dir / shard.file, shard.sha256, shard.tokens, shard.dtype)
         except ShardIntegrityError as error:

@@ -23,6 +23,8 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.energy import energy_markdown, energy_summary
+from coordinator.evaluations import evaluation_markdown, evaluation_summary
 from coordinator.mixture import target_shares
 from coordinator.store import LineageRecord, Shard, Source, Worker, meta_value
 from coordinator.verification import CREDIT_STATES
@@ -61,6 +63,8 @@ def build_card(
             .where(in_checkpoint(checkpoint))
         ).all()
         sources = {s.name: s for s in session.scalars(select(Source))}
+        evaluation = evaluation_summary(session, checkpoint)  # held-out figures, if workers evaluated
+        energy = energy_summary(session, in_checkpoint(checkpoint))
 
     by_language: dict[str, int] = defaultdict(int)
     by_licence: dict[str, int] = defaultdict(int)
@@ -119,7 +123,9 @@ def build_card(
               "quarantined": v["quarantined"]} for v in workers.values()), key=lambda w: (-w["tokens"], w["name"]),
         ),
         "configs": {"versions": sorted(config_versions), "run_config": checkpoint.run_config},
+        "energy": energy,  # kWh overall, by method, institution and round; emissions (coordinator/energy.py)
     }
+    card["evaluation"] = evaluation  # the latest figures of its rounds, and their change since the first
     report = data_dir / REPORT_FILE
     if report.is_file():
         card["data_preparation"] = _preparation_summary(json.loads(report.read_text(encoding="utf-8")))
@@ -236,6 +242,8 @@ def card_markdown(card: dict) -> str:
           f"| {w['tokens']:,} |" for w in card["workers"]),
         "",
     ]
+    lines += energy_markdown(card["energy"])
+    lines += evaluation_markdown(card.get("evaluation"))
     preparation = card.get("data_preparation")
     if preparation:
         lines += [

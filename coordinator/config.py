@@ -78,6 +78,10 @@ class RunSettings(BaseModel):
     # directory (https:// with Range support, s3://...). Where the bytes live, not what the run is:
     # it is left out of the run id, so a community can move its shards without starting over.
     data_url: str = ""
+    # > 0: after every K-th round's outer step, one member of each averaging group evaluates the
+    # parameters on the held-out split and reports the figures (worker/evaluation.py). 0: never.
+    # How often a run is measured, not what it trains: left out of the run id, like data_url.
+    eval_every_rounds: int = Field(0, ge=0)
     bounds: Bounds = Bounds()
 
     @field_validator("aggregation")
@@ -149,12 +153,20 @@ class CoordinatorSettings(BaseModel):
     governance: Path | None = None  # the run's ledger (essaim gov init): its votes govern the run
     admission: AdmissionSettings = AdmissionSettings()
     credential_key: Path | None = None  # signs round credentials; default: credential-key.pem in data_dir
+    metrics_port: int = Field(0, ge=0, le=65535)    # Prometheus /metrics on `host`; 0: off
+    dashboard_port: int = Field(0, ge=0, le=65535)  # the run's live web page on `host`; 0: off
 
     @model_validator(mode="after")
     def _governed_institutions_are_voted(self) -> "CoordinatorSettings":
         if self.governance is not None and self.admission.institutions:
             raise ValueError("a governed run admits institutions by vote, not by --admit-institution: its "
                              "maintainers propose {\"institutions\": {\"admit\": {NAME: KEY}}} (essaim gov propose)")
+        return self
+
+    @model_validator(mode="after")
+    def _views_on_their_own_ports(self) -> "CoordinatorSettings":
+        if self.metrics_port and self.metrics_port == self.dashboard_port:
+            raise ValueError(f"--metrics-port and --dashboard-port are both {self.metrics_port}: give each its own port")
         return self
 
 

@@ -30,7 +30,8 @@ class CorpusFileError(Exception):
 
 class CorpusFiles:
     def __init__(self, data_dir: Path, manifest: Manifest, max_concurrent_reads: int = MAX_CONCURRENT_READS) -> None:
-        self._paths = {MANIFEST_FILE: data_dir / MANIFEST_FILE} | {s.file: data_dir / s.file for s in manifest.shards}
+        shards = [*manifest.shards, *manifest.heldout]  # held-out shards too: workers evaluate on them
+        self._paths = {MANIFEST_FILE: data_dir / MANIFEST_FILE} | {s.file: data_dir / s.file for s in shards}
         self._slots = threading.BoundedSemaphore(max_concurrent_reads)
         self._max_concurrent_reads = max_concurrent_reads
 

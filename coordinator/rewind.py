@@ -17,7 +17,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.leases import return_to_pool
-from coordinator.store import Contribution, FiledReport, Lease, LineageRecord, Round, TokenRange, count_assigned
+from coordinator.store import (Contribution, Evaluation, FiledReport, Lease, LineageRecord, Round, TokenRange,
+                               count_assigned)
 
 
 class RewindRefused(Exception):
@@ -68,5 +69,6 @@ def rewind(sessions: sessionmaker[Session], to_round: int, now: float | None = N
         session.execute(delete(FiledReport).where(FiledReport.round >= to_round))
         rounds = session.scalar(select(func.count(Round.number)).where(Round.number >= to_round)) or 0
         session.execute(delete(Contribution).where(Contribution.round >= to_round))
+        session.execute(delete(Evaluation).where(Evaluation.round >= to_round))  # of parameters no model holds now
         session.execute(delete(Round).where(Round.number >= to_round))
         return Rewound(rounds=rounds, leases=len(records), tokens=tokens)

@@ -45,8 +45,10 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from coordinator.evaluations import record_evaluation
 from coordinator.leases import LeaseError, check_usage, complete, own_lease, return_to_pool
 from coordinator.store import Contribution, FiledReport, Lease, LineageRecord, Round, Worker
+from model.eval_figures import EvalFigure
 
 log = logging.getLogger("essaim.coordinator")
 
@@ -76,6 +78,10 @@ class RoundReport:
     inner_seconds: float = 0.0
     wall_seconds: float = 0.0
     members: tuple[Member, ...] = field(default=())
+    evaluation: tuple[EvalFigure, ...] = field(default=())  # held-out figures of params_digest (coordinator/evaluations.py)
+    # What the round cost the reporter's device (worker/energy.py); reports filed before energy was reported have none.
+    energy_joules: float = 0.0
+    energy_method: str = ""
     # Its claim and witnesses, a CompleteRoundRequest holding only those (protobuf): kept for the
     # validators in the filed report's own column, not in its JSON.
     evidence: bytes = field(default=b"", repr=False)
@@ -91,6 +97,7 @@ class RoundReport:
         fields["leases"] = tuple(map(tuple, fields["leases"]))
         fields["members"] = tuple(Member(m["worker_id"], tuple(map(tuple, m["leases"])), m["loss"])
                                   for m in fields["members"])
+        fields["evaluation"] = tuple(EvalFigure(**figure) for figure in fields.get("evaluation", ()))
         return cls(**fields)
 
 
@@ -200,6 +207,7 @@ class RoundBook:
         recorded: set[str] = set()
         for row in kept:
             self._record(session, row.worker_id, reports[row.id], round_row, now)
+            record_evaluation(session, row.worker_id, reports[row.id], now)
             row.outcome = "kept"
             recorded.add(row.worker_id)
         for row in kept:
@@ -265,6 +273,7 @@ class RoundBook:
 
     def _kept_late(self, session: Session, worker_id: str, report: RoundReport, now: float) -> None:
         """File a report recorded after its round's decision as kept, so that it can be checked like the others."""
+        record_evaluation(session, worker_id, report, now)
         known = session.scalar(select(FiledReport.id).where(FiledReport.round == report.round,
                                                             FiledReport.worker_id == worker_id))
         if known is not None:
@@ -298,6 +307,7 @@ class RoundBook:
         """The report's leases become trained tokens of the round's model: lineage, contribution, round totals."""
         worker = session.get(Worker, worker_id)
         config_version = self._config_version(report.round)
+        round_tokens = sum(tokens for _, tokens in report.leases)
         for lease_id, tokens in report.leases:
             lease = own_lease(session, worker_id, lease_id, ("granted", "reported"))
             check_usage(lease, tokens)
@@ -307,12 +317,14 @@ class RoundBook:
                 shard_id=lease.shard_id, epoch=lease.epoch, start=lease.start, end=lease.start + tokens,
                 loss=report.loss, pseudo_gradient_digest=report.pseudo_gradient_digest,
                 config_version=config_version, device=worker.device, precision=worker.precision, created_at=now,
+                energy_joules=report.energy_joules * tokens / max(round_tokens, 1),  # its share of the round's, by tokens
             ))
-        tokens = sum(tokens for _, tokens in report.leases)
+        tokens = round_tokens
         session.add(Contribution(
             round=report.round, worker_id=worker_id, tokens=tokens, loss=report.loss, group_size=report.group_size,
             bytes_sent=report.bytes_sent if bytes_sent is None else bytes_sent, inner_seconds=report.inner_seconds,
             wall_seconds=report.wall_seconds, params_digest=round_row.params_digest, created_at=now,
+            energy_joules=report.energy_joules, energy_method=report.energy_method,
         ))
         round_row.reports += 1
         round_row.tokens += tokens
@@ -335,6 +347,8 @@ class RoundBook:
                 log.warning("round %d: worker %s is vouched for on lease %d, which it does not hold for the round: "
                             "not recorded", round_row.number, member.worker_id[:8], lease_id)
                 return False
+        # A member statement says what the member trained, not what it cost: its energy is unknown, so
+        # recorded as none (0 joules, no method), as its bytes sent are, rather than guessed from its peers'.
         vouched = RoundReport(round=by.round, leases=member.leases, loss=member.loss,
                               pseudo_gradient_digest=by.pseudo_gradient_digest, params_digest=by.params_digest,
                               group_size=by.group_size)

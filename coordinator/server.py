@@ -22,6 +22,7 @@ from coordinator.scheduler import LeaseLimits, Scheduler
 from coordinator.service import CoordinatorService
 from coordinator.verification import Sampler
 from coordinator.store import load_manifest, open_engine, session_factory
+from coordinator.web_views import WebViews
 from model.shards import Manifest
 from model.tokenizer import tokenizer_sha256
 from protocol import essaim_pb2 as pb
@@ -39,7 +40,8 @@ CREDENTIAL_KEY_FILE = "credential-key.pem"  # in the corpus directory, beside co
 
 def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str, genesis_hash: str = "") -> str:
     """The run is named by what defines it: the corpus, the run settings and, when governed, its genesis."""
-    defined_by = {"corpus": corpus_root_hash, "run": settings.run.model_dump(exclude={"data_url", "bounds"})}
+    defined_by = {"corpus": corpus_root_hash,
+                  "run": settings.run.model_dump(exclude={"data_url", "bounds", "eval_every_rounds"})}
     if genesis_hash:  # two governed runs on the same corpus and settings are still two runs (two swarms)
         defined_by["genesis"] = genesis_hash
     return hashlib.sha256(json.dumps(defined_by, sort_keys=True).encode()).hexdigest()[:16]
@@ -66,7 +68,7 @@ def build_run_config(
         compression=run.compression, error_feedback=run.error_feedback, round_seconds=run.round_seconds,
         checkpoint_every_rounds=run.checkpoint_every_rounds, leases_per_round=run.leases_per_round,
         micro_batch_size=run.micro_batch_size, compile=run.compile, data_url=run.data_url,
-        aggregation=run.aggregation, verify_fraction=run.verify_fraction,
+        aggregation=run.aggregation, verify_fraction=run.verify_fraction, eval_every_rounds=run.eval_every_rounds,
         fresh_inner_optimizer=run.verify_fraction > 0,  # a validator replays a round from a fresh inner AdamW
         initial_peers=peers, dht_prefix=dht_prefix(run_id),
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
@@ -83,6 +85,7 @@ class RunningCoordinator:
     fingerprint: str  # of the TLS certificate, for workers to pin; "" in plaintext
     _stop_expiry: threading.Event
     genesis: str = ""  # a governed run's genesis hash: workers pin it (--genesis)
+    views: WebViews | None = None  # /metrics and the dashboard, when their ports are set
 
     @property
     def join_line(self) -> str:
@@ -93,6 +96,8 @@ class RunningCoordinator:
 
     def stop(self) -> None:
         self._stop_expiry.set()
+        if self.views is not None:
+            self.views.stop()
         self.server.stop(grace=2).wait()
         self.swarm.close()
 
@@ -111,7 +116,9 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
 
     tls = ServerTLS.from_options(settings.tls_cert, settings.tls_key)
     # Threads: 16 for requests, and as many again for shard downloads (CorpusFiles caps them).
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+    views = WebViews(settings)  # before the server: its interceptor times and counts the RPCs
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+                         interceptors=views.interceptors)
     # Bound before the DHT starts: a busy port or a refused plaintext address fails fast.
     port = add_listening_port(server, settings.host, settings.port, tls, settings.insecure)
     genesis_hash = governed.current().state.genesis_hash if governed else ""
@@ -131,7 +138,9 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
                                      admission=admission)
         server.add_generic_rpc_handlers((service.generic_handler(),))
         server.start()
+        views.start(sessions, run_id, governed)  # after the gRPC port: a busy view port stops it all
     except BaseException:
+        server.stop(grace=None)
         swarm.close()
         raise
 
@@ -141,7 +150,7 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     ).start()
     address = f"{settings.announce or settings.host}:{port}"
     return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry,
-                              genesis=genesis_hash)
+                              genesis=genesis_hash, views=views)
 
 
 def lease_limits(run: RunSettings) -> LeaseLimits:
@@ -195,6 +204,10 @@ def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None
     if coordinator.genesis:  # what workers pin: a governed run's worker trusts no ledger of another genesis
         print(f"genesis {coordinator.genesis}", flush=True)
     print(f"workers join with: {coordinator.join_line}", flush=True)  # publish it with the run
+    if coordinator.views is not None and coordinator.views.metrics_url:
+        print(f"Prometheus metrics: {coordinator.views.metrics_url}", flush=True)
+    if coordinator.views is not None and coordinator.views.dashboard_url:
+        print(f"dashboard: {coordinator.views.dashboard_url}", flush=True)
     try:
         stop.wait()
     finally:

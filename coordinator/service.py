@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from coordinator.admission import Admission, Refused
 from coordinator.config import RunSettings
 from coordinator.corpus_files import CorpusFileError, CorpusFiles
+from coordinator.evaluations import reported_figures
 from coordinator.governed import GovernedRun
 from coordinator.reachability import dial_back, peer_host
 from coordinator.rounds import Member, RoundReport
@@ -30,6 +31,7 @@ from coordinator.verification import Assignment, NotAValidator, UnknownCheck, Ve
 from protocol import essaim_pb2 as pb
 from protocol.auth import AuthError, NoncesExhausted, RequestVerifier
 from protocol.certificates import ADMISSION_NOTE_METADATA
+from protocol.choices import ENERGY_METHODS
 from protocol.credentials import CredentialError, issue_credential, read_statement
 from protocol.identity import Identity
 
@@ -43,6 +45,7 @@ CHECK_POLL_MS = 1000  # how soon a validator that found no check open asks again
 MAX_PEER_ID_CHARS = 128  # a hivemind peer id is ~50 base58 characters (Worker.peer_id holds 128)
 WITNESSES_PER_MEMBER = 4  # a report carries at most this many witnesses per member of a full group
 MAX_REASON_CHARS = 2000  # a verdict's reason, as the audit shows it
+MAX_GRID_GCO2_PER_KWH = 2000.0  # the dirtiest grids (lignite) emit about 1,200: more is a unit mistake (per MWh?)
 OUTCOMES = {pb.VerdictRequest.PASSED: "passed", pb.VerdictRequest.FAILED: "failed",
             pb.VerdictRequest.INCONCLUSIVE: "inconclusive"}
 
@@ -158,6 +161,7 @@ class CoordinatorService:
     # -- handlers ---------------------------------------------------------------------
 
     def register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        _require_grid_intensity(request.grid_gco2_per_kwh)
         admitted = self._admission.admit(request, context.peer(), registered=lambda id_: id_ in self._public_keys)
         worker_id = admitted.worker_id
         now = time.time()
@@ -173,6 +177,7 @@ class CoordinatorService:
             worker.memory_bytes, worker.bandwidth_mbit = request.memory_bytes, request.bandwidth_mbit
             worker.trust_class = admitted.trust_class
             worker.available_until, worker.slurm_job_id = request.available_until, request.slurm_job_id
+            worker.grid_gco2_per_kwh = request.grid_gco2_per_kwh
             worker.last_seen = now
         self._public_keys[worker_id] = request.public_key  # known from now on (after the commit)
         if admitted.note:  # the reply has no field for it: the worker reads it from the trailing metadata
@@ -251,6 +256,7 @@ class CoordinatorService:
         # One NaN in a stored number fails the round's decision for every reporter: refused at the edge.
         _require_finite("CompleteRound", loss=request.loss, inner_seconds=request.inner_seconds,
                         wall_seconds=request.wall_seconds)
+        _require_energy(request.energy)
         recorded = self._scheduler.complete_round(
             request.auth.worker_id,
             RoundReport(
@@ -260,6 +266,8 @@ class CoordinatorService:
                 params_digest=request.params_digest, group_size=request.group_size, bytes_sent=request.bytes_sent,
                 inner_seconds=request.inner_seconds, wall_seconds=request.wall_seconds,
                 members=self._members(request), evidence=self._evidence(request),
+                evaluation=_evaluation(request),
+                energy_joules=request.energy.joules, energy_method=request.energy.method,
             ),
         )
         return pb.CompleteRoundReply(
@@ -375,6 +383,34 @@ def _require_finite(method: str, **values: float) -> None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{method}: {name} is {value}, not a finite number: a worker whose training diverged "
                           "reloads the swarm's state instead of reporting")
+
+
+def _require_grid_intensity(grams_per_kwh: float) -> None:
+    if not (math.isfinite(grams_per_kwh) and 0 <= grams_per_kwh <= MAX_GRID_GCO2_PER_KWH):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"Register: grid_gco2_per_kwh is {grams_per_kwh}: declare the carbon intensity of the site's "
+                      f"electricity in grams of CO2e per kWh, from 0 (not declared) to {MAX_GRID_GCO2_PER_KWH:.0f} "
+                      "(`essaim worker join --grid-intensity`)")
+
+
+def _require_energy(energy: pb.RoundEnergy) -> None:
+    """A round's energy: finite, not negative, and said how it was obtained (none at all from an older worker)."""
+    if not (math.isfinite(energy.joules) and energy.joules >= 0):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"CompleteRound: energy.joules is {energy.joules}: send what the round cost the device, a finite "
+                      "number of joules >= 0")
+    if energy.method not in ENERGY_METHODS and (energy.method or energy.joules):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"CompleteRound: energy.method is {energy.method!r}: say how the joules were obtained, one of "
+                      f"{', '.join(ENERGY_METHODS)}")
+
+
+def _evaluation(request: pb.CompleteRoundRequest) -> tuple:
+    """The report's held-out figures (coordinator/evaluations.py); a malformed, non-finite or negative one is refused."""
+    try:
+        return reported_figures(request)
+    except ValueError as error:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"CompleteRound: {error}") from None
 
 
 def lease_message(lease: Lease, shard: Shard) -> pb.Lease:

@@ -112,7 +112,7 @@ def _read_network(
         leases_out, tokens_out = session.execute(
             select(func.count(Lease.id), func.coalesce(func.sum(Lease.end - Lease.start), 0)).where(Lease.state == "granted")
         ).one()
-        epoch, epoch_tokens, epoch_trained = _oldest_open_epoch(session)
+        epoch, epoch_tokens, epoch_trained = oldest_open_epoch(session)
         rounds = session.scalars(select(Round).order_by(Round.number.desc()).limit(RECENT_ROUNDS)).all()
         last = session.scalar(select(func.max(Round.number)))
         recent_rounds = [
@@ -144,7 +144,7 @@ def _read_network(
     return _Snapshot(summary, workers)
 
 
-def _oldest_open_epoch(session: Session) -> tuple[int, int, int]:
+def oldest_open_epoch(session: Session) -> tuple[int, int, int]:
     """(epoch, its tokens, its trained tokens) for the oldest epoch with tokens still to train."""
     rows = session.execute(
         select(TokenRange.epoch, TokenRange.state, func.sum(TokenRange.end - TokenRange.start))

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import typer
 
+from essaim.cli_export import export_app
+from essaim.cli_eval import evaluate_checkpoint
 from essaim.cli_finetune import finetune_app
 from essaim.cli_gov import gov_app
 from essaim.cli_hpc import hpc_app
 from essaim.cli_institution import institution_app, named_keys
+from essaim.cli_report import audit_summary, report
 from essaim.cli_support import DEFAULT_STATE_DIR
 from essaim.cli_support import fail as _fail
+from essaim.cli_support import run_database as _run_database
 from essaim.cli_validator import validator_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Essaim: train open language models together.")
@@ -27,9 +31,13 @@ app.add_typer(hpc_app, name="hpc")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(worker_app, name="worker")
 app.add_typer(finetune_app, name="finetune")
+app.add_typer(export_app, name="export")
 app.add_typer(gov_app, name="gov")
 app.add_typer(institution_app, name="institution")
 app.add_typer(validator_app, name="validator")
+app.command("report")(report)
+app.command("eval")(evaluate_checkpoint)
+audit_app.command("summary")(audit_summary)
 
 
 def _logging(verbose: bool) -> None:
@@ -88,6 +96,10 @@ def coordinator_serve(
                                            "certificate (else they join as volunteers)."),
     registrations_per_minute: int = typer.Option(60, min=1, help="New worker keys one address may register a minute."),
     registration_burst: int = typer.Option(20, min=1, help="New worker keys one address may register at once."),
+    metrics_port: int = typer.Option(0, min=0, max=65535, help="Serve Prometheus metrics at http://HOST:PORT/metrics "
+                                     "(on --host; 0: none)."),
+    dashboard_port: int = typer.Option(0, min=0, max=65535, help="Serve the run's live web page, read-only and "
+                                       "public, at http://HOST:PORT/ (on --host; 0: none)."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Serve leases, rounds, shards and the run config over gRPC until SIGTERM/SIGINT; print the join line."""
@@ -110,6 +122,7 @@ def coordinator_serve(
             admission=AdmissionSettings(
                 institutions=named_keys(admit_institution, "--admit-institution"), institutions_only=institutions_only,
                 registrations_per_minute=registrations_per_minute, registration_burst=registration_burst),
+            metrics_port=metrics_port, dashboard_port=dashboard_port,
         )
         serve(settings, ready_file)
     except (ValueError, ValidationError, FileNotFoundError, SwarmError) as error:  # TransportError is a ValueError
@@ -185,6 +198,13 @@ def worker_join(
         None, min=1, help="Rows per forward/backward pass, gradients accumulated (default: the run's setting)."
     ),
     adversary: str = typer.Option("", hidden=True, help="Tests and benchmarks: misbehave this way (worker/adversary.py)."),
+    metrics_port: int = typer.Option(0, min=0, max=65535, help="Serve this worker's Prometheus metrics on --host at this port "
+                                     "(0: none)."),
+    rated_watts: float = typer.Option(0.0, min=0.0, help="The device's rated power in W (the whole CPU package on the "
+                                      "CPU, the GPU's board power on CUDA): sets the energy estimate where no "
+                                      "counter (NVML, RAPL) can be read; 0: a typical figure."),
+    grid_intensity: float = typer.Option(0.0, min=0.0, help="gCO2e per kWh the site's electricity emits, for the "
+                                         "model card's emissions estimate (0: not declared)."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Join a run: lease shards (fetched and verified if not here), train DiLoCo rounds with peers, report."""
@@ -210,7 +230,8 @@ def worker_join(
             connect_seconds=connect_seconds, trust_class=trust_class, certificate=certificate,
             available_until=_moment(available_until) if available_until else None,
             bandwidth_mbit=bandwidth_mbit, genesis=genesis, device=device, precision=precision,
-            micro_batch_size=micro_batch_size, adversary=adversary,
+            micro_batch_size=micro_batch_size, adversary=adversary, metrics_port=metrics_port,
+            rated_watts=rated_watts, grid_gco2_per_kwh=grid_intensity,
         )
         raise typer.Exit(code=run_worker(options))
     except (CoordinatorUnreachable, CoordinatorRefused, ShardIntegrityError, ShardUnavailable, CheckpointError,
@@ -259,16 +280,6 @@ def _moment(text: str) -> float:
         _fail(f"{text!r} is neither unix seconds nor an ISO date-time such as 2026-11-23T18:00:00")
 
 
-def _run_database(data: Path, database: str):  # type: ignore[no-untyped-def]
-    """Sessions on the run's database, refusing to create one where none exists."""
-    from coordinator.store import MissingDatabase, open_engine, session_factory, sqlite_url
-
-    try:
-        return session_factory(open_engine(database or sqlite_url(data / "coordinator.db"), create=False))
-    except MissingDatabase as error:
-        _fail(str(error))
-
-
 @audit_app.command("card")
 def audit_card(
     checkpoint: Path = typer.Argument(..., help="A checkpoint directory (round-NNNNNN, or the DIR holding 'latest')."),
@@ -315,8 +326,8 @@ def audit_verify(
     for finding in result.findings:
         typer.secho(f"finding: {finding}", fg=typer.colors.YELLOW)
     credit = ", ".join(f"{tokens} {state}" for state, tokens in result.credit.items())
-    summary = (f"{result.shards} shards, {result.lineage_records} lineage records ({credit or 'no'} tokens), "
-               f"{result.checkpoints} checkpoints checked")
+    summary = (f"{result.shards} shards, {result.lineage_records} lineage records ({credit or 'no'} tokens, "
+               f"{result.energy_kwh:.3g} kWh), {result.checkpoints} checkpoints checked")
     if result.problems:
         typer.echo(f"{len(result.problems)} problem(s) in {summary}")
         raise typer.Exit(code=1)

@@ -25,8 +25,10 @@ from rich.table import Table
 
 from coordinator import reports
 from coordinator.card import build_card, write_card
+from coordinator.plots import write_plots
+from coordinator.report_data import run_series
 from coordinator.store import open_engine, session_factory, sqlite_url
-from essaim.processes import start_role, stop_group, wait_for_ready_file
+from essaim.processes import free_port, start_role, stop_group, wait_for_ready_file
 from governance.documents import generate_key, load_key
 from model.checkpoints import latest_checkpoint, read_checkpoint
 from model.corpus import prepare_corpus
@@ -80,6 +82,7 @@ def run_settings_toml(settings: DemoSettings) -> str:
             'compression = "8bit"',  # a quarter of fp32's bytes; error feedback resends what it drops
             "error_feedback = true",
             "checkpoint_every_rounds = 5",
+            "eval_every_rounds = 2",  # held-out loss and bits per byte, per language and source (~1.5 s each)
             "",
         ]
     )
@@ -111,8 +114,9 @@ def run_demo(settings: DemoSettings) -> int:
 
     admitted, worker_args = _certify_workers(workdir / "keys", settings.workers)
     validator_args = _certify_validator(workdir / "keys", admitted)
+    dashboard_port = free_port()
     coordinator = start_role(
-        ["coordinator", "serve", "--data", str(workdir / "data"), "--port", "0",
+        ["coordinator", "serve", "--data", str(workdir / "data"), "--port", "0", "--dashboard-port", str(dashboard_port),
          "--run", str(workdir / "run.toml"), "--ready-file", str(workdir / "ready.json"),
          *(f"--admit-institution={name}={key}" for name, key in admitted.items())],
         workdir / "logs" / "coordinator.log",
@@ -126,6 +130,7 @@ def run_demo(settings: DemoSettings) -> int:
         address = ready["address"]
         console.print(f"coordinator on {address}; starting {settings.workers} workers; institutions admitted by key, "
                       f"each certifying its workers: {', '.join(admitted) or 'none'} (the others join as volunteers)")
+        console.print(f"watch the run in a browser: http://127.0.0.1:{dashboard_port}/")
         for index in range(settings.workers):
             args = ["worker", "join", "--coordinator", address, "--name", f"worker-{index}", *worker_args[index]]
             if index == 0:
@@ -230,6 +235,10 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
     checkpoint = latest_checkpoint(workdir / "checkpoint")
     card = build_card(sessions, read_checkpoint(checkpoint), workdir / "data")
     markdown, _ = write_card(card, checkpoint)
+    if card["evaluation"]:  # eval_every_rounds: held-out figures, never trained on (change since the first)
+        console.print(f"held-out bits per byte after round {card['evaluation']['round']}: " + ", ".join(
+            f"{f['name']} {f['bits_per_byte']:.3f} ({f['change_bits_per_byte']:+.3f})"
+            for f in card["evaluation"]["figures"] if f["group"] != "source"))
     console.print("tokens by language: " + ", ".join(f"{k} {v:,}" for k, v in card["tokens_by_language"].items()))
     console.print("tokens by source (share trained / target): " + ", ".join(
         f"{k} {v['tokens']:,} ({v['share']:.0%} / {v['target_share']:.0%})" for k, v in card["sources"].items()))
@@ -258,6 +267,8 @@ def _print_summary(console: Console, sessions, manifest: Manifest, workdir: Path
         f"{len(done)} rounds (mean training loss {done[0].mean_loss:.3f} -> {done[-1].mean_loss:.3f})"
     )
     console.print(f"checkpoint (Hugging Face format): {checkpoint}; model card: {markdown}")
+    plots = write_plots(run_series(sessions, workdir / "data"), workdir / "report")
+    console.print("plots (essaim report): " + ", ".join(str(plot.path) for plot in plots))
     return checkpoint
 
 

@@ -9,6 +9,13 @@ Three passes, each streaming:
 3. encode each source's spools, oldest bucket first, into shards that never mix
    sources or buckets, so each shard's language, licence and dates are exact.
 
+A held-out split is drawn in pass 1: of each source's kept documents, ``heldout_fraction``
+(at least ``heldout_min_documents``), chosen by a hash of their text (model/heldout.py), so
+preparing the same documents again holds out the same ones. They are left out of the
+tokenizer's training text too, so nothing the pipeline fits has seen them, and encoded into
+separate shards (the manifest's ``heldout``) that are never leased: models are evaluated on
+them (model/evaluate.py).
+
 Everything is written into a staging directory next to the output and renamed into
 place at the end: a run that fails or stops leaves no half-written shard behind.
 """
@@ -29,12 +36,16 @@ import numpy as np
 from model.corpus_config import Corpus, CorpusSettings, Source
 from model.dedup import Deduplicator
 from model.filters import QualityFilter, SourceReport
+from model.heldout import HeldOutDraw
 from model.ingest import BadRecord, read_source
 from model.shards import Manifest, ShardInfo, SourceInfo, chunk_hashes, token_dtype, write_shard
+from model.text_bytes import text_bytes, token_byte_lengths
 from model.tokenizer import EOS_ID, tokenizer_sha256, train_tokenizer
 
 REPORT_FILE = "prepare-report.json"
 HELD_OUT_EVERY = 10  # every 10th kept document is left out of tokenizer training to measure fertility
+# Held-out shards are named apart from training ones: a source name cannot start with "_".
+HELDOUT_PREFIX = "_heldout-"
 # Documents encode in batches (parallel in `tokenizers`) of at most this many documents and
 # characters: an encoding holds ~100 bytes per token, so the character bound keeps memory flat.
 _ENCODE_BATCH_DOCUMENTS = 256
@@ -48,13 +59,14 @@ class PrepareStopped(ValueError):
 
 @dataclass
 class PrepareReport:
-    sources: dict[str, SourceReport]
+    sources: dict[str, SourceReport]  # a source's `tokens` are its training tokens
     fertility: dict[str, dict[str, float]] = field(default_factory=dict)  # language -> figures
     tokenizer: dict[str, object] = field(default_factory=dict)
+    heldout: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> documents, tokens, text_bytes
 
     def to_json(self) -> dict:
         return {"sources": {n: asdict(r) for n, r in self.sources.items()},
-                "fertility": self.fertility, "tokenizer": self.tokenizer}
+                "fertility": self.fertility, "tokenizer": self.tokenizer, "heldout": self.heldout}
 
 
 def prepare_corpus(
@@ -80,11 +92,13 @@ def prepare_corpus(
     staging.mkdir(parents=True)
     try:
         report = PrepareReport({s.name: SourceReport() for s in corpus.sources})
-        spools = _filter_to_spools(corpus, staging / "spool", report, log)
-        log("training the tokenizer on the weighted mixture")
+        spools, draws = _filter_to_spools(corpus, staging / "spool", report, log)
         settings = corpus.settings
+        heldout = {name: draw.heldout(settings.heldout_fraction, settings.heldout_min_documents)
+                   for name, draw in draws.items()}
+        log("training the tokenizer on the weighted mixture")
         tokenizer = train_tokenizer(
-            _weighted_sample(corpus.sources, spools, report, settings.tokenizer_chars), settings.vocab_size,
+            _weighted_sample(corpus.sources, spools, report, settings.tokenizer_chars, heldout), settings.vocab_size,
             staging / "tokenizer",
         )
         english = [s for s in corpus.sources if s.language == "en"]
@@ -92,15 +106,15 @@ def prepare_corpus(
         if english:
             log("training an English-only tokenizer for comparison")
             english_tokenizer = train_tokenizer(
-                _weighted_sample(english, spools, report, settings.tokenizer_chars), settings.vocab_size,
+                _weighted_sample(english, spools, report, settings.tokenizer_chars, heldout), settings.vocab_size,
                 staging / "spool" / "english-tokenizer",
             )
         report.tokenizer = {"vocab_size": len(tokenizer), "sha256": tokenizer_sha256(staging / "tokenizer")}
         report.fertility = _fertility(corpus.sources, spools, tokenizer, english_tokenizer, settings.fertility_chars)
         log("encoding shards")
-        shards = _write_shards(corpus, spools, tokenizer, staging, report)
+        shards, heldout_shards = _write_shards(corpus, spools, tokenizer, staging, report, heldout)
         manifest = Manifest(settings.vocab_size, tokenizer_sha256(staging / "tokenizer"), _source_infos(corpus), shards,
-                            chunk_bytes=settings.chunk_bytes)
+                            chunk_bytes=settings.chunk_bytes, heldout=heldout_shards)
         shutil.rmtree(staging / "spool")
         (staging / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
         manifest.save(staging / "manifest.json")
@@ -140,16 +154,18 @@ def _bucket(day: dt.date, granularity: str) -> str:
 
 def _filter_to_spools(
     corpus: Corpus, spool_dir: Path, report: PrepareReport, log: Callable[[str], None]
-) -> dict[str, dict[str, Path]]:
-    """Kept documents as JSON lines {text, date}, per source and date bucket."""
+) -> tuple[dict[str, dict[str, Path]], dict[str, HeldOutDraw]]:
+    """Kept documents as JSON lines {text, date, key}, per source and date bucket; each source's draw."""
     deduplicator = Deduplicator(corpus.dedup)
     spools: dict[str, dict[str, Path]] = {}
+    draws: dict[str, HeldOutDraw] = {}
     for source in corpus.sources:
         log(f"reading {source.name}")
         quality = QualityFilter(source)
         counts = report.sources[source.name]
         files: dict[str, object] = {}
         spools[source.name] = {}
+        draws[source.name] = draw = HeldOutDraw()
         try:
             for item in read_source(source):
                 if isinstance(item, BadRecord):
@@ -172,32 +188,36 @@ def _filter_to_spools(
                     path.parent.mkdir(parents=True, exist_ok=True)
                     files[bucket] = open(path, "w", encoding="utf-8")
                     spools[source.name][bucket] = path
-                files[bucket].write(json.dumps({"text": item.text, "date": item.date.isoformat()}, ensure_ascii=False) + "\n")
+                key = draw.add(item.text)
+                record = {"text": item.text, "date": item.date.isoformat(), "key": key}
+                files[bucket].write(json.dumps(record, ensure_ascii=False) + "\n")
         finally:
             for handle in files.values():
                 handle.close()
-    return spools
+    return spools, draws
 
 
-def _spooled(spools: dict[str, Path]) -> Iterator[tuple[str, dt.date]]:
-    """A source's kept documents, oldest bucket first."""
+def _spooled(spools: dict[str, Path]) -> Iterator[tuple[str, dt.date, int]]:
+    """A source's kept documents as (text, date, key), oldest bucket first."""
     for bucket in sorted(spools):
         with open(spools[bucket], encoding="utf-8") as lines:
             for line in lines:
                 record = json.loads(line)
-                yield record["text"], dt.date.fromisoformat(record["date"])
+                yield record["text"], dt.date.fromisoformat(record["date"]), record["key"]
 
 
 # -- pass 2: tokenizer -----------------------------------------------------------------------
 
 
 def _weighted_sample(
-    sources: list[Source], spools: dict[str, dict[str, Path]], report: PrepareReport, budget_chars: int
+    sources: list[Source], spools: dict[str, dict[str, Path]], report: PrepareReport, budget_chars: int,
+    heldout: dict[str, frozenset[int]],
 ) -> Iterator[str]:
     """About ``budget_chars`` of training text, each source contributing in proportion to its weight.
 
     A source with more weight than text is repeated (whole documents, so BPE counts scale),
-    one with less is sampled. Held-out documents are skipped: fertility is measured on them.
+    one with less is sampled. Held-out documents are skipped: fertility is measured on every
+    tenth one, and models are evaluated on the held-out split.
     """
     weighted = [s for s in sources if s.weight > 0 and report.sources[s.name].kept_chars]
     total_weight = sum(s.weight for s in weighted)
@@ -205,8 +225,8 @@ def _weighted_sample(
     for source in weighted:
         rate = budget * source.weight / total_weight / report.sources[source.name].kept_chars
         rng = random.Random(f"tokenizer-sample-{source.name}")
-        for index, (text, _) in enumerate(_spooled(spools[source.name])):
-            if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
+        for index, (text, _, key) in enumerate(_spooled(spools[source.name])):
+            if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 or key in heldout[source.name]:
                 continue
             for _ in range(int(rate) + (rng.random() < rate - int(rate))):
                 yield text
@@ -236,7 +256,7 @@ def _text_sample(sources: list[Source], spools, budget_chars: int, held_out_only
     texts: list[str] = []
     used = 0
     for source in sources:
-        for index, (text, _) in enumerate(_spooled(spools[source.name])):
+        for index, (text, _, _) in enumerate(_spooled(spools[source.name])):
             if held_out_only and index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1:
                 continue
             texts.append(text[: budget_chars - used])
@@ -284,37 +304,55 @@ def _batches(items, text=lambda item: item):  # type: ignore[no-untyped-def]
 # -- pass 3: shards --------------------------------------------------------------------------
 
 
-def _write_shards(corpus: Corpus, spools, tokenizer, out_dir: Path, report: PrepareReport) -> list[ShardInfo]:  # type: ignore[no-untyped-def]
+def _write_shards(corpus: Corpus, spools, tokenizer, out_dir: Path, report: PrepareReport,  # type: ignore[no-untyped-def]
+                  heldout: dict[str, frozenset[int]]) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """Each source's training shards, and its held-out shards (the documents whose key is in ``heldout[name]``)."""
     encoder = tokenizer.backend_tokenizer  # the raw `tokenizers` object: batch encoding runs on every core
-    dtype = token_dtype(corpus.settings.vocab_size)
+    lengths = token_byte_lengths(encoder)
+    settings = corpus.settings
+    dtype = token_dtype(settings.vocab_size)
     shards: list[ShardInfo] = []
+    heldout_shards: list[ShardInfo] = []
     for source in corpus.sources:
-        writer = _ShardWriter(source, out_dir, dtype, corpus.settings.shard_tokens, corpus.settings.chunk_bytes)
+        writer = _ShardWriter(source, source.name, out_dir, dtype, settings.shard_tokens, settings.chunk_bytes, lengths)
+        held = _ShardWriter(source, HELDOUT_PREFIX + source.name, out_dir, dtype, settings.shard_tokens,
+                            settings.chunk_bytes, lengths)
         for bucket in sorted(spools[source.name]):
-            pieces = _pieces(_spooled({bucket: spools[source.name][bucket]}))
-            for batch in _batches(pieces, text=lambda piece: piece[0]):
-                writer.add_batch(encoder, batch)
-            writer.flush()  # a shard never spans two date buckets
+            documents = _spooled({bucket: spools[source.name][bucket]})
+            for batch in _batches(documents, text=lambda document: document[0]):
+                for target, chosen in ((writer, [(t, d) for t, d, key in batch if key not in heldout[source.name]]),
+                                       (held, [(t, d) for t, d, key in batch if key in heldout[source.name]])):
+                    for pieces in _batches(_pieces(iter(chosen)), text=lambda piece: piece[0]):
+                        target.add_batch(encoder, pieces)
+            writer.flush()  # a shard never spans two date buckets (held-out ones may: they are never leased)
+        held.flush()
         report.sources[source.name].tokens = sum(s.tokens for s in writer.written)
+        report.heldout[source.name] = {"documents": held.documents, "tokens": sum(s.tokens for s in held.written),
+                                       "text_bytes": sum(s.text_bytes for s in held.written)}
         shards.extend(writer.written)
-    return shards
+        heldout_shards.extend(held.written)
+    return shards, heldout_shards
 
 
 class _ShardWriter:
-    """Cuts one source's token stream into shards of ``shard_tokens``, noting their documents' dates."""
+    """Cuts one source's token stream into shards of ``shard_tokens``, noting their documents' dates and bytes."""
 
-    def __init__(self, source: Source, out_dir: Path, dtype: str, shard_tokens: int, chunk_bytes: int) -> None:
-        self.source, self.out_dir, self.dtype, self.shard_tokens = source, out_dir, dtype, shard_tokens
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, source: Source, prefix: str, out_dir: Path, dtype: str, shard_tokens: int, chunk_bytes: int,
+                 byte_lengths: np.ndarray) -> None:
+        self.source, self.prefix, self.out_dir, self.dtype = source, prefix, out_dir, dtype
+        self.shard_tokens, self.chunk_bytes, self.byte_lengths = shard_tokens, chunk_bytes, byte_lengths
         self.parts: list[np.ndarray] = []
         self.dates: list[dt.date] = []
         self.count = 0
+        self.bytes = 0  # of the text the pending tokens encode
+        self.documents = 0  # whose last token was written
         self.written: list[ShardInfo] = []
 
     def add_batch(self, encoder, pieces: list[tuple[str, dt.date, bool]]) -> None:  # type: ignore[no-untyped-def]
         encodings = encoder.encode_batch([text for text, _, _ in pieces], add_special_tokens=False)
         for encoding, (_, day, ends_document) in zip(encodings, pieces):
             self._add(np.asarray([*encoding.ids, EOS_ID] if ends_document else encoding.ids, dtype=np.int64), day)
+            self.documents += ends_document
 
     def _add(self, tokens: np.ndarray, day: dt.date) -> None:
         offset = 0
@@ -323,6 +361,7 @@ class _ShardWriter:
             self.parts.append(tokens[offset : offset + take])
             self.dates.append(day)
             self.count += take
+            self.bytes += text_bytes(self.byte_lengths, self.parts[-1])  # exact where a document straddles shards
             offset += take
             if self.count == self.shard_tokens:
                 self.flush()
@@ -330,7 +369,7 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.count:
             return
-        shard_id = f"{self.source.name}-{len(self.written):05d}"
+        shard_id = f"{self.prefix}-{len(self.written):05d}"
         file = f"{shard_id}.bin"
         sha256 = write_shard(np.concatenate(self.parts), self.out_dir / file, self.dtype)
         self.written.append(
@@ -338,10 +377,10 @@ class _ShardWriter:
                 shard_id=shard_id, file=file, sha256=sha256, tokens=self.count, dtype=self.dtype,
                 language=self.source.language, source=self.source.name, licence=self.source.licence,
                 date_from=min(self.dates).isoformat(), date_to=max(self.dates).isoformat(),
-                chunk_sha256=chunk_hashes(self.out_dir / file, self.chunk_bytes),
+                chunk_sha256=chunk_hashes(self.out_dir / file, self.chunk_bytes), text_bytes=self.bytes,
             )
         )
-        self.parts, self.dates, self.count = [], [], 0
+        self.parts, self.dates, self.count, self.bytes = [], [], 0, 0
 
 
 def _source_infos(corpus: Corpus) -> list[SourceInfo]:

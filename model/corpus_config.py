@@ -6,6 +6,7 @@ anything is read, with the file and line of the offending source:
     [corpus]
     on_bad_record = "skip"      # or "stop": what a malformed line or a record without text does
     date_bucket = "year"        # shards never mix years, so leases can go oldest first
+    heldout_fraction = 0.01     # of each source's documents, held out to evaluate on (never trained)
 
     [filters]                   # defaults for every source (see FilterSettings)
     url_blocklist = ["filters/blocked-domains.txt"]
@@ -104,6 +105,11 @@ class CorpusSettings(BaseModel):
     # The tokenizer learns from at most this much text, drawn from the sources by weight.
     tokenizer_chars: int = Field(200_000_000, gt=0)
     fertility_chars: int = Field(2_000_000, gt=0)  # per language, to measure tokens per word
+    # A share of each source's kept documents, chosen by a hash of their text, is held out: never
+    # trained on, never seen by the tokenizer, models are evaluated on it (model/evaluate.py).
+    heldout_fraction: float = Field(0.01, ge=0, le=0.5)  # 0: no held-out split
+    # ...and at least this many, or a quarter of a source too small for that (training keeps most).
+    heldout_min_documents: int = Field(3, ge=0)
 
 
 class CorpusConfig(BaseModel):

@@ -12,12 +12,14 @@ from model.filters import REASONS
 def print_report(report: PrepareReport, console: Console | None = None) -> None:
     console = console or Console(stderr=True)
     sources = Table(title="Sources", title_justify="left")
-    for column in ("source", "records", "bad", "removed", "kept", "kept MB", "tokens"):
+    for column in ("source", "records", "bad", "removed", "kept", "kept MB", "tokens", "held out (docs, tokens)"):
         sources.add_column(column, justify="left" if column == "source" else "right")
     for name, counts in report.sources.items():
         removed = sum(r["documents"] for r in counts.removed.values())
+        heldout = report.heldout.get(name, {})  # never trained: evaluated on (essaim eval)
         sources.add_row(name, f"{counts.records:,}", f"{counts.bad_records:,}", f"{removed:,}",
-                        f"{counts.kept_documents:,}", f"{counts.kept_chars / 1e6:.2f}", f"{counts.tokens:,}")
+                        f"{counts.kept_documents:,}", f"{counts.kept_chars / 1e6:.2f}", f"{counts.tokens:,}",
+                        f"{heldout.get('documents', 0):,}, {heldout.get('tokens', 0):,}")
     console.print(sources)
 
     removed = Table(title="Removed, by filter", title_justify="left")

@@ -9,6 +9,10 @@ is verified against the manifest before training on it.
 Each shard also lists the sha256 of its consecutive ``chunk_bytes``-byte chunks, under
 the root hash, so a worker that fetches only the byte ranges its leases need (from
 the coordinator or a ``data_url``) can verify each chunk as it arrives.
+
+A held-out split (``Manifest.heldout``) lists shards in the same format that are never
+leased: models are evaluated on them (model/evaluate.py). Each shard records the UTF-8
+bytes of the text its tokens encode (``text_bytes``), so losses convert to bits per byte.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +155,8 @@ class ShardInfo:
     date_from: str  # ISO dates of the oldest and newest document with tokens in the shard
     date_to: str
     chunk_sha256: tuple[str, ...] = ()  # of each Manifest.chunk_bytes of the file; () in manifests before chunks
+    # UTF-8 bytes of the text its tokens stand for (document ends count none); 0 in manifests before it.
+    text_bytes: int = 0
 
     @property
     def size_bytes(self) -> int:
@@ -171,23 +177,29 @@ class SourceInfo:
 
 @dataclass
 class Manifest:
-    """The catalog of a prepared corpus: tokenizer identity, sources and every shard."""
+    """The catalog of a prepared corpus: tokenizer identity, sources, every training shard and the held-out ones."""
 
     vocab_size: int
     tokenizer_sha256: str
     sources: list[SourceInfo]
-    shards: list[ShardInfo]
+    shards: list[ShardInfo]  # what the coordinator leases
     chunk_bytes: int = CHUNK_BYTES
+    heldout: list[ShardInfo] = field(default_factory=list)  # never leased: evaluation only
 
     def root_hash(self) -> str:
         """sha256 naming the corpus: any change to a shard, its chunks, a source or the tokenizer changes it.
 
-        A manifest written before chunk hashes existed hashes as it did then (no chunk fields).
+        The held-out shards are covered too: a run is defined by what it is evaluated on as well.
+        A manifest written before chunk hashes, text bytes or held-out shards existed hashes as it
+        did then (no such fields).
         """
-        chunked = any(s.chunk_sha256 for s in self.shards)
+        every = [*self.shards, *self.heldout]
+        chunked = any(s.chunk_sha256 for s in every)
         entries = [_hashed_entry(s) for s in sorted(self.shards, key=lambda s: s.shard_id)]
         sources = [asdict(s) for s in sorted(self.sources, key=lambda s: s.name)]
         named: dict[str, object] = {"tokenizer_sha256": self.tokenizer_sha256, "sources": sources, "shards": entries}
+        if self.heldout:
+            named["heldout"] = [_hashed_entry(s) for s in sorted(self.heldout, key=lambda s: s.shard_id)]
         if chunked:
             named["chunk_bytes"] = self.chunk_bytes
         canonical = json.dumps(
@@ -199,7 +211,11 @@ class Manifest:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def shard(self, shard_id: str) -> ShardInfo | None:
+        """A training shard (a held-out one is not: it is never leased)."""
         return next((s for s in self.shards if s.shard_id == shard_id), None)
+
+    def heldout_shard(self, shard_id: str) -> ShardInfo | None:
+        return next((s for s in self.heldout if s.shard_id == shard_id), None)
 
     def save(self, path: Path) -> None:
         document = {
@@ -211,6 +227,8 @@ class Manifest:
             "sources": [asdict(s) for s in self.sources],
             "shards": [asdict(s) for s in self.shards],
         }
+        if self.heldout:
+            document["heldout"] = [asdict(s) for s in self.heldout]
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -234,7 +252,8 @@ class Manifest:
             raise ValueError(f"corpus manifest {path} is not valid JSON ({e}): {hint}") from None
         try:
             shards = [_entry(ShardInfo, entry) for entry in document["shards"]]
-            for shard in shards:
+            heldout = [_entry(ShardInfo, entry) for entry in document.get("heldout", [])]
+            for shard in [*shards, *heldout]:
                 numpy_dtype(shard.dtype)
             manifest = cls(
                 vocab_size=int(document["vocab_size"]),
@@ -242,8 +261,9 @@ class Manifest:
                 sources=[_entry(SourceInfo, entry) for entry in document["sources"]],
                 shards=shards,
                 chunk_bytes=int(document.get("chunk_bytes", CHUNK_BYTES)),
+                heldout=heldout,
             )
-            for shard in shards:
+            for shard in [*shards, *heldout]:
                 expected_chunks = -(-shard.size_bytes // manifest.chunk_bytes)
                 if shard.chunk_sha256 and len(shard.chunk_sha256) != expected_chunks:
                     raise ValueError(f"shard {shard.shard_id} lists {len(shard.chunk_sha256)} chunk hashes, "
@@ -252,10 +272,11 @@ class Manifest:
             raise ValueError(
                 f"corpus manifest {path} is malformed ({type(e).__name__}: {e}): {hint}"
             ) from None
-        ids = [s.shard_id for s in shards]
+        every = [*shards, *heldout]
+        ids = [s.shard_id for s in every]
         if len(set(ids)) != len(ids):
             raise ValueError(f"corpus manifest {path} lists a shard id twice: {hint}")
-        unknown = sorted({s.source for s in shards} - {s.name for s in manifest.sources})
+        unknown = sorted({s.source for s in every} - {s.name for s in manifest.sources})
         if unknown:
             raise ValueError(f"corpus manifest {path}: shards of source {unknown[0]!r}, which it does not list: {hint}")
         stored = document.get("root_hash")
@@ -273,6 +294,8 @@ def _hashed_entry(shard: ShardInfo) -> dict:  # type: ignore[type-arg]
         del entry["chunk_sha256"]  # as manifests hashed before chunks existed
     else:
         entry["chunk_sha256"] = list(shard.chunk_sha256)
+    if not shard.text_bytes:
+        del entry["text_bytes"]  # as manifests hashed before text bytes were counted
     return entry
 
 

@@ -9,3 +9,7 @@ VOLUNTEER = "volunteer"
 INDEPENDENT = "independent"  # the institution of a worker no admitted institution certified; no certificate names it
 # How a reducer combines the parts of its slice (worker/aggregation.py): RunConfig.aggregation, a run setting.
 AGGREGATIONS = ("mean", "clipped_mean", "trimmed_mean")
+# How a round's energy was obtained (CompleteRoundRequest.energy.method, worker/energy.py): a GPU's or
+# the CPU package's own counter, or an estimate from the device's rated power and its measured use.
+ENERGY_NVML, ENERGY_RAPL, ENERGY_ESTIMATE = "nvml", "rapl", "estimate"
+ENERGY_METHODS = (ENERGY_NVML, ENERGY_RAPL, ENERGY_ESTIMATE)

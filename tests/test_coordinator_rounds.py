@@ -1,6 +1,7 @@
 """Which model a round keeps, and that its tokens are recorded exactly once (coordinator/rounds.py)."""
 
 import dataclasses
+import json
 
 import pytest
 from sqlalchemy import select
@@ -8,7 +9,9 @@ from sqlalchemy import select
 from coordinator.accounting import accounting_problems
 from coordinator.rounds import Member, winner
 from coordinator.scheduler import AtLimit, LeaseError, LeaseLimits, RoundOver, RoundReport, Scheduler
-from coordinator.store import FiledReport, Lease, LineageRecord, Worker, load_manifest, open_engine, session_factory
+from coordinator.store import (
+    Contribution, FiledReport, Lease, LineageRecord, Worker, load_manifest, open_engine, session_factory,
+)
 from model.shards import Manifest, ShardInfo, SourceInfo
 from support import Clock
 
@@ -149,6 +152,28 @@ def test_a_group_vouches_for_a_member_whose_report_is_lost(scheduler: Scheduler,
     with store() as session:
         assert len(session.scalars(select(LineageRecord)).all()) == 3
     assert accounting_problems(store) == []
+
+
+def test_a_rounds_energy_is_shared_among_its_lineage_by_tokens_and_a_vouched_member_has_none(
+    scheduler: Scheduler, store
+) -> None:
+    leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2", "w3")}
+    second = scheduler.acquire("w1", 100, 0).lease  # w1 trains on two leases: 300 and 100 tokens
+    group = ("w1", "w2", "w3")
+    w1 = dataclasses.replace(report(leases, "w1", members=group), energy_joules=400.0, energy_method="rapl",
+                             leases=((leases["w1"].id, 300), (second.id, 100)))
+    w2 = dataclasses.replace(report(leases, "w2", members=group), energy_joules=90.0, energy_method="estimate")
+    assert RoundReport.from_json(w1.to_json()) == w1
+    scheduler.complete_round("w1", w1)
+    assert scheduler.complete_round("w2", w2).accepted  # 700 of 1,000 tokens: decided, w3 vouched for
+    with store() as session:
+        energy = {(c.worker_id, c.energy_joules, c.energy_method) for c in session.scalars(select(Contribution))}
+        assert energy == {("w1", 400.0, "rapl"), ("w2", 90.0, "estimate"), ("w3", 0.0, "")}
+        shares = {(r.worker_id, r.end - r.start): r.energy_joules for r in session.scalars(select(LineageRecord))}
+        assert shares == {("w1", 300): 300.0, ("w1", 100): 100.0, ("w2", 300): 90.0, ("w3", 300): 0.0}
+    older = json.loads(w2.to_json())  # a report filed before reports carried energy
+    del older["energy_joules"], older["energy_method"]
+    assert RoundReport.from_json(json.dumps(older)) == dataclasses.replace(w2, energy_joules=0.0, energy_method="")
 
 
 def test_a_late_report_is_recorded_only_with_the_kept_parameters(scheduler: Scheduler, store, clock: Clock) -> None:

@@ -94,6 +94,14 @@ def test_bad_requests_are_refused_with_reasons_and_change_nothing(coordinator) -
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(CoordinatorRefused, match="tokens_per_second is inf, not a finite number"):
         client.heartbeat(0, 0.0, float("inf"))
+    for energy, reason in ((pb.RoundEnergy(joules=-1.0, method="estimate"), "energy.joules is -1.0: send what"),
+                           (pb.RoundEnergy(joules=float("inf"), method="nvml"), "energy.joules is inf"),
+                           (pb.RoundEnergy(joules=5.0), "energy.method is '': say how the joules were obtained"),
+                           (pb.RoundEnergy(joules=5.0, method="guess"), "energy.method is 'guess'.*nvml, rapl, estimate")):
+        with pytest.raises(CoordinatorRefused, match=reason) as refused:
+            client.complete_round(pb.CompleteRoundRequest(
+                round=0, leases=[pb.LeaseUsage(lease_id=1, tokens_consumed=10)], energy=energy))
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
     # The server still serves, and only the honest calls left a trace.
     assert client.heartbeat(0, 0.0, 0.0).live_workers == 2
@@ -120,13 +128,13 @@ def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordi
     identity, claimant = Identity.generate(), Identity.generate()
     client = CoordinatorClient(coordinator.address, identity)
     declared = detect(plan_device("cpu", "bf16"), "hpc", available_until=1_900_000_000.0, bandwidth_mbit=100.0)
-    client.register("node-7", "GENCI", declared, genci_certificate(identity))
+    client.register("node-7", "GENCI", declared, genci_certificate(identity), grid_gco2_per_kwh=56.0)
     CoordinatorClient(coordinator.address, claimant).register("pc", "GENCI", declared)  # the same claims, no certificate
     with coordinator.sessions()() as session:
         worker = session.get(Worker, identity.worker_id)
         assert (worker.device, worker.memory_bytes, worker.trust_class) == (declared.device, declared.memory_bytes, "hpc")
         assert (worker.available_until, worker.bandwidth_mbit, worker.precision) == (1_900_000_000.0, 100.0, "bf16")
-        assert worker.institution == "GENCI"
+        assert (worker.institution, worker.grid_gco2_per_kwh) == ("GENCI", 56.0)
         claimed = session.get(Worker, claimant.worker_id)
         assert (claimed.institution, claimed.trust_class) == ("independent", "volunteer")
     assert declared.device.startswith("cpu ") and declared.memory_bytes > 2**30
@@ -136,6 +144,10 @@ def test_register_records_capabilities_and_refuses_an_unknown_trust_class(coordi
     with pytest.raises(CoordinatorRefused, match="precision 'fp8' is not one of fp32, bf16"):
         CoordinatorClient(coordinator.address, Identity.generate()).register(
             "x", "y", Capabilities("cpu", 0, "volunteer", 0.0, "", 0.0, "fp8"))
+    for intensity in (-1.0, float("nan"), 56_000.0):  # 56,000: grams per MWh, say
+        with pytest.raises(CoordinatorRefused, match=f"grid_gco2_per_kwh is {intensity}: declare the carbon intensity "
+                                                     "of the site's electricity in grams of CO2e per kWh, from 0"):
+            CoordinatorClient(coordinator.address, Identity.generate()).register("x", "y", CPU, grid_gco2_per_kwh=intensity)
 
 
 def test_a_worker_whose_clock_is_off_by_more_than_the_signature_window_is_told_so_at_register(coordinator) -> None:

@@ -40,8 +40,11 @@ from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnre
 from worker.data import batches_when_fetched
 from worker.device import plan_device
 from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
+from worker.energy import EnergyMeter
+from worker.evaluation import RoundEvaluator
 from worker.governance import RunGovernance
 from worker.memory import Workload, check_fits, out_of_memory_refused
+from worker.metrics import RoundFigures, WorkerMetrics
 from worker.peer_admission import CredentialAdmission, GroupEntry
 from worker.reachability import ReachabilityCheck
 from worker.shards import ShardStore, run_store
@@ -78,6 +81,9 @@ class WorkerOptions:
     precision: str = "auto"               # auto | fp32 | bf16
     micro_batch_size: int | None = None   # rows per pass; None: the run's setting
     adversary: str = ""                   # tests and benchmarks only: misbehave this way (worker/adversary.py)
+    metrics_port: int = 0                 # serve Prometheus metrics on host:port (worker/metrics.py); 0: none
+    rated_watts: float = 0.0              # the device's rated power, for an energy estimate (worker/energy.py); 0: typical
+    grid_gco2_per_kwh: float = 0.0        # the site's grid carbon intensity, declared at Register; 0: not declared
 
 
 @dataclass
@@ -139,17 +145,23 @@ class Worker:
         """Train until the run is complete or a stop is requested; returns the round reached."""
         options = self.options
         plan = plan_device(options.device, options.precision)  # DeviceError: refused before Register
+        self.energy = EnergyMeter.for_device(plan, options.rated_watts)
+        self.metrics = WorkerMetrics(plan, self.energy.method)
+        if options.metrics_port:
+            self.metrics.serve(options.host, options.metrics_port)  # MetricsPortInUse: refused before Register
         workload = self._workload()
         estimate = check_fits(workload, plan)  # DoesNotFit: refused before Register
         log.info("training on %s in %s; the model needs about %.1f GiB there", plan.describe(), plan.precision,
                  estimate.device_bytes / (1 << 30))
         capabilities = detect(plan, options.trust_class, options.available_until, options.bandwidth_mbit)
         certificate = read_certificate(options.certificate, self.identity.public_key) if options.certificate else b""
-        self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities, certificate)
+        self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities, certificate,
+                             options.grid_gco2_per_kwh)
         config = self.client.run_config()
         self.governance = RunGovernance(config, options.genesis)  # refuses a ledger that does not verify
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
         reader = self._shard_store(config)
+        self.evaluator = RoundEvaluator(config, reader, self.identity.worker_id)  # every eval_every_rounds rounds
         checkpoint = self._checkpoint_to_resume(config)
         model = load_model(checkpoint) if checkpoint else build_model(config.model_preset, config.vocab_size, config.seed)
         credentials = CredentialCheck(config.credential_key, config.run_id)  # the coordinator's, for peers' credentials
@@ -195,6 +207,8 @@ class Worker:
             reader.close()
             swarm.close()
             self.client.close()
+            self.energy.close()
+            self.metrics.close()
 
     def _workload(self) -> Workload:
         """What the run needs this worker to hold in memory (public, asked before Register)."""
@@ -231,6 +245,7 @@ class Worker:
         """Lease, train, average, report. False when the run is complete or stopping."""
         config = self._governed(config, trainer)
         progress = RoundProgress()
+        energy_mark = self.energy.start()
         try:
             if not self._train_inner_steps(config, trainer, reader, progress):
                 return False
@@ -242,6 +257,7 @@ class Worker:
             loss_after = _probe_loss(trainer, progress.probe) if progress.probe is not None else 0.0
             self.tokens_per_second = progress.tokens / max(progress.inner_seconds, 1e-9)
             trainer.expect_peers(self.live_workers)
+            averaging_started = time.perf_counter()
             result = trainer.outer_step(
                 progress.tokens, cancel=self.stop_requested,
                 apply_alone=lambda: self._nobody_finished(trainer.round),
@@ -249,6 +265,9 @@ class Worker:
                 entry=GroupEntry.signed(self.identity, config.run_id, trainer.round, progress.credential,
                                         progress.consumed, self.last_loss),
             )
+            figures = RoundFigures(progress.tokens, self.tokens_per_second, self.last_loss, progress.inner_seconds,
+                                   time.perf_counter() - averaging_started, result.bytes_sent if result else 0,
+                                   self.energy.since(energy_mark, busy_seconds=progress.inner_seconds))
         except RoundOver as over:
             self._release(progress.leases, "the round was decided without this worker")
             self._catch_up(trainer, str(over))
@@ -259,9 +278,11 @@ class Worker:
         wall_seconds = time.perf_counter() - self._round_clock
         self._round_clock = time.perf_counter()
         if result is None:
+            self.metrics.round_finished(figures, kept=False, next_round=trainer.round, report_seconds=0.0)
             self._release(progress.used_leases(), "not part of the swarm's model; back to the pool")
             self._catch_up(trainer, f"round {trainer.round}: others finished it without this worker")
             return True
+        evaluation = self.evaluator.after_outer_step(trainer, result)  # held-out figures, when due; else None
         request = pb.CompleteRoundRequest(
             round=result.round,
             leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
@@ -274,16 +295,20 @@ class Worker:
                 micro_batch_size=trainer.settings.micro_batch_size, device=trainer.plan.describe(),
                 precision=trainer.plan.precision,
             ),
-            witnesses=result.witnesses,
+            witnesses=result.witnesses, energy=pb.RoundEnergy(joules=figures.energy.joules, method=figures.energy.method),
+            evaluation=evaluation,
         )
+        report_started = time.perf_counter()
         try:
             reply = self.client.complete_round(request, stop=self.stop_requested.is_set)
         except CoordinatorRefused as refused:
+            self.metrics.round_finished(figures, False, trainer.round, time.perf_counter() - report_started)
             self._release(progress.used_leases(), "the report was refused")
             self._catch_up(trainer, f"round {result.round}: {refused}")
             return True
         if reply.pending:
             return True  # stopping: the report stays filed, and the coordinator decides its round without us
+        self.metrics.round_finished(figures, reply.accepted, trainer.round, time.perf_counter() - report_started)
         if not reply.accepted:
             self._release(progress.used_leases(), "not part of the swarm's model; back to the pool")
             self._catch_up(

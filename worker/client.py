@@ -53,7 +53,7 @@ class CoordinatorClient:
         self._channel.close()
 
     def register(self, name: str, institution: str, capabilities: Capabilities,
-                 certificate: bytes = b"") -> pb.RegisterReply:
+                 certificate: bytes = b"", grid_gco2_per_kwh: float = 0.0) -> pb.RegisterReply:
         """Register with an institution's certificate of this key (protocol/certificates.py), if any.
 
         What the coordinator did not credit (a typed institution, a certificate it does
@@ -66,7 +66,7 @@ class CoordinatorClient:
                 memory_bytes=capabilities.memory_bytes, bandwidth_mbit=capabilities.bandwidth_mbit,
                 trust_class=capabilities.trust_class, available_until=capabilities.available_until,
                 slurm_job_id=capabilities.slurm_job_id, precision=capabilities.precision,
-                institution_certificate=certificate,
+                institution_certificate=certificate, grid_gco2_per_kwh=grid_gco2_per_kwh,
             ),
             rpc=self._stub.Register.with_call,
         )

@@ -31,7 +31,6 @@ from model.shards import (
     MANIFEST_FILE,
     Manifest,
     ShardInfo,
-    ShardIntegrityError,
     atomic_write_bytes,
     numpy_dtype,
     read_tokens,
@@ -85,9 +84,12 @@ class ShardStore:
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def tokens(self, lease: pb.Lease) -> torch.Tensor:
-        """Tokens [start, end) of the lease's shard as int64, from verified bytes only."""
-        shard = self._manifest_entry(lease)
+    def tokens(self, lease: pb.Lease, heldout: bool = False) -> torch.Tensor:
+        """Tokens [start, end) of the lease's shard as int64, from verified bytes only.
+
+        ``heldout``: the range is of a held-out shard, read to evaluate (worker/evaluation.py), never leased.
+        """
+        shard = self._manifest_entry(lease, heldout)
         if not 0 <= lease.start <= lease.end <= lease.shard_tokens:
             raise ShardUnavailable(f"lease {lease.lease_id}: tokens [{lease.start}, {lease.end}) are outside shard "
                                    f"{lease.shard_id}, which holds {lease.shard_tokens}")
@@ -107,11 +109,12 @@ class ShardStore:
             data = self._fetched(shard, lease.start * dtype.itemsize, lease.end * dtype.itemsize)
         return torch.from_numpy(np.frombuffer(data, dtype=dtype).astype(np.int64))
 
-    def _manifest_entry(self, lease: pb.Lease) -> ShardInfo | None:
-        """The manifest's entry for the lease's shard, which the lease must agree with."""
+    def _manifest_entry(self, lease: pb.Lease, heldout: bool = False) -> ShardInfo | None:
+        """The manifest's entry for the lease's shard, which the lease must agree with: a training shard, or a
+        held-out one when ``heldout`` (so a lease naming a held-out shard is refused)."""
         if self.manifest is None:
             return None
-        shard = self.manifest.shard(lease.shard_id)
+        shard = self.manifest.heldout_shard(lease.shard_id) if heldout else self.manifest.shard(lease.shard_id)
         if shard is None or (shard.file, shard.sha256, shard.tokens, shard.dtype) != (
                 lease.shard_file, lease.shard_sha256, lease.shard_tokens, lease.dtype):
             raise ShardUnavailable(
@@ -314,7 +317,7 @@ def open_store(config: pb.RunConfig, data_dir: Path, source: CorpusSource, cache
     if manifest.tokenizer_sha256 != config.tokenizer_sha256:
         raise ShardUnavailable(f"{where} was tokenized with tokenizer {manifest.tokenizer_sha256[:16]}, "
                                f"not the run's {config.tokenizer_sha256[:16]}")
-    for shard in manifest.shards:
+    for shard in [*manifest.shards, *manifest.heldout]:
         check_file_name(shard.file)
     return ShardStore(data_dir, manifest, source, cache_bytes)
 
