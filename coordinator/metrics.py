@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from coordinator.run_figures import FiguresCache, RunFigures
+from protocol import essaim_pb2 as pb
 
 RPC_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROUND_SECONDS_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -37,6 +38,10 @@ class RpcMetrics(grpc.ServerInterceptor):
                                  ["rpc"], buckets=RPC_SECONDS_BUCKETS, registry=registry)
         self.refusals = Counter("essaim_coordinator_rpc_refusals", "RPCs answered with a status other than OK.",
                                 ["rpc", "code"], registry=registry)
+        # A lease asked for and not granted is answered OK, with its reason in the reply's status.
+        self.lease_refusals = Counter("essaim_coordinator_lease_refusals", "AcquireLease answers other than GRANTED, "
+                                      "by status (POOL_EMPTY, BACKOFF, AT_LIMIT, QUARANTINED...).", ["status"],
+                                      registry=registry)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -72,6 +77,8 @@ class RpcMetrics(grpc.ServerInterceptor):
                 latency.observe(time.perf_counter() - started)
             if context.code() not in (None, grpc.StatusCode.OK):
                 self._refused(rpc, context)
+            elif isinstance(reply, pb.AcquireLeaseReply) and reply.status != pb.AcquireLeaseReply.GRANTED:
+                self.lease_refusals.labels(pb.AcquireLeaseReply.Status.Name(reply.status)).inc()
             return reply
 
         return timed

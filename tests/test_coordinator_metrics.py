@@ -105,6 +105,8 @@ def check_views(coordinator, corpus_dir: Path, sessions) -> None:  # type: ignor
         list(volunteer.read_corpus_file("no-such-shard.bin", 0, 100))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
+    # A lease not granted is a refusal too, counted by the reply's status: round 0 is over.
+    assert volunteer.acquire_lease(300, 0).status == pb.AcquireLeaseReply.ROUND_OVER
     # A lease whose deadline passes is expired by the coordinator's own sweep, within a second.
     out = volunteer.acquire_lease(300, 2).lease
     with sessions.begin() as session:
@@ -151,12 +153,14 @@ def check_views(coordinator, corpus_dir: Path, sessions) -> None:  # type: ignor
     # Every RPC timed; every refusal counted by its RPC and status code.
     count = "essaim_coordinator_rpc_duration_seconds_count"
     assert samples.value(count, rpc="Register") == 2 and samples.value(count, rpc="CompleteRound") == 5
-    assert samples.value(count, rpc="AcquireLease") == 5 and samples.value(count, rpc="ReadCorpusFile") == 2
+    assert samples.value(count, rpc="AcquireLease") == 6 and samples.value(count, rpc="ReadCorpusFile") == 2
     refusals = "essaim_coordinator_rpc_refusals_total"
     assert samples.value(refusals, rpc="Heartbeat", code="UNAUTHENTICATED") == 1
     assert samples.value(refusals, rpc="CompleteRound", code="INVALID_ARGUMENT") == 1
     assert samples.value(refusals, rpc="ReadCorpusFile", code="NOT_FOUND") == 1
     assert samples.total(refusals) == 3
+    assert samples.value("essaim_coordinator_lease_refusals_total", status="ROUND_OVER") == 1
+    assert samples.total("essaim_coordinator_lease_refusals_total") == 1
 
     # The dashboard's JSON says the same, and adds the mixture's targets and held-out evaluations.
     with sessions.begin() as session:

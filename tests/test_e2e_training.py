@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from model.evaluate import mean_loss
 from model.presets import build_model
 from model.shards import Manifest, read_tokens
 from protocol.swarm import free_port
-from support import logs, wait_all, wait_for
+from support import logs, wait_all
 from http_views import watch_the_dashboard_through_a_round
 
 pytestmark = pytest.mark.e2e
@@ -38,6 +40,15 @@ def kept_round_metrics(port: int) -> dict[str, float] | None:
     samples = {sample.name + "".join(f'{{{k}="{v}"}}' for k, v in sample.labels.items()): sample.value
                for family in text_string_to_metric_families(text) for sample in family.samples}
     return samples if samples.get('essaim_worker_rounds_total{outcome="kept"}', 0) >= 1 else None
+
+
+def scrape_while_it_serves(port: int, stop: threading.Event) -> dict[str, float] | None:
+    """The last scrape of a worker's metrics that showed a kept round, polled until ``stop``: a short run
+    may end (and its worker stop serving) at any moment, so the scrape cannot wait for a later point."""
+    latest = None
+    while not stop.wait(0.5):
+        latest = kept_round_metrics(port) or latest
+    return latest
 
 
 def fixed_sample(corpus_dir: Path) -> torch.Tensor:
@@ -60,6 +71,11 @@ def test_two_workers_in_different_precisions_train_compressed_rounds_together_an
         eval_every_rounds=1, extra=("--dashboard-port", str(dashboard_port)),
     )
     metrics_port = free_port("127.0.0.1", 0)
+    background = ThreadPoolExecutor(max_workers=2)
+    # The run's web page in a real browser while it trains: charts and numbers, redrawn after a round. Opened
+    # before the workers start, so that however fast the run goes the page sees a round and the next one.
+    watching = background.submit(watch_the_dashboard_through_a_round, f"http://127.0.0.1:{dashboard_port}/",
+                                 ROUNDS, workers=2)
     workers = [
         start_role(
             ["worker", "join", "--coordinator", coordinator.address, "--name", f"w{i}",
@@ -71,13 +87,17 @@ def test_two_workers_in_different_precisions_train_compressed_rounds_together_an
         )
         for i in range(2)
     ]
-    # The run's web page in a real browser while it trains: charts and numbers, redrawn after a round.
-    watch_the_dashboard_through_a_round(f"http://127.0.0.1:{dashboard_port}/", ROUNDS, workers=2)
     # w0's own metrics, scraped while it trains: a kept round, its tokens and its energy.
-    scraped = wait_for(lambda: kept_round_metrics(metrics_port), timeout=180, what="w0's metrics to show a kept round")
+    scraping_done = threading.Event()
+    scraping = background.submit(scrape_while_it_serves, metrics_port, scraping_done)
+    wait_all(workers, timeout=240)
+    scraping_done.set()
+    watching.result(timeout=60)  # raises what the browser saw wrong
+    scraped = scraping.result(timeout=10)
+    background.shutdown()
+    assert scraped is not None, "w0's metrics never showed a kept round"
     assert scraped["essaim_worker_tokens_trained_total"] > 0 and scraped["essaim_worker_bytes_sent_total"] > 0
     assert sum(v for k, v in scraped.items() if k.startswith("essaim_worker_energy_joules_total")) > 0
-    wait_all(workers, timeout=240)
     assert [w.returncode for w in workers] == [0, 0], logs(tmp_path, "w0", "w1")
     # A clean exit takes hivemind down with it: nothing of either worker is left.
     assert not any(group_alive(w.pid) for w in workers)
