@@ -40,7 +40,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -396,5 +396,23 @@ class RoundBook:
         kept = session.get(Round, report.round).params_digest
         if kept != report.params_digest:  # vouched for by its group, then reported other parameters
             return RoundRecorded(False, kept, [], lineage_head(session))
+        self._complete_vouched(session, worker_id, report)
         self._kept_late(session, worker_id, report, now)  # vouched for, then its own report: checkable now
         return RoundRecorded(True, kept, self._lineage_ids(session, report), lineage_head(session))
+
+    @staticmethod
+    def _complete_vouched(session: Session, worker_id: str, report: RoundReport) -> None:
+        """A member recorded from its group's statement, whose own report arrives now: what only that report
+        says (bytes sent, times, energy) fills in its contribution and its lineage records' shares of the
+        energy. A retry of a report recorded before writes the same figures again."""
+        contribution = session.scalar(select(Contribution).where(Contribution.round == report.round,
+                                                                 Contribution.worker_id == worker_id))
+        if contribution is None:
+            return
+        contribution.bytes_sent, contribution.energy_joules = report.bytes_sent, report.energy_joules
+        contribution.inner_seconds, contribution.wall_seconds = report.inner_seconds, report.wall_seconds
+        contribution.energy_method = report.energy_method
+        tokens = sum(used for _, used in report.leases)
+        for lease_id, used in report.leases:
+            session.execute(update(LineageRecord).where(LineageRecord.lease_id == lease_id)
+                            .values(energy_joules=report.energy_joules * used / max(tokens, 1)))

@@ -154,7 +154,7 @@ def test_a_group_vouches_for_a_member_whose_report_is_lost(scheduler: Scheduler,
     assert accounting_problems(store) == []
 
 
-def test_a_rounds_energy_is_shared_among_its_lineage_by_tokens_and_a_vouched_member_has_none(
+def test_a_rounds_energy_is_shared_among_its_lineage_by_tokens_and_a_vouched_member_has_it_once_it_reports(
     scheduler: Scheduler, store
 ) -> None:
     leases = {w: scheduler.acquire(w, 300, 0).lease for w in ("w1", "w2", "w3")}
@@ -171,6 +171,17 @@ def test_a_rounds_energy_is_shared_among_its_lineage_by_tokens_and_a_vouched_mem
         assert energy == {("w1", 400.0, "rapl"), ("w2", 90.0, "estimate"), ("w3", 0.0, "")}
         shares = {(r.worker_id, r.end - r.start): r.energy_joules for r in session.scalars(select(LineageRecord))}
         assert shares == {("w1", 300): 300.0, ("w1", 100): 100.0, ("w2", 300): 90.0, ("w3", 300): 0.0}
+    # Its own report, after its group vouched for it: what only that report says fills in its records.
+    w3 = dataclasses.replace(report(leases, "w3", members=group), energy_joules=60.0, energy_method="estimate",
+                             bytes_sent=1234, inner_seconds=2.0, wall_seconds=3.0)
+    assert scheduler.complete_round("w3", w3).accepted
+    assert scheduler.complete_round("w3", w3).accepted  # a retry writes the same figures again
+    with store() as session:
+        own = session.scalars(select(Contribution).where(Contribution.worker_id == "w3")).one()
+        assert (own.energy_joules, own.energy_method, own.bytes_sent, own.inner_seconds, own.wall_seconds) == (
+            60.0, "estimate", 1234, 2.0, 3.0)
+        assert session.scalars(select(LineageRecord.energy_joules).where(LineageRecord.worker_id == "w3")).all() == [60.0]
+        assert len(session.scalars(select(Contribution)).all()) == 3
     older = json.loads(w2.to_json())  # a report filed before reports carried energy
     del older["energy_joules"], older["energy_method"]
     assert RoundReport.from_json(json.dumps(older)) == dataclasses.replace(w2, energy_joules=0.0, energy_method="")
