@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.mixture import target_shares
-from coordinator.run_figures import JOULES_PER_KWH, FiguresCache, InstitutionEnergy, RunFigures
+from coordinator.energy import JOULES_PER_KWH
+from coordinator.run_figures import FiguresCache, InstitutionEnergy, RunFigures
 from coordinator.verification import CREDIT_STATES
 
 log = logging.getLogger("essaim.dashboard")

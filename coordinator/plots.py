@@ -17,13 +17,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator, PercentFormatter
 
+from coordinator.energy import JOULES_PER_KWH
 from coordinator.report_data import RunSeries
 from protocol.choices import INDEPENDENT
 
 FIGURE_INCHES = (10.0, 5.0)
 DPI = 100  # 1000 x 500 pixels
 CREDIT_COLOURS = {"verified": "tab:green", "unverified": "tab:gray", "rejected": "tab:red"}
-JOULES_PER_KWH = 3.6e6
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.energy import JOULES_PER_KWH
 from coordinator.status import oldest_open_epoch  # the same epoch as `essaim status` shows
 from coordinator.store import Contribution, Evaluation, Lease, LineageRecord, Round, Shard, Source, Worker
 
 DEFAULT_MAX_AGE_SECONDS = 1.0
 MAX_SHARE_OF_TIME = 20
 EPOCH_SHARE_OF_TIME = 200
-JOULES_PER_KWH = 3.6e6
 
 
 @dataclass(frozen=True)

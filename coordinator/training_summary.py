@@ -23,11 +23,9 @@ import json
 import time
 from pathlib import Path
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.card import build_card, in_checkpoint
-from coordinator.store import LineageRecord, Worker
+from coordinator.card import build_card
 from model.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, read_checkpoint
 from model.corpus import REPORT_FILE
 from model.shards import Manifest
@@ -47,7 +45,6 @@ SOURCE_KINDS = {
 NOT_STATED = "not_stated"
 ILLEGAL_CONTENT_FILTERS = ("blocked_url", "banned_words")  # model/filters.py: the lists a corpus config gives
 DEDUPLICATION = ("exact_duplicate", "near_duplicate")
-JOULES_PER_KWH = 3.6e6
 
 
 class SummaryError(ValueError):
@@ -137,7 +134,7 @@ def build_summary(sessions: sessionmaker[Session], checkpoint: Checkpoint, data_
         "sources": {kind: _kind_section(kind, [s for s in sources.values() if s["kind"] == kind], total)
                     for kind in (*SOURCE_KINDS, NOT_STATED)},
         "processing": _processing(data_dir, list(sources)),
-        "energy": _energy(sessions, checkpoint),
+        "energy": _energy(card["energy"]),
     }
 
 
@@ -195,25 +192,17 @@ def _processing(data_dir: Path, trained_sources: list[str]) -> dict:
     return processing
 
 
-def _energy(sessions: sessionmaker[Session], checkpoint: Checkpoint) -> dict | None:
-    """kWh of the checkpoint's lineage records, and CO2e where their workers declared their grid's intensity."""
-    with sessions() as session:
-        rows = session.execute(
-            select(Worker.grid_gco2_per_kwh, func.sum(LineageRecord.energy_joules),
-                   func.sum(LineageRecord.end - LineageRecord.start))
-            .join(Worker, Worker.id == LineageRecord.worker_id)
-            .where(in_checkpoint(checkpoint), LineageRecord.energy_joules > 0)
-            .group_by(Worker.id)
-        ).all()
-    kwh = sum(joules for _, joules, _ in rows) / JOULES_PER_KWH
-    if kwh <= 0:
+def _energy(energy: dict) -> dict | None:
+    """The card's energy (coordinator/energy.py) as the summary states it: kWh, and CO2e where workers declared
+    their grid's intensity; None when no round of the checkpoint reported its energy."""
+    if energy["kwh"] <= 0:
         return None  # not measured: workers that report no energy leave it 0
-    declared = [(grid, joules / JOULES_PER_KWH) for grid, joules, _ in rows if grid > 0]
+    declared_share = 1.0 - energy["undeclared_intensity_share"]
     return {
-        "kwh": kwh,
-        "tokens_measured": int(sum(tokens for _, _, tokens in rows)),
-        "kwh_with_declared_grid": sum(k for _, k in declared),
-        "emissions_kg_co2e": sum(grid * k for grid, k in declared) / 1000 if declared else None,
+        "kwh": energy["kwh"],
+        "tokens_measured": energy["tokens"] - energy["tokens_without_energy"],
+        "kwh_with_declared_grid": energy["kwh"] * declared_share,
+        "emissions_kg_co2e": energy["emissions_kg_co2e"] if declared_share > 0 else None,
     }
 
 
