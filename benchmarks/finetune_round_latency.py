@@ -1,15 +1,19 @@
-"""Seconds per federated fine-tuning round, before and after the cuts, on a real deployment.
+"""Seconds per federated fine-tuning round beyond the sites' own compute: Flower's stock runtime against Essaim's warm one.
 
-Flower starts a fresh ClientApp process for every message. A SecAgg+ round is
-four messages per site (setup, key shares, masked adapter, unmask), of which
-only one trains; federated evaluation adds a fifth.
+A SecAgg+ round is four messages per site (setup, key shares, masked adapter,
+unmask), of which one trains. The round's overhead is its wall time (server
+sends instructions -> server aggregates) less the slowest site's fit (its time in
+the training message: imports, loading, training).
 
-- before: a ClientApp that imports torch, transformers and peft when it loads
-  (what every message then pays), and sites evaluating after every round;
-- after: Essaim's ClientApp (Flower alone at load; the training stack only in
-  the messages that train or evaluate) and evaluation after the last round only.
+- stock: Flower 1.41 as it ships: `flower-supernode` polling the SuperLink every
+  3 s when idle, SuperExec polling for tasks every 1 s, a cold `flwr-clientapp`
+  process per message (a training message imports torch, transformers, peft),
+  and the ServerApp polling for replies every 3 s;
+- warm: `essaim finetune site` as it runs by default (essaim.flower_warm: 0.1 s
+  idle poll, 0.05 s task poll, app processes forked from a forkserver that
+  imported the training stack at start) and the ServerApp polling every 0.1 s.
 
-It also times what one message's process pays for its imports.
+Both evaluate after the last round only. Sites and server share this machine's cores.
 
     .venv/bin/python benchmarks/finetune_round_latency.py [--rounds 3] [--sites 3] [--no-secagg]
 """
@@ -34,25 +38,6 @@ from essaim.flower import APP_DIR, run_local_finetune  # noqa: E402
 from model.instructions import PROMPT, write_pairs  # noqa: E402
 from model.sample_instructions import DOMAINS, site_pairs, stand_in_checkpoint  # noqa: E402
 
-EAGER_CLIENT = '''"""The ClientApp with its training stack imported at load, as a straightforward app would be."""
-import peft  # noqa: F401
-import torch  # noqa: F401
-import transformers  # noqa: F401
-import worker.finetune_site  # noqa: F401
-from worker.finetune_client import app as essaim_app
-
-app = essaim_app  # Flower looks for an assignment to `app` in this file
-'''
-
-
-def eager_app(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    text = (APP_DIR / "pyproject.toml").read_text().replace('"worker.finetune_client:app"', '"eager_client:app"')
-    (directory / "pyproject.toml").write_text(text)
-    (directory / "eager_client.py").write_text(EAGER_CLIENT)
-    return directory
-
-
 def import_seconds(module: str, repeats: int = 3) -> float:
     """Median wall time of a fresh interpreter importing `module`: what a message's process pays for it."""
     times = []
@@ -63,17 +48,21 @@ def import_seconds(module: str, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_variant(name: str, app_dir: Path, settings: FinetuneSettings, workdir: Path, sites: list[str]) -> dict:
+def run_variant(settings: FinetuneSettings, workdir: Path, sites: list[str], stock: bool) -> dict:
     settings.save(settings.out / SETTINGS_FILE)
     started = time.monotonic()
+    options = {site: ("--stock-flower",) if stock else () for site in sites}
     run_local_finetune(settings.out / SETTINGS_FILE, settings.checkpoint,
-                       {site: workdir.parent / f"{site}.jsonl" for site in sites}, workdir, app_dir)
+                       {site: workdir.parent / f"{site}.jsonl" for site in sites}, workdir, APP_DIR, options)
     seconds = time.monotonic() - started
     if not (settings.out / RECORD_FILE).exists():
-        raise SystemExit(f"{name}: the run failed, see {workdir / 'finetune-run.log'}")
-    record = json.loads((settings.out / RECORD_FILE).read_text())
-    fit = [r["seconds"] for r in record["rounds"]]
-    return {"total": seconds, "fit_rounds": fit, "per_round": seconds / settings.rounds}
+        raise SystemExit(f"the run failed, see {workdir / 'finetune-run.log'}")
+    rounds = json.loads((settings.out / RECORD_FILE).read_text())["rounds"]
+    fit = [r["seconds"] for r in rounds]
+    compute = [max(r["site_seconds"].values()) for r in rounds]
+    overhead = [f - c for f, c in zip(fit, compute)]
+    return {"total_s": round(seconds, 1), "round_s": fit, "slowest_site_s": compute, "overhead_s": overhead,
+            "median_round_s": statistics.median(fit), "median_overhead_s": statistics.median(overhead)}
 
 
 def main() -> None:
@@ -94,21 +83,30 @@ def main() -> None:
 
     light = import_seconds("worker.finetune_client")
     heavy = import_seconds("worker.finetune_site")
-    print(f"a message's process imports: ClientApp module {light:.2f} s; training stack {heavy:.2f} s")
+    print(f"a cold message process imports: ClientApp module {light:.2f} s; training stack {heavy:.2f} s")
 
     results = {}
-    for name, app_dir, evaluate_every in [("before", eager_app(workdir / "eager-app"), 1), ("after", APP_DIR, 0)]:
+    for name, stock in [("stock", True), ("warm", False)]:
         settings = FinetuneSettings(
             checkpoint=base, out=workdir / name / "out", rounds=args.rounds, min_sites=len(sites),
-            local_steps=args.local_steps, secagg=not args.no_secagg, evaluate_every=evaluate_every,
+            local_steps=args.local_steps, secagg=not args.no_secagg, reply_poll_seconds=0.0 if stock else 0.1,
         )
-        results[name] = run_variant(name, app_dir, settings, workdir / name, sites)
-        r = results[name]
-        print(f"{name:>6}: {r['total']:.1f} s for {args.rounds} rounds = {r['per_round']:.1f} s/round "
-              f"(fit phases {', '.join(f'{s:.1f}' for s in r['fit_rounds'])} s)")
-    cut = 1 - results["after"]["per_round"] / results["before"]["per_round"]
-    print(f"\n{len(sites)} sites, SecAgg+ {'off' if args.no_secagg else 'on'}, {args.local_steps} local steps: "
-          f"{results['before']['per_round']:.1f} -> {results['after']['per_round']:.1f} s per round ({cut:.0%} less)")
+        results[name] = run_variant(settings, workdir / name, sites, stock)
+
+    print(f"\n{len(sites)} sites, SecAgg+ {'off' if args.no_secagg else 'on'}, {args.local_steps} local steps, "
+          f"{args.rounds} rounds (seconds)")
+    print(f"{'runtime':>8} {'round':>8} {'slowest site':>13} {'overhead':>9} {'whole run':>10}")
+    for name, r in results.items():
+        for index, (fit, site, over) in enumerate(zip(r["round_s"], r["slowest_site_s"], r["overhead_s"]), 1):
+            print(f"{name + f' r{index}':>8} {fit:8.2f} {site:13.2f} {over:9.2f}"
+                  + (f" {r['total_s']:10.1f}" if index == 1 else ""))
+    stock, warm = results["stock"], results["warm"]
+    print(f"median overhead per round: stock {stock['median_overhead_s']:.2f} s, warm {warm['median_overhead_s']:.2f} s")
+    print(json.dumps({"sites": len(sites), "secagg": not args.no_secagg, "rounds": args.rounds,
+                      "stock_round_s": stock["median_round_s"], "warm_round_s": warm["median_round_s"],
+                      "stock_overhead_s": round(stock["median_overhead_s"], 2),
+                      "warm_overhead_s": round(warm["median_overhead_s"], 2),
+                      "stock_run_s": stock["total_s"], "warm_run_s": warm["total_s"]}))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

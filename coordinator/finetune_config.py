@@ -31,6 +31,7 @@ class FinetuneSettings(BaseModel):
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     round_timeout: float = Field(300.0, gt=0)  # a site silent this long is counted as dropped
     evaluate_every: int = Field(0, ge=0)  # 0: sites evaluate after the last round only (fewer messages)
+    reply_poll_seconds: float = Field(0.1, ge=0)  # how often the server looks for sites' replies; 0: Flower's 3 s
     secagg: bool = True             # SecAgg+: the server sees only the sum of the sites' masked adapters
     secagg_shares: int = Field(0, ge=0)     # 0: every site holds a share of every other's key
     secagg_threshold: int = Field(0, ge=0)  # 0: min_sites - 1 (one site may drop out mid-round), at least 2

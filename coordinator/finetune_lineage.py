@@ -26,7 +26,7 @@ from coordinator.card import card_markdown
 from coordinator.finetune_config import FinetuneSettings
 from coordinator.finetune_site_privacy import floor_text
 from model.checkpoints import Checkpoint, load_model, read_checkpoint
-from model.lora import ADAPTER_FILE, LoraSettings, adapter_arrays, arrays_digest, attach_lora, file_sha256, load_adapter_arrays
+from model.lora import ADAPTER_FILE, LoraSettings, adapter_parameters, arrays_digest, attach_lora, file_sha256, load_adapter_parameters
 
 RECORD_FILE = "finetune.json"
 SETTINGS_FILE = "finetune-settings.json"
@@ -41,7 +41,7 @@ def base_adapter(settings: FinetuneSettings):  # type: ignore[no-untyped-def]
     """(the base checkpoint, the model with fresh adapters, the adapters as arrays) to start round 1 from."""
     base = read_checkpoint(settings.checkpoint)
     model = attach_lora(load_model(base), lora_settings(settings))
-    return base, model, adapter_arrays(model)
+    return base, model, adapter_parameters(model)
 
 
 def write_outputs(
@@ -49,7 +49,7 @@ def write_outputs(
     rounds: list[dict], evaluation: dict, site_privacy: dict, flower_run_id: int,
 ) -> Path:
     out = settings.out
-    load_adapter_arrays(model, final)
+    load_adapter_parameters(model, final)
     model.save_pretrained(out / "adapter")
     record = {
         "kind": "federated LoRA fine-tune",

@@ -24,6 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 from coordinator.finetune_config import FinetuneSettings
 from coordinator.finetune_site_privacy import SitesPrivacy, split_refusals
 from protocol.finetune import SiteInstructions
+from protocol.flower_pulls import retry_object_pulls_sooner
 
 # SecAgg+ weighs each site by examples / MAX_WEIGHT inside its quantization: larger sites
 # than this lose precision, not correctness. Our sites hold hundreds to thousands of pairs.
@@ -78,6 +79,9 @@ class SiteAveraging(FedAvg):
             "examples": sum(fit.num_examples for _, fit in results),
             "train_loss": {str(fit.metrics.get("site", "?")): float(fit.metrics.get("train_loss", float("nan")))
                            for _, fit in results},
+            # Each site's own time in its fit (imports, loading, training): the rest of `seconds` is the round's overhead.
+            "site_seconds": {str(fit.metrics.get("site", "?")): round(float(fit.metrics.get("fit_seconds", 0.0)), 2)
+                             for _, fit in results},
             "refused": {refusal.site: refusal.reason for refusal in refusals},
             "failures": others,
             "seconds": round(time.monotonic() - self.round_started, 2),  # from sending instructions to aggregating
@@ -126,6 +130,35 @@ def _reason(failure: object) -> str:
     return getattr(getattr(result, "status", None), "message", "") or repr(result)
 
 
+def prompt_replies(grid, poll_seconds: float):  # type: ignore[no-untyped-def]
+    """The grid, its send_and_receive looking for replies every `poll_seconds` instead of Flower's 3 s.
+
+    Every stage of a round (SecAgg+ has four) waits for the slowest site's reply; a
+    3 s poll adds 1.5 s to each on average. Built on the Grid's public push and pull;
+    a reply's objects still on their way are asked for again soon, not after 1 s.
+    """
+    if poll_seconds <= 0:
+        return grid  # Flower's own
+    from flwr.superlink.grid import http_grid
+
+    retry_object_pulls_sooner(http_grid, "pull_objects")
+
+    def send_and_receive(messages, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        waiting = set(grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            pulled = list(grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {message.metadata.reply_to_message_id for message in pulled}
+            if waiting:
+                time.sleep(poll_seconds)
+        return replies
+
+    grid.send_and_receive = send_and_receive
+    return grid
+
+
 app = ServerApp()
 
 
@@ -134,6 +167,7 @@ def main(grid, context: Context) -> None:  # type: ignore[no-untyped-def]
     from coordinator.finetune_lineage import base_adapter, write_outputs
 
     settings = FinetuneSettings.load(str(context.run_config["settings-file"]))
+    grid = prompt_replies(grid, settings.reply_poll_seconds)
     base, model, initial = base_adapter(settings)
     strategy = SiteAveraging(settings, base.params_digest, initial)
     legacy = LegacyContext(

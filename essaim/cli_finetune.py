@@ -58,6 +58,9 @@ def finetune_site(
     max_epsilon: float | None = typer.Option(None, help="Refuse rounds without DP, and any round that would bring this "
                                              "site's epsilon (RDP, over every run in its ledger) above this."),
     floor_delta: float = typer.Option(1e-5, help="The delta at which --max-epsilon is measured."),
+    stock_flower: bool = typer.Option(False, "--stock-flower",
+                                      help="Flower's own SuperNode: a cold process per message and 3 s polls "
+                                           "(slower; the default forks warm app processes and polls every 0.1 s)."),
 ) -> None:
     """Join fine-tunes as one site: a Flower SuperNode whose apps read --data here and send only adapters."""
     import os
@@ -85,7 +88,7 @@ def finetune_site(
     node_config = {"name": name, "data": str(data.resolve()), "checkpoint": str(checkpoint.resolve()),
                    "privacy_ledger": str(ledger.path), **floor.to_node_config()}
     command = supernode_command(superlink, runtime_port or free_port(), node_config,
-                                ca_cert.resolve() if ca_cert else None)
+                                ca_cert.resolve() if ca_cert else None, stock=stock_flower)
     typer.echo(f"site {name}: {len(pairs)} pairs in {data}, base {base.params_digest[:16]}…; joining {superlink}", err=True)
     typer.echo(f"site {name}: privacy floor: {floor.describe()}; "
                + (f"spent so far epsilon {ledger.epsilon(floor.delta):.3g} (RDP, delta {floor.delta:g}) over "

@@ -56,11 +56,13 @@ def superlink_command(workdir: Path, host: str, port: int, cert: Path | None = N
 
 
 def supernode_command(superlink: str, runtime_port: int, node_config: dict[str, str],
-                      ca_cert: Path | None = None) -> list[str]:
+                      ca_cert: Path | None = None, stock: bool = False) -> list[str]:
+    """The site's SuperNode: warm (essaim.flower_warm) unless `stock`, Flower's own with its process per message and polls."""
     config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
     tls = ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
-    return [_tool("flower-supernode"), *tls, "--superlink", superlink,
-            "--port", str(runtime_port), "--node-config", config]
+    supernode = [_tool("flower-supernode")] if stock else [sys.executable, "-m", "essaim.flower_warm", "supernode"]
+    return [*supernode, *tls, "--superlink", superlink, "--port", str(runtime_port), "--host", "127.0.0.1",
+            "--node-config", config]
 
 
 def write_connection(home: Path, superlink: str, ca_cert: Path | None = None) -> None:

@@ -148,7 +148,7 @@ def test_a_fine_tunes_summary_names_its_sites_private_data_without_more_and_embe
     from coordinator.finetune_config import FinetuneSettings
     from coordinator.finetune_lineage import lora_settings, write_outputs
     from model.checkpoints import read_checkpoint, write_checkpoint_files
-    from model.lora import adapter_arrays, attach_lora
+    from model.lora import adapter_parameters, attach_lora
     from model.presets import build_model
     from model.shards import Manifest
     from model.tokenizer import load_tokenizer
@@ -166,7 +166,7 @@ def test_a_fine_tunes_summary_names_its_sites_private_data_without_more_and_embe
     settings = FinetuneSettings(checkpoint=base_dir, out=tmp_path / "tuned", rounds=2, max_tokens=64)
     model = attach_lora(build_model("tiny", manifest.vocab_size, seed=0), lora_settings(settings))
     rounds = [{"round": r, "sites": ["bank", "hospital"], "examples": 40 + r, "failures": []} for r in (1, 2)]
-    write_outputs(settings, base, model, adapter_arrays(model), rounds, {}, {}, flower_run_id=1)
+    write_outputs(settings, base, model, adapter_parameters(model), rounds, {}, {}, flower_run_id=1)
 
     result = summary(str(tmp_path / "tuned"), "--data", str(corpus_dir), "--database", database)
     assert result.exit_code == 0, result.output

@@ -9,7 +9,10 @@ import pytest
 
 from model.checkpoints import load_model, read_checkpoint
 from model.instructions import IGNORE, PROMPT, InstructionDataError, Pair, read_pairs, split_pairs, tokenize_pairs, write_pairs
-from model.lora import LoraSettings, adapter_arrays, answer_loss, attach_lora, load_adapter_arrays, train_adapter
+from model.lora import (
+    LoraSettings, adapter_arrays, adapter_parameters, answer_loss, arrays_digest, attach_lora, load_adapter_arrays,
+    load_adapter_parameters, train_adapter,
+)
 from model.sample_instructions import site_pairs, stand_in_checkpoint
 
 
@@ -74,6 +77,19 @@ def test_adapters_travel_exactly_and_refuse_other_lora_settings(base: Path) -> N
         load_adapter_arrays(attach_lora(load_model(checkpoint), LoraSettings(rank=8)), arrays)
     with pytest.raises(ValueError, match="other LoRA settings"):
         load_adapter_arrays(attach_lora(load_model(checkpoint), LoraSettings(rank=4, target_modules=("q_proj",))), arrays)
+
+    # On the wire the adapter is one vector: the same values, the same digest, refused by other settings.
+    load_adapter_arrays(receiver, adapter_arrays(attach_lora(load_model(checkpoint), LoraSettings(rank=4), seed=3)))
+    parameters = adapter_parameters(sender)
+    assert len(parameters) == 1 and parameters[0].ndim == 1
+    assert arrays_digest(parameters) == arrays_digest(adapter_arrays(sender))
+    load_adapter_parameters(receiver, parameters)
+    assert all(np.array_equal(a, b) for a, b in zip(adapter_arrays(receiver), adapter_arrays(sender)))
+    for other in (LoraSettings(rank=8), LoraSettings(rank=4, target_modules=("q_proj",))):
+        with pytest.raises(ValueError, match="other LoRA settings"):
+            load_adapter_parameters(attach_lora(load_model(checkpoint), other), parameters)
+    with pytest.raises(ValueError, match="one adapter vector"):
+        load_adapter_parameters(receiver, adapter_arrays(sender))
 
 
 def test_training_the_adapter_lowers_the_held_out_loss_and_leaves_the_base_untouched(base: Path) -> None:

@@ -14,6 +14,7 @@ Gaussian noise) when the instructions ask for it.
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 
 import numpy as np
@@ -36,7 +37,8 @@ class SiteClient(NumPyClient):
         self.node_config = node_config
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        from worker.finetune_site import Site, train_round
+        started = time.monotonic()
+        from worker.finetune_site import Site, train_round  # in the clock: a cold process pays for it here
 
         site = Site.from_node_config(self.node_config)
         instructions = SiteInstructions.from_config(config)
@@ -47,7 +49,7 @@ class SiteClient(NumPyClient):
         floor = SiteFloor.from_node_config(self.node_config)
         spent = ledger_of(self.node_config).epsilon(floor.delta) if instructions.dp_enabled else 0.0
         return arrays, examples, {"site": site.name, "train_loss": loss, "floor": floor.to_json(),
-                                  "epsilon_all_runs": spent}
+                                  "epsilon_all_runs": spent, "fit_seconds": time.monotonic() - started}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         from worker.finetune_site import Site, evaluate_round

@@ -1,7 +1,7 @@
 """One site's fine-tuning work: check its checkpoint and data, train the LoRA adapters a round asks for, evaluate.
 
 Everything here stays on the site: the checkpoint, the private data and the
-model. What goes back to the server is the adapter arrays and a few numbers.
+model. What goes back to the server is the adapter (one vector) and a few numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from model.checkpoints import load_model, read_checkpoint
 from model.instructions import Examples, read_pairs, split_pairs, tokenize_pairs
-from model.lora import LoraSettings, adapter_arrays, answer_loss, attach_lora, load_adapter_arrays, train_adapter
+from model.lora import LoraSettings, adapter_parameters, answer_loss, attach_lora, load_adapter_parameters, train_adapter
 from protocol.finetune import SiteInstructions
 
 
@@ -62,13 +62,13 @@ def _model_and_data(site: Site, instructions: SiteInstructions):  # type: ignore
 def train_round(site: Site, instructions: SiteInstructions, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], int, float]:
     """(the adapter after local training, examples trained on, mean training loss) for this round."""
     model, tokenizer, train, _ = _model_and_data(site, instructions)
-    load_adapter_arrays(model, arrays)
+    load_adapter_parameters(model, arrays)
     examples: Examples = tokenize_pairs(train, tokenizer, instructions.max_tokens)
     loss = train_adapter(
         model, examples, instructions.local_steps, instructions.batch_size, instructions.learning_rate,
         seed=zlib.crc32(f"{site.name}/{instructions.server_round}".encode()),
     )
-    return adapter_arrays(model), len(examples), loss
+    return adapter_parameters(model), len(examples), loss
 
 
 def evaluate_round(site: Site, instructions: SiteInstructions, arrays: list[np.ndarray]) -> tuple[float, int]:
@@ -76,5 +76,5 @@ def evaluate_round(site: Site, instructions: SiteInstructions, arrays: list[np.n
     model, tokenizer, _, held_out = _model_and_data(site, instructions)
     if not held_out:
         raise SiteError(f"site {site.name}: fewer than 10 pairs in {site.data}, so none is held out to evaluate on")
-    load_adapter_arrays(model, arrays)
+    load_adapter_parameters(model, arrays)
     return answer_loss(model, tokenize_pairs(held_out, tokenizer, instructions.max_tokens)), len(held_out)
