@@ -11,7 +11,12 @@ database backend:
   minute from each worker (each lease is then reported: AcquireLease + CompleteRound);
 - saturation: as many requests as 48 client threads can push, same mix.
 Prints achieved rates, p50/p99 latency per call, and the coordinator's CPU (cores:
-process CPU time / wall time; for PostgreSQL, the database server's CPU too).
+process CPU time / wall time; for PostgreSQL, the database server's CPU too). In the
+target phase latency counts from each request's scheduled send, so a generator that
+falls behind shows as latency, not as a gentler load, and served_fraction is the share
+of scheduled heartbeats and lease requests answered within the window. The JSON line
+at the end holds every phase, and at its top the last target phase's served_fraction,
+coordinator_cores and p99_ms (the worst request kind).
 Goal: the target load costs under half a core with p99 under 50 ms. Run it on an
 otherwise idle machine; the load generators share the cores with the coordinator.
 
@@ -64,6 +69,7 @@ from protocol.limits import GRPC_OPTIONS  # noqa: E402
 RANGE_TOKENS = 64
 SHARDS = 10_000
 CLIENT_PROCESSES = 2
+MAX_LATE_SECONDS = 5.0  # open loop: a slot the generator reaches this late is dropped, counted as not served
 
 
 def identity(index: int) -> Identity:
@@ -122,37 +128,51 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
     stub = essaim_pb2_grpc.CoordinatorStub(channel)
     latencies: dict[str, list[float]] = {"Heartbeat": [], "AcquireLease": [], "CompleteRound": []}
     errors: list[str] = []
+    offered: list[int] = []  # open-loop slots scheduled within the window
+    served: list[str] = []   # requests answered within the window
     counter = iter(range(10**9))
     lock = threading.Lock()
     started = time.perf_counter()
     threads = 48 if mode == "saturation" else 32
 
-    def call(method: str, request):  # type: ignore[no-untyped-def]
+    def call(method: str, request, scheduled: float | None = None):  # type: ignore[no-untyped-def]
+        """The reply, or None on an error. Latency counts from `scheduled` when given: in the open loop a
+        request sent late because the generator fell behind is late for the worker all the same."""
         begin = time.perf_counter()
         try:
             reply = getattr(stub, method)(request, timeout=30)
         except grpc.RpcError as error:
             errors.append(f"{method}: {error.code().name} {error.details()}")
             return None
-        latencies[method].append(time.perf_counter() - begin)
+        done = time.perf_counter()
+        latencies[method].append(done - (begin if scheduled is None else scheduled))
+        if done <= started + seconds:
+            served.append(method)
         return reply
 
     def loop() -> None:
         while True:
             with lock:
                 n = next(counter)
+            due = None
             if mode == "target":
                 due = started + n / rate
                 if due > started + seconds:
                     return
-                time.sleep(max(0.0, due - time.perf_counter()))
+                offered.append(n)
+                late = time.perf_counter() - due
+                if late > MAX_LATE_SECONDS:
+                    continue  # the generator is this far behind: the request counts as not served
+                time.sleep(max(0.0, -late))
             elif time.perf_counter() - started > seconds:
                 return
             worker = identities[n % len(identities)]
             if n % 7 != 6:  # 6 heartbeats for each lease cycle: 10 s heartbeats, 60 s leases
-                call("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(round=0, tokens_per_second=1000.0), worker))
+                call("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(round=0, tokens_per_second=1000.0), worker),
+                     due)
                 continue
-            reply = call("AcquireLease", sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=RANGE_TOKENS), worker))
+            reply = call("AcquireLease", sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=RANGE_TOKENS), worker),
+                         due)
             if reply is None or reply.status != pb.AcquireLeaseReply.GRANTED:
                 continue
             lease = reply.lease
@@ -168,7 +188,8 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
     for thread in pool:
         thread.join()
     out.put({"latencies": latencies, "errors": errors[:5], "error_count": len(errors),
-             "seconds": time.perf_counter() - started})
+             "seconds": time.perf_counter() - started, "offered_slots": len(offered),
+             "served_slots": sum(1 for method in served if method != "CompleteRound")})
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -214,12 +235,22 @@ def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator
     figures = {"mode": mode, "coordinator_cores": (cpu_seconds([coordinator_pid]) - before) / wall,
                "database_cores": database / wall if postgres else None,
                "errors": sum(r["error_count"] for r in results), "error_samples": results[0]["errors"] + results[-1]["errors"]}
+    if mode == "target":  # each slot is a heartbeat or a lease request (its report follows when granted)
+        figures["served_fraction"] = sum(r["served_slots"] for r in results) / max(1, sum(r["offered_slots"] for r in results))
     for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
         values = sorted(v for r in results for v in r["latencies"][method])
         if values:
             figures[method] = {"per_second": len(values) / max(r["seconds"] for r in results),
                                "p50_ms": values[len(values) // 2] * 1000, "p99_ms": values[int(len(values) * 0.99)] * 1000}
     return figures
+
+
+def last_target_phase(backend: str, figures: dict) -> dict:
+    """The headline: one target phase's served fraction, coordinator cores and worst p99."""
+    kinds = [m for m in ("Heartbeat", "AcquireLease", "CompleteRound") if m in figures]
+    return {"configuration": f"{backend} target", "served_fraction": round(figures["served_fraction"], 4),
+            "coordinator_cores": round(figures["coordinator_cores"], 4),
+            "p99_ms": round(max((figures[m]["p99_ms"] for m in kinds), default=float("nan")), 1)}
 
 
 RUN_TOML = ("lease_seconds = 3600\nheartbeat_seconds = 10\ntotal_rounds = 1000000\n"
@@ -381,6 +412,8 @@ def main() -> None:
                     if method in figures:
                         f = figures[method]
                         line.append(f"{method} {f['per_second']:,.0f}/s p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms")
+                if "served_fraction" in figures:
+                    line.append(f"served {figures['served_fraction']:.1%}")
                 line.append(f"errors {figures['errors']}")
                 if "answers" in figures:
                     line.append("views answered {metrics} scrapes, {summary} polls, {failures} failures".format(
@@ -392,6 +425,8 @@ def main() -> None:
                     "coordinator_cores": round(figures["coordinator_cores"], 4), "errors": figures["errors"],
                     **({"p99_ms": {m: round(figures[m]["p99_ms"], 1) for m in ("Heartbeat", "AcquireLease", "CompleteRound")
                                    if m in figures}})}
+                if figures["mode"] == "target":
+                    headline.update(last_target_phase(backend, figures))
             if args.views:
                 headline["views"] = views_headline(phases, args)
                 v = headline["views"]
