@@ -122,12 +122,14 @@ class ForkingExecutor:
                                      root_certificates_path=root_certificates_path)
 
     def launch(self, spec):  # type: ignore[no-untyped-def]
-        from flwr.supercore.constant import TaskType
+        from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, TaskType
         from flwr.supercore.superexec.executor import LaunchResult
 
         if spec.task_type != TaskType.CLIENT_APP:
             return self._cold.launch(spec)
-        argv = ["flwr-clientapp", "--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+        # The command line SubprocessExecutor.launch builds (Flower has no helper for it), from the same tables.
+        argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+                spec.runtime_api_address, "--token", spec.token]
         if spec.insecure:
             argv.append("--insecure")
         elif spec.root_certificates_path is not None:
