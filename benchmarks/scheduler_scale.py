@@ -34,6 +34,7 @@ Goal: the views add at most 5 % to the coordinator's CPU.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import multiprocessing as mp
@@ -130,8 +131,12 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
     errors: list[str] = []
     offered: list[int] = []  # open-loop slots scheduled within the window
     served: list[str] = []   # requests answered within the window
+    lease_answers: collections.Counter[str] = collections.Counter()  # AcquireLease replies by status
     counter = iter(range(10**9))
     lock = threading.Lock()
+    # The open round, as the heartbeats' replies tell it: simulated workers follow the run as real ones do
+    # (a lease asked for, or a report filed for, a decided round is refused, and the load would thin out).
+    open_round = [0]
     started = time.perf_counter()
     threads = 48 if mode == "saturation" else 32
 
@@ -168,16 +173,22 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
                 return
             worker = identities[n % len(identities)]
             if n % 7 != 6:  # 6 heartbeats for each lease cycle: 10 s heartbeats, 60 s leases
-                call("Heartbeat", sign_request("Heartbeat", pb.HeartbeatRequest(round=0, tokens_per_second=1000.0), worker),
-                     due)
+                beat = call("Heartbeat", sign_request(
+                    "Heartbeat", pb.HeartbeatRequest(round=open_round[0], tokens_per_second=1000.0), worker), due)
+                if beat is not None:
+                    open_round[0] = max(open_round[0], beat.current_round)
                 continue
-            reply = call("AcquireLease", sign_request("AcquireLease", pb.AcquireLeaseRequest(max_tokens=RANGE_TOKENS), worker),
-                         due)
-            if reply is None or reply.status != pb.AcquireLeaseReply.GRANTED:
+            round_number = open_round[0]
+            reply = call("AcquireLease", sign_request(
+                "AcquireLease", pb.AcquireLeaseRequest(max_tokens=RANGE_TOKENS, round=round_number), worker), due)
+            if reply is None:
+                continue
+            lease_answers[pb.AcquireLeaseReply.Status.Name(reply.status)] += 1
+            if reply.status != pb.AcquireLeaseReply.GRANTED:
                 continue
             lease = reply.lease
             report = pb.CompleteRoundRequest(
-                round=n // 7000, loss=1.0, pseudo_gradient_digest="d" * 64, params_digest="p" * 64, group_size=1,
+                round=round_number, loss=1.0, pseudo_gradient_digest="d" * 64, params_digest="p" * 64, group_size=1,
                 leases=[pb.LeaseUsage(lease_id=lease.lease_id, tokens_consumed=lease.end - lease.start)],
             )
             call("CompleteRound", sign_request("CompleteRound", report, worker))
@@ -189,7 +200,8 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
         thread.join()
     out.put({"latencies": latencies, "errors": errors[:5], "error_count": len(errors),
              "seconds": time.perf_counter() - started, "offered_slots": len(offered),
-             "served_slots": sum(1 for method in served if method != "CompleteRound")})
+             "served_slots": sum(1 for method in served if method != "CompleteRound"),
+             "lease_answers": dict(lease_answers), "last_round": open_round[0]})
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -234,7 +246,9 @@ def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator
     database = sum(cpu_seconds([pid]) - db_before.get(pid, 0.0) for pid in postgres_pids()) if postgres else None
     figures = {"mode": mode, "coordinator_cores": (cpu_seconds([coordinator_pid]) - before) / wall,
                "database_cores": database / wall if postgres else None,
-               "errors": sum(r["error_count"] for r in results), "error_samples": results[0]["errors"] + results[-1]["errors"]}
+               "errors": sum(r["error_count"] for r in results), "error_samples": results[0]["errors"] + results[-1]["errors"],
+               "lease_answers": dict(sum((collections.Counter(r["lease_answers"]) for r in results), collections.Counter())),
+               "last_round": max(r["last_round"] for r in results)}
     if mode == "target":  # each slot is a heartbeat or a lease request (its report follows when granted)
         figures["served_fraction"] = sum(r["served_slots"] for r in results) / max(1, sum(r["offered_slots"] for r in results))
     for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
@@ -415,6 +429,8 @@ def main() -> None:
                 if "served_fraction" in figures:
                     line.append(f"served {figures['served_fraction']:.1%}")
                 line.append(f"errors {figures['errors']}")
+                line.append("leases " + ", ".join(f"{n} {status}" for status, n in sorted(figures["lease_answers"].items()))
+                            + f"; round {figures['last_round']}")
                 if "answers" in figures:
                     line.append("views answered {metrics} scrapes, {summary} polls, {failures} failures".format(
                         **figures["answers"]))
