@@ -1,8 +1,9 @@
-"""DiLoCo (Essaim, three wire compressions) against synchronous data-parallel training.
+"""DiLoCo (Essaim, four wire compressions) against synchronous data-parallel training.
 
 Same model preset and seed, same tokens, same number of workers, local batch and
 sequence length. `ddp` trains S steps with torch.distributed DDP (gloo), a gradient
-all-reduce every step; `none`, `fp16` and `8bit` run a real coordinator and
+all-reduce every step; `none`, `fp16`, `8bit` and `topk2bit` (top-k + 2-bit, run without spot
+checks: worker/sparse_codec.py) run a real coordinator and
 `essaim worker join` processes for R = S / H DiLoCo rounds of H inner steps.
 
 Measured per variant: loss on held-out tokens, bytes sent per worker (DDP: what a ring
@@ -16,7 +17,7 @@ behind an emulated WAN link (tests/wanemu.py) and interface TX counters are
 read too. The defaults take roughly 10-15 minutes on a 2-core machine.
 
 Usage: python benchmarks/diloco_vs_ddp.py [--steps 1200 --inner-steps 300 --workers 4]
-       [--variants ddp,none,fp16,8bit] [--error-feedback] [--wan 100,50] [--workdir DIR]
+       [--variants ddp,none,fp16,8bit,topk2bit] [--error-feedback] [--wan 100,50] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ from model.evaluate import mean_loss
 from model.presets import build_model
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, ShardInfo, read_tokens, write_shard
+from protocol.choices import UNCHECKABLE_COMPRESSIONS
 from worker.data import batches
 
-VARIANTS = ("ddp", "none", "fp16", "8bit")
+VARIANTS = ("ddp", "none", "fp16", "8bit", "topk2bit")
 EVAL_ROWS_PER_SHARD = 64
 CHARS_PER_LANGUAGE = 3_000_000  # ~2.9 M tokens at vocab 1024; longer runs go round it in epochs
 WANEMU = Path(os.environ.get("WANEMU", Path(__file__).resolve().parents[1] / "tests" / "wanemu.py"))
@@ -360,6 +362,8 @@ def run_toml(settings: Settings, compression: str) -> str:
         "heartbeat_seconds": 2, "compression": compression, "error_feedback": settings.error_feedback,
         "round_seconds": 0.0,  # every worker trains exactly inner_steps steps per round, like a DDP rank
         "leases_per_round": settings.leases_per_round,
+        # No validator runs here; a sparse codec's run must say it has no spot checks (coordinator/config.py).
+        **({"verify_fraction": 0.0} if compression in UNCHECKABLE_COMPRESSIONS else {}),
     }
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.auth import DEFAULT_MAX_NONCES, DEFAULT_MAX_NONCES_PER_WORKER
-from protocol.choices import AGGREGATIONS, INDEPENDENT
+from protocol.choices import AGGREGATIONS, COMPRESSIONS, INDEPENDENT, UNCHECKABLE_COMPRESSIONS
 
 
 class Bounds(BaseModel):
@@ -57,7 +56,7 @@ class RunSettings(BaseModel):
     averaging_timeout_seconds: float = Field(60.0, gt=0)
     lease_seconds: int = Field(60, ge=5)
     heartbeat_seconds: int = Field(5, ge=1)
-    compression: Literal["none", "fp16", "8bit"] = "none"  # pseudo-gradients on the wire
+    compression: str = "none"  # pseudo-gradients on the wire: one of protocol.choices.COMPRESSIONS
     error_feedback: bool = False       # carry what compression lost into the next round
     round_seconds: float = Field(0.0, ge=0)  # > 0: rounds end on time, so fast and slow workers both fit
     checkpoint_every_rounds: int = Field(0, ge=0)  # > 0: workers with --checkpoint-dir save every K rounds
@@ -84,12 +83,30 @@ class RunSettings(BaseModel):
     eval_every_rounds: int = Field(0, ge=0)
     bounds: Bounds = Bounds()
 
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        if value not in COMPRESSIONS:
+            raise ValueError(f"compression {value!r} is not one of {', '.join(COMPRESSIONS)}")
+        return value
+
     @field_validator("aggregation")
     @classmethod
     def _known_aggregation(cls, value: str) -> str:
         if value not in AGGREGATIONS:
             raise ValueError(f"aggregation {value!r} is not one of {', '.join(AGGREGATIONS)}")
         return value
+
+    @model_validator(mode="after")
+    def _checks_can_read_what_is_sent(self) -> "RunSettings":
+        # A validator compares what a worker sent (the reducers' witnesses) with its replay of the worker's
+        # pseudo-gradient. topk2bit sends 1/64 of it plus an error-feedback residual the validator cannot
+        # know: honest workers would be convicted.
+        if self.compression in UNCHECKABLE_COMPRESSIONS and self.verify_fraction > 0:
+            raise ValueError(f"compression {self.compression!r} with verify_fraction {self.verify_fraction}: a "
+                             "validator cannot compare a sparse pseudo-gradient with its replay; set "
+                             "verify_fraction = 0 (no spot checks) or use compression \"8bit\"")
+        return self
 
     @model_validator(mode="after")
     def _micro_batch_fits(self) -> "RunSettings":

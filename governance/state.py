@@ -16,15 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from governance.documents import GovernanceError, digest, proposal_id, signature_valid
-from protocol.choices import AGGREGATIONS
+from protocol.choices import AGGREGATIONS, COMPRESSIONS, UNCHECKABLE_COMPRESSIONS
 
 POLICY_FIELDS = ("quorum", "threshold", "voting_period_rounds", "activation_delay_rounds")
-COMPRESSIONS = ("none", "fp16", "8bit")
 CONFIG_RULES = {  # what a vote may set in the run config, and what a value must be
     "inner_lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
     "outer_lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 10,
     "inner_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-    "compression": lambda v: v in COMPRESSIONS,
+    "compression": lambda v: v in COMPRESSIONS and v not in UNCHECKABLE_COMPRESSIONS,  # a run's choice at its start
     "aggregation": lambda v: v in AGGREGATIONS,  # how reducers combine a slice (worker/aggregation.py)
 }
 # "retrain": {"workers": [worker ids]}: the tokens of those workers' rounds no validator verified go back to

@@ -8,9 +8,13 @@ import threading
 import pytest
 import torch
 
+from model.checkpoints import read_checkpoint, load_model
 from model.presets import build_model
+from model.tokenizer import train_tokenizer
+from protocol import essaim_pb2 as pb
 from protocol.swarm import Swarm
 from support import outer_steps_together
+from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.diloco import DiLoCoSettings, DiLoCoTrainer
 
 SETTINGS = DiLoCoSettings(inner_lr=1e-2, outer_lr=0.7, outer_momentum=0.9, dht_prefix="test",
@@ -57,8 +61,14 @@ def _train_apart(trainers: list[DiLoCoTrainer], vocab: int) -> None:
         trainer.inner_step(batch)
 
 
-@pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
-def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compression: str) -> None:
+# Bytes each peer sends per round, as a share of what float32 would send. topk2bit's parts go up at about
+# 14 bits per kept value (1/146 of float32 at density 1/64); its averages come back sparse, a union of the
+# senders' supports at about 28 bits per nonzero, so they weigh most.
+WIDTHS = {"none": (0.9, 1.2), "fp16": (0.45, 0.6), "8bit": (0.225, 0.3), "topk2bit": (0.005, 0.04)}
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "8bit", "topk2bit"])
+def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compression: str, tmp_path) -> None:
     swarms = [Swarm("127.0.0.1")]
     swarms += [Swarm("127.0.0.1", initial_peers=swarms[0].visible_addresses()) for _ in range(2)]
     settings = dataclasses.replace(
@@ -73,7 +83,8 @@ def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compr
             _train_apart(trainers, 300)
             start = [torch.cat([g.flatten() for g in t.global_params]) for t in trainers]
             local = [torch.cat([p.detach().flatten() for p in t.model.parameters()]) for t in trainers]
-            expected = sum(w * (g - p) for w, g, p in zip(tokens, start, local)) / sum(tokens)
+            carried = [_flat(t.averager.residuals) for t in trainers]  # error feedback resends these
+            expected = sum(w * (g - p + r) for w, g, p, r in zip(tokens, start, local, carried)) / sum(tokens)
             results = outer_steps_together(trainers, tokens=tokens)
             assert [r.group_size for r in results] == [3, 3, 3], f"round {round_number}: {results}"
             assert len({r.params_digest for r in results}) == 1, "peers disagree after averaging"
@@ -82,18 +93,50 @@ def test_peers_of_a_group_end_a_compressed_round_with_identical_parameters(compr
                 after = torch.cat([g.flatten() for g in trainers[0].global_params])
                 applied = (start[0] - after) / (settings.outer_lr * (1 + settings.outer_momentum))
                 error = float((applied - expected).norm() / expected.norm())
-                assert error < {"none": 1e-5, "fp16": 1e-3, "8bit": 0.05}[compression], error
+                assert error < {"none": 1e-5, "fp16": 1e-3, "8bit": 0.05, "topk2bit": 1.0}[compression], error
+                # What was applied plus what the peers kept back is what they had to send: each sent its
+                # pseudo-gradient less its new residual (and the reducers averaged what they received).
+                kept = sum(w * _flat(t.averager.residuals) for w, t in zip(tokens, trainers)) / sum(tokens)
+                error = float((applied + kept - expected).norm() / expected.norm())
+                assert error < {"none": 1e-5, "fp16": 1e-3, "8bit": 1e-3, "topk2bit": 2e-3}[compression], error
+                if compression == "topk2bit":  # at most 3 senders' 64 values of each 4,096 (a little more in
+                    assert float((applied != 0).float().mean()) < 0.06  # small tensors, at least 2 each)
             # Each peer sends about 2(N-1)/N of the payload, at the compression's width.
             sent = sum(r.bytes_sent for r in results) / 3
-            width = {"none": 1.0, "fp16": 0.5, "8bit": 0.25}[compression]
-            assert 0.9 * width < sent / (payload_bytes * 4 / 3) < 1.2 * width, (compression, sent, payload_bytes)
+            low, high = WIDTHS[compression]
+            assert low < sent / (payload_bytes * 4 / 3) < high, (compression, sent, payload_bytes)
         residual = sum(float(r.abs().sum()) for r in trainers[0].averager.residuals)
         assert (residual == 0.0) == (compression == "none")
+        if compression == "topk2bit":  # what compression has not sent yet survives a checkpoint
+            _residuals_survive_a_checkpoint(trainers[0], settings, tmp_path)
     finally:
         for trainer in trainers:
             trainer.shutdown()
         for swarm in swarms:
             swarm.close()
+
+
+def _flat(tensors: list[torch.Tensor] | None) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors]) if tensors is not None else torch.zeros(())
+
+
+def _residuals_survive_a_checkpoint(trainer: DiLoCoTrainer, settings: DiLoCoSettings, tmp_path) -> None:
+    train_tokenizer(iter(["un petit texte", "a little text"] * 20), 300, tmp_path / "tokenizer")
+    config = pb.RunConfig(run_id="test", tokenizer_json=(tmp_path / "tokenizer" / "tokenizer.json").read_bytes())
+    saved = save_checkpoint(tmp_path / "checkpoints", trainer, config, lineage_head=0, config_version="v")
+    assert saved.name == f"round-{trainer.round - 1:06d}"
+    swarm = Swarm("127.0.0.1")
+    restored = DiLoCoTrainer(load_model(read_checkpoint(saved)), settings, swarm.dht)
+    try:
+        assert float(_flat(restored.averager.residuals).abs().sum()) == 0.0
+        restore_outer_state(restored, read_checkpoint(saved), round_started_at=0.0)
+        assert torch.equal(_flat(restored.averager.residuals), _flat(trainer.averager.residuals))
+        assert all(torch.equal(a, b) for a, b in zip(restored.momentum, trainer.momentum))
+        with pytest.raises(ValueError, match="do not fit"):
+            restored.load_residuals(restored.momentum[:1])
+    finally:
+        restored.shutdown()
+        swarm.close()
 
 
 def test_a_compression_set_between_rounds_applies_to_the_next_average(two_peers) -> None:

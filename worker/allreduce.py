@@ -22,6 +22,9 @@ comes back once per sender). More happens on the way:
 - the averager counts the bytes it really sends (the serialized messages);
 - with error feedback, it records what compression lost from each slice it sent,
   so the trainer can add that residual to the next round's pseudo-gradient;
+- a sparse codec (worker/sparse_codec.py: top-k + 2-bit) sends the average back in its own
+  sparse form, and a reducer passes its own part through the codec too (its residual kept),
+  so that the average stays sparse;
 - if a reducer drops out mid-average, the attempt fails as a whole (peers would
   otherwise keep their own values for that slice and disagree), so hivemind
   retries with the peers that are left, from the untouched inputs;
@@ -54,7 +57,6 @@ from hivemind.compression import (
     NoCompression,
     SizeAdaptiveCompression,
     Uniform8BitQuantization,
-    deserialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -64,6 +66,7 @@ from hivemind.utils.asyncio import amap_in_executor, anext, attach_event_on_fini
 from protocol.credentials import CredentialError
 from worker.aggregation import AGGREGATIONS, RobustPartReducer, SenderWitness
 from worker.peer_admission import Admitted, GroupEntry, OpenAdmission
+from worker.sparse_codec import TopK2Bit, decode_part
 
 logger = get_logger(__name__)
 
@@ -76,6 +79,7 @@ COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
     "8bit": lambda: SizeAdaptiveCompression(  # 256 buckets over +-3 sigma; no bitsandbytes needed
         SMALL_PART_VALUES, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
     ),
+    "topk2bit": TopK2Bit,  # SparseLoCo-style: 64 of each 4,096 values at 4 levels (worker/sparse_codec.py)
 }
 
 
@@ -110,6 +114,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         self._residuals = residuals
         self._max_weights = max_weights or {}  # peer id -> the most weight its part may carry
         self._compression = self.tensor_part_container.compression
+        # How a reducer's average goes back: the same codec, unless it names another (a sparse one does).
+        self._reply_compression = getattr(self._compression, "reply_codec", self._compression)
         self._averaged_parts: dict[int, asyncio.Future[runtime_pb2.Tensor]] = {}
         if residuals is not None:
             for residual in residuals:  # a retried attempt must not keep an earlier attempt's residuals
@@ -135,7 +141,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         """The slice's average, compressed once: every peer decompresses these same bytes."""
         if part_index not in self._averaged_parts:
             self._averaged_parts[part_index] = asyncio.get_running_loop().run_in_executor(
-                None, lambda: self._compression.compress(average, CompressionInfo.from_tensor(average))
+                None, lambda: self._reply_compression.compress(average, CompressionInfo.from_tensor(average))
             )
         return await self._averaged_parts[part_index]
 
@@ -146,13 +152,21 @@ class ExactAllReduceRunner(AllReduceRunner):
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            if getattr(self._compression, "compress_own_part", False):
+                tensor_part = self._as_sent(tensor_part)
             average = await self.tensor_part_reducer.accumulate_part(
                 sender_index, part_index, tensor_part, weight=self.weight
             )
             serialized = await self._averaged_part(part_index, average)
-            self.tensor_part_container.register_processed_part(
-                peer_index, part_index, deserialize_torch_tensor(serialized)
-            )
+            self.tensor_part_container.register_processed_part(peer_index, part_index, decode_part(serialized))
+
+    def _as_sent(self, part: torch.Tensor) -> torch.Tensor:
+        """Our own part as the codec would send it, what it dropped kept as residual (a sparse codec's reducer:
+        an uncompressed part of its own would make the whole average dense)."""
+        sent = decode_part(self._compression.compress(part, CompressionInfo.from_tensor(part)))
+        if self._residuals is not None:
+            self._residual_slice(part).copy_(part - sent)
+        return sent
 
     async def _communicate_with_reducer(self, peer_id) -> None:  # type: ignore[no-untyped-def]
         """Send our parts of another peer's slice, take back its averages, then hang up.
@@ -179,7 +193,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                         f"peer {peer_id} sent {part_index} parts, but we expected {expected}") from None
                 if reply.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(reply.code)}")
-                average = await loop.run_in_executor(None, deserialize_torch_tensor, reply.tensor_part)
+                average = await loop.run_in_executor(None, decode_part, reply.tensor_part)
                 container.register_processed_part(peer_index, part_index, average)
         except BaseException as e:
             if isinstance(e, Exception):
@@ -216,7 +230,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             self._count(message)
             if self._residuals is not None:
                 raw = raw_parts[sent]
-                self._residual_slice(raw).copy_(raw - deserialize_torch_tensor(message.tensor_part))
+                self._residual_slice(raw).copy_(raw - decode_part(message.tensor_part))
             sent += 1
             yield message
 
@@ -245,7 +259,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             sender = self.sender_peer_ids[sender_index]
             max_weight = self._max_weights.get(sender, float("inf"))
             async for tensor_part, weight in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                lambda msg: (decode_part(msg.tensor_part), msg.weight),
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):

@@ -29,7 +29,11 @@ def save_checkpoint(
     partial = directory / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    torch.save({"momentum": [m.clone() for m in trainer.momentum]}, partial / "outer_state.pt")
+    outer_state = {"momentum": [m.clone() for m in trainer.momentum]}
+    residuals = trainer.averager.residuals
+    if residuals is not None:  # error feedback: what compression has not sent yet is part of the run's state
+        outer_state["residuals"] = [r.clone() for r in residuals]
+    torch.save(outer_state, partial / "outer_state.pt")
     run_config = MessageToDict(config, preserving_proto_field_name=True)
     for bulky in ("tokenizer_json", "initial_peers"):
         run_config.pop(bulky, None)
@@ -45,12 +49,16 @@ def save_checkpoint(
 
 
 def restore_outer_state(trainer: DiLoCoTrainer, checkpoint: Checkpoint, round_started_at: float) -> None:
-    """Give a trainer built on load_model(checkpoint) the checkpoint's round and outer momentum."""
+    """Give a trainer built on load_model(checkpoint) the checkpoint's round, outer momentum and, when both
+    use error feedback, the residuals it had not sent yet."""
     state = torch.load(checkpoint.path / "outer_state.pt", weights_only=True)
     trainer.load_outer_state(
         checkpoint.next_round, [p.detach().clone() for p in trainer.global_params] + list(state["momentum"]),
         round_started_at,
     )
+    residuals = trainer.averager.residuals
+    if residuals is not None and "residuals" in state:
+        trainer.load_residuals(list(state["residuals"]))
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -255,6 +255,17 @@ class DiLoCoTrainer:
             self._after_local_reset()
         self._offer_state()
 
+    def load_residuals(self, tensors: list[torch.Tensor]) -> None:
+        """Take error-feedback residuals (from a checkpoint) into the averager's buffers, refusing any that do not fit."""
+        residuals = self.averager.residuals
+        if residuals is None:
+            raise ValueError("this trainer runs without error feedback: it keeps no residuals")
+        if [tuple(t.shape) for t in tensors] != [tuple(r.shape) for r in residuals]:
+            raise ValueError(f"{len(tensors)} residuals that do not fit this model's {len(residuals)} tensors")
+        with torch.no_grad():
+            for residual, source in zip(residuals, tensors):
+                residual.copy_(source)
+
     def load_state_from_peers(self, timeout: float = 30.0, check: StateCheck | None = None) -> bool:
         """Adopt a peer's round, global parameters and outer momentum; False if no peer answered.
 
