@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -97,14 +98,22 @@ def _shown(page) -> dict:  # type: ignore[no-untyped-def]
             "institution_tokens": bars("institutions-chart", "data-value")}
 
 
-def watch_the_dashboard_through_a_round(url: str, total_rounds: int, workers: int, timeout: float = 200.0) -> None:
+WATCH_TIMEOUT = 150.0  # for each thing the page must show; the caller waits twice that, so its message surfaces
+
+
+def watch_the_dashboard_through_a_round(url: str, total_rounds: int, workers: int, opened: threading.Event,
+                                        timeout: float = WATCH_TIMEOUT) -> None:
     """Open the dashboard in Chromium while a run trains: its charts and numbers are there, and a round later
-    they have moved on, the page never reloaded."""
+    they have moved on, the page never reloaded. `opened` is set once the page has drawn itself: start the
+    workers after it, or a slow browser start can miss a short run's live rounds."""
     with dashboard_page(url + "?refresh=1") as page:
         page.evaluate("window.openedOnce = true")  # a reload would forget it
+        _wait(page, "document.getElementById('round').textContent.includes('/')", timeout, "the page's first draw")
+        opened.set()
         _wait(page, f"{LOSS_POINTS} >= 1 && document.getElementById('live-workers').textContent == '{workers}'",
               timeout, f"a decided round and {workers} live workers on the page")
         before = _shown(page)
+        assert len(before["loss_rounds"]) < total_rounds, "the page first saw the run already over: no round to watch"
         _wait(page, f"{LOSS_POINTS} > {len(before['loss_rounds'])}", timeout, "the next round on the page")
         after = _shown(page)
         assert page.evaluate("window.openedOnce === true"), "the page reloaded instead of redrawing"

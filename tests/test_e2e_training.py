@@ -23,7 +23,7 @@ from model.presets import build_model
 from model.shards import Manifest, read_tokens
 from protocol.swarm import free_port
 from support import logs, wait_all
-from http_views import watch_the_dashboard_through_a_round
+from http_views import WATCH_TIMEOUT, watch_the_dashboard_through_a_round
 
 pytestmark = pytest.mark.e2e
 
@@ -72,10 +72,14 @@ def test_two_workers_in_different_precisions_train_compressed_rounds_together_an
     )
     metrics_port = free_port("127.0.0.1", 0)
     background = ThreadPoolExecutor(max_workers=2)
-    # The run's web page in a real browser while it trains: charts and numbers, redrawn after a round. Opened
-    # before the workers start, so that however fast the run goes the page sees a round and the next one.
+    # The run's web page in a real browser while it trains: charts and numbers, redrawn after a round. Open and
+    # drawn before the workers start, so that however fast the run goes the page sees a round and the next one.
+    page_opened = threading.Event()
     watching = background.submit(watch_the_dashboard_through_a_round, f"http://127.0.0.1:{dashboard_port}/",
-                                 ROUNDS, workers=2)
+                                 ROUNDS, workers=2, opened=page_opened)
+    while not page_opened.wait(0.5):
+        if watching.done():
+            watching.result()  # raises why the page never drew itself
     workers = [
         start_role(
             ["worker", "join", "--coordinator", coordinator.address, "--name", f"w{i}",
@@ -92,7 +96,7 @@ def test_two_workers_in_different_precisions_train_compressed_rounds_together_an
     scraping = background.submit(scrape_while_it_serves, metrics_port, scraping_done)
     wait_all(workers, timeout=240)
     scraping_done.set()
-    watching.result(timeout=60)  # raises what the browser saw wrong
+    watching.result(timeout=2 * WATCH_TIMEOUT)  # raises what the browser saw wrong
     scraped = scraping.result(timeout=10)
     background.shutdown()
     assert scraped is not None, "w0's metrics never showed a kept round"
