@@ -24,7 +24,7 @@ it trained and lost (refused, not kept, caught up) count against it. The goals: 
 machine on loopback.
 
 Usage: python benchmarks/diloco_vs_ddp.py [--steps 1600 --inner-steps 100 --workers 4 --preset tiny]
-       [--variants ddp,none,fp16,8bit,topk2bit] [--ddp-lrs 0.002,0.004,0.008] [--ddp-warmup 100]
+       [--variants ddp,none,fp16,8bit,topk2bit] [--ddp-lrs 0.001,0.002,0.004,0.008] [--ddp-warmup 100]
        [--error-feedback] [--wan 100,50] [--workdir DIR]
 """
 
@@ -547,7 +547,7 @@ def main() -> None:
     parser.add_argument("--error-feedback", action="store_true", help="carry compression residuals across rounds")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset of the default")
     parser.add_argument("--ddp-lrs", default="", metavar="LR,LR,...",
-                        help="DDP's learning rates to sweep (default: 1x, 2x and 4x --inner-lr)")
+                        help="DDP's learning rates to sweep (default: 0.5x, 1x, 2x and 4x --inner-lr)")
     parser.add_argument("--wan", default="", metavar="DELAY_MS,RATE_MBIT", help="emulated WAN per node (needs root)")
     parser.add_argument("--workdir", type=Path, help="keep corpus, logs and checkpoints here (default: a tempdir)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one variant may run")
@@ -564,7 +564,7 @@ def main() -> None:
     if settings.steps % settings.inner_steps:
         parser.error(f"--steps ({settings.steps}) must be a multiple of --inner-steps ({settings.inner_steps})")
     try:
-        ddp_lrs = [float(x) for x in args.ddp_lrs.split(",")] if args.ddp_lrs else [settings.inner_lr * k for k in (1, 2, 4)]
+        ddp_lrs = [float(x) for x in args.ddp_lrs.split(",")] if args.ddp_lrs else [settings.inner_lr * k for k in (0.5, 1, 2, 4)]
     except ValueError:
         parser.error(f"--ddp-lrs takes learning rates separated by commas, e.g. 0.002,0.004: not {args.ddp_lrs!r}")
     if not all(lr > 0 for lr in ddp_lrs):
