@@ -391,15 +391,23 @@ def run_diloco(settings: Settings, compression: str, root: Path, network: Networ
     essaim = [sys.executable, "-m", "essaim"]
     nodes = [i + 1 for i in range(settings.workers)]  # worker i on node i + 1; node 0 is the coordinator's
     logs = [out / f"w{i}.log" for i in range(settings.workers)]
+    # Off loopback the coordinator serves TLS only, as on a real wide-area network (its bytes are on the wire too).
+    tls = ["--tls-cert", "--tls-key"] if network.wan else []
+    if tls:
+        from protocol.transport import write_self_signed
+
+        tls = [flag for pair in zip(tls, map(str, write_self_signed(out / "tls", [network.address(0)]))) for flag in pair]
     coordinator = spawn([*network.prefix(0), *essaim, "coordinator", "serve", "--data", str(root / "data"),
-                         "--database", database, "--host", network.address(0), "--port", "0",
+                         "--database", database, "--host", network.address(0), "--port", "0", *tls,
                          "--run", str(out / "run.toml"), "--ready-file", str(out / "ready.json")], out / "coordinator.log")
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        address = wait_for_ready_file(coordinator, out / "ready.json", out / "coordinator.log", 180.0)["address"]
+        ready = wait_for_ready_file(coordinator, out / "ready.json", out / "coordinator.log", 180.0)
+        address = ready["address"]
+        pinned = ["--coordinator-fingerprint", ready["fingerprint"]] if tls else []
         before = network.tx_bytes(nodes)
         for i, node in enumerate(nodes):
-            workers.append(spawn([*network.prefix(node), *essaim, "worker", "join", "--coordinator", address,
+            workers.append(spawn([*network.prefix(node), *essaim, "worker", "join", "--coordinator", address, *pinned,
                                   "--host", network.address(node), "--identity", str(out / "keys" / f"w{i}.key"),
                                   "--name", f"w{i}", "--checkpoint-dir", str(out / f"checkpoint{i}")], logs[i]))
         wall = wait_all(workers, logs, timeout)
@@ -595,6 +603,7 @@ def main() -> None:
         results = []
         for variant in variants:
             print(f"running {variant} ...", flush=True)
+            done = len(results)
             if variant == "ddp":
                 for lr in ddp_lrs:
                     results.append(run_ddp(replace(settings, inner_lr=lr), root, network, eval_tokens, args.timeout))
@@ -603,6 +612,9 @@ def main() -> None:
             else:
                 results.append(run_diloco(settings, variant, root, network, eval_tokens, args.timeout))
                 print(f"  {variant}: eval loss {results[-1].eval_loss:.4f}, {results[-1].wall_seconds:.1f} s", flush=True)
+            # Each variant's figures as soon as it ends: a later variant's failure loses no earlier one.
+            for result in results[done:]:
+                print("  result: " + json.dumps(asdict(result)), flush=True)
     report(results, wan is not None)
 
 
