@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from protocol.auth import DEFAULT_MAX_NONCES, DEFAULT_MAX_NONCES_PER_WORKER
 from protocol.choices import AGGREGATIONS, COMPRESSIONS, INDEPENDENT, UNCHECKABLE_COMPRESSIONS
@@ -83,18 +83,12 @@ class RunSettings(BaseModel):
     eval_every_rounds: int = Field(0, ge=0)
     bounds: Bounds = Bounds()
 
-    @field_validator("compression")
+    @field_validator("compression", "aggregation")
     @classmethod
-    def _known_compression(cls, value: str) -> str:
-        if value not in COMPRESSIONS:
-            raise ValueError(f"compression {value!r} is not one of {', '.join(COMPRESSIONS)}")
-        return value
-
-    @field_validator("aggregation")
-    @classmethod
-    def _known_aggregation(cls, value: str) -> str:
-        if value not in AGGREGATIONS:
-            raise ValueError(f"aggregation {value!r} is not one of {', '.join(AGGREGATIONS)}")
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = {"compression": COMPRESSIONS, "aggregation": AGGREGATIONS}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"{info.field_name} {value!r} is not one of {', '.join(choices)}")
         return value
 
     @model_validator(mode="after")
