@@ -358,8 +358,9 @@ def run_ddp(settings: Settings, root: Path, network: Network, eval_tokens: torch
             stop_group(process)
     figures = [json.loads((out / f"rank{r}.json").read_text()) for r in nodes]
     loss, _ = evaluate(out / "model", eval_tokens, settings.seq_len)
-    return Result(f"ddp lr={settings.inner_lr:g}", loss, [f["bytes"] for f in figures], tx_since(network, nodes, before), wall,
-                  max(f["loop"] for f in figures), [1 - f["wait"] / f["loop"] for f in figures],
+    return Result(f"ddp lr={settings.inner_lr:g}", loss, [f["bytes"] for f in figures],
+                  tx_since(network, nodes, before), wall, max(f["loop"] for f in figures),
+                  [1 - f["wait"] / f["loop"] for f in figures],
                   len({f["digest"] for f in figures}) == 1)
 
 
@@ -391,12 +392,12 @@ def run_diloco(settings: Settings, compression: str, root: Path, network: Networ
     essaim = [sys.executable, "-m", "essaim"]
     nodes = [i + 1 for i in range(settings.workers)]  # worker i on node i + 1; node 0 is the coordinator's
     logs = [out / f"w{i}.log" for i in range(settings.workers)]
-    # Off loopback the coordinator serves TLS only, as on a real wide-area network (its bytes are on the wire too).
-    tls = ["--tls-cert", "--tls-key"] if network.wan else []
-    if tls:
+    tls: list[str] = []
+    if network.wan:  # off loopback the coordinator serves TLS only, as on a real wide-area network
         from protocol.transport import write_self_signed
 
-        tls = [flag for pair in zip(tls, map(str, write_self_signed(out / "tls", [network.address(0)]))) for flag in pair]
+        cert, key = write_self_signed(out / "tls", [network.address(0)])
+        tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
     coordinator = spawn([*network.prefix(0), *essaim, "coordinator", "serve", "--data", str(root / "data"),
                          "--database", database, "--host", network.address(0), "--port", "0", *tls,
                          "--run", str(out / "run.toml"), "--ready-file", str(out / "ready.json")], out / "coordinator.log")
@@ -501,8 +502,9 @@ def report(results: list[Result], wan: bool) -> None:
         print(f"{name:14} {r.eval_loss:9.4f} {'-' if delta is None else f'{delta:+.2f}%':>7} "
               f"{megabytes(r.sent):>21} {megabytes(r.tx):>19} {'-' if ratio is None else f'{ratio:.0f}x':>6} "
               f"{r.wall_seconds:7.1f} {r.train_seconds:7.1f} {100 * utilisation:5.1f}%  {'yes' if r.identical else 'NO'}")
+        per_worker = float(np.mean(r.tx if on_wire else r.sent))
         headline[r.variant] = {"eval_loss": round(r.eval_loss, 4), "utilisation": round(utilisation, 4),
-                               "identical": r.identical, "mb_per_worker": round(float(np.mean(r.tx if on_wire else r.sent)) / 1e6, 4),
+                               "identical": r.identical, "mb_per_worker": round(per_worker / 1e6, 4),
                                **({"bytes_ratio": round(ratio, 1), "loss_gap_percent": round(delta, 2)}
                                   if ratio is not None and delta is not None else {})}
         if ratio is not None and delta is not None:
