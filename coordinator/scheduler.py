@@ -269,6 +269,11 @@ class Scheduler:
         with self._sessions() as session:
             return self._open_round(session)
 
+    def quarantined_workers(self) -> frozenset[str]:
+        """The ids of workers a failed check quarantined (a few, however large the swarm)."""
+        with self._sessions() as session:
+            return frozenset(session.scalars(select(Worker.id).where(Worker.quarantined_at.is_not(None))))
+
     def kept_params_digest(self, round_number: int) -> str:
         """The parameters a decided round kept ("" for a round not decided): what a state download must match."""
         if round_number < 0:

@@ -75,6 +75,7 @@ class CoordinatorService:
         self._live_workers = 0  # counted at most once a second
         self._live_workers_at = -1.0
         self._round, self._round_at, self._kept_digest = 0, -1.0, ""
+        self._quarantined: frozenset[str] = frozenset()  # worker ids, read with the round
         # Every registered worker's key, read once at start: an unknown id is refused before any database
         # read, and an id is its key's hash, so an entry never changes.
         with sessions() as session:
@@ -199,7 +200,8 @@ class CoordinatorService:
         live_workers, current_round = self._swarm()
         head = self._governed.current().head if self._governed is not None else ""
         return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round, governance_head=head,
-                                 kept_params_digest=self._kept_digest)
+                                 kept_params_digest=self._kept_digest,
+                                 quarantined=request.auth.worker_id in self._quarantined)
 
     def _swarm(self) -> tuple[int, int]:
         """Live workers and the current round: thousands of heartbeats a second share one reading.
@@ -213,6 +215,7 @@ class CoordinatorService:
         if now - self._round_at >= 0.5:
             self._round, self._round_at = self._scheduler.current_round(), now
             self._kept_digest = self._scheduler.kept_params_digest(self._round - 1)
+            self._quarantined = self._scheduler.quarantined_workers()
         return self._live_workers, self._round
 
     def acquire_lease(self, request: pb.AcquireLeaseRequest) -> pb.AcquireLeaseReply:

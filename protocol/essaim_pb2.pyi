@@ -212,16 +212,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("live_workers", "current_round", "governance_head", "kept_params_digest")
+    __slots__ = ("live_workers", "current_round", "governance_head", "kept_params_digest", "quarantined")
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     GOVERNANCE_HEAD_FIELD_NUMBER: _ClassVar[int]
     KEPT_PARAMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     live_workers: int
     current_round: int
     governance_head: str
     kept_params_digest: str
-    def __init__(self, live_workers: _Optional[int] = ..., current_round: _Optional[int] = ..., governance_head: _Optional[str] = ..., kept_params_digest: _Optional[str] = ...) -> None: ...
+    quarantined: bool
+    def __init__(self, live_workers: _Optional[int] = ..., current_round: _Optional[int] = ..., governance_head: _Optional[str] = ..., kept_params_digest: _Optional[str] = ..., quarantined: _Optional[bool] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("lease_id", "shard_id", "shard_file", "shard_sha256", "shard_tokens", "dtype", "start", "end", "round", "deadline_ms")

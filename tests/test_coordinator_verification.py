@@ -40,7 +40,7 @@ from protocol.auth import RequestVerifier
 from protocol.certificates import certify
 from protocol.identity import Identity
 from protocol.limits import SERVER_OPTIONS
-from support import Clock
+from support import Clock, wait_for
 from worker.capabilities import Capabilities
 from worker.client import CoordinatorClient, CoordinatorRefused
 
@@ -364,6 +364,10 @@ def test_a_passed_verdict_credits_the_round_and_a_failed_one_quarantines_the_wor
     validator.submit_verdict(verdict(check_b.check_id, pb.VerdictRequest.FAILED, "replay: cosine -0.90 to the claim"))
 
     assert b.acquire_lease(256, 1, b.peer_id).status == pb.AcquireLeaseReply.QUARANTINED
+    # Its heartbeats say so too (within the half second the service shares one reading): a worker
+    # trying to adopt the swarm's state learns there that it should stop instead.
+    wait_for(lambda: b.heartbeat(1, 2.0, 100.0).quarantined, 5.0, "b's heartbeat to say it is quarantined")
+    assert not a.heartbeat(1, 2.0, 100.0).quarantined
     error = refused(b.complete_round, report_b)
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION
     assert (f"worker {b.worker_id[:12]} is quarantined since round 0: replay: cosine -0.90 to the claim; "
@@ -380,7 +384,7 @@ def test_a_passed_verdict_credits_the_round_and_a_failed_one_quarantines_the_wor
         x.complete_round(pb.CompleteRoundRequest(
             round=1, leases=[pb.LeaseUsage(lease_id=lease.lease_id, tokens_consumed=lease.end - lease.start)], loss=2.0,
             pseudo_gradient_digest="d" * 64, params_digest="1" * 64, group_size=2, claim=claim()), stop=lambda: True)
-    assert a.heartbeat(1, 2.0, 1.0).current_round == 2
+    wait_for(lambda: a.heartbeat(1, 2.0, 1.0).current_round == 2, 5.0, "round 1 decided, as heartbeats read it")
     assert credit(network, b) == {0: {"rejected"}}  # nothing of round 1
     assert accounting_problems(network.sessions) == []
     audit = verify_run(network.sessions, network.data_dir, [])

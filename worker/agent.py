@@ -140,6 +140,7 @@ class Worker:
         self._learning_rates: tuple[float, float] | None = None  # in force, as last applied to the trainer
         self.adversary = adversary_for(options.adversary)
         self.quarantined = False  # a validator's check of this worker failed: the coordinator grants it nothing
+        self._total_rounds = 0  # the run's, once its config is read
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -158,6 +159,7 @@ class Worker:
         self.client.register(options.name or self.identity.worker_id[:8], options.institution, capabilities, certificate,
                              options.grid_gco2_per_kwh)
         config = self.client.run_config()
+        self._total_rounds = config.total_rounds
         self.governance = RunGovernance(config, options.genesis)  # refuses a ledger that does not verify
         self.client.retry_seconds = max(60.0, 2.0 * config.lease_seconds)  # ride out a coordinator restart
         reader = self._shard_store(config)
@@ -243,6 +245,8 @@ class Worker:
 
     def _train_one_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore) -> bool:
         """Lease, train, average, report. False when the run is complete or stopping."""
+        if self.quarantined:
+            return False
         config = self._governed(config, trainer)
         progress = RoundProgress()
         energy_mark = self.energy.start()
@@ -364,18 +368,35 @@ class Worker:
             return False
 
     def _catch_up(self, trainer: DiLoCoTrainer, why: str) -> None:
-        """Adopt the swarm's state, as the coordinator recorded it: one model per round."""
+        """Adopt the swarm's state, as the coordinator recorded it: one model per round.
+
+        It tries until it has that state (or is stopped, or the run is complete): a worker that
+        trained on from parameters no round kept would fork the run's lineage, and a validator
+        replaying its next round from the recorded state would rightly find its claim false.
+        """
         log.warning("%s; adopting the swarm's state", why)
         trainer.stop_sharing_state()
-        try:
-            status = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
-        except (CoordinatorUnreachable, CoordinatorRefused) as error:
-            log.warning("cannot learn which state the swarm kept (%s); retrying in the next round", error)
+        while not self.stop_requested.is_set():
+            try:  # the reply's round may lag the decision by up to half a second: each try reads it again
+                status = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
+            except (CoordinatorUnreachable, CoordinatorRefused) as error:
+                log.warning("cannot learn which state the swarm kept (%s); trying again", error)
+                self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
+                continue
+            if status.quarantined:
+                self._quarantine()
+                return
+            if status.current_round >= self._total_rounds:
+                return  # nothing left to train: the next lease request ends the run
+            if trainer.load_state_from_peers(check=StateCheck.for_status(status, len(trainer.global_params))):
+                return
+            log.warning("no peer shared the state round %d kept; trying again", status.current_round - 1)
             self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
-            return
-        if not trainer.load_state_from_peers(check=StateCheck.for_status(status, len(trainer.global_params))):
-            log.warning("no peer shared the state round %d kept; retrying in the next round", status.current_round - 1)
-            self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
+
+    def _quarantine(self) -> None:
+        log.error("the coordinator quarantined this worker: a validator's replay of one of its rounds disagreed with "
+                  "what it sent (`essaim audit verify` names the check); it gets no more leases")
+        self.quarantined = True
 
     def _release(self, leases: list[pb.Lease], reason: str) -> None:
         for lease in leases:
@@ -418,10 +439,7 @@ class Worker:
                 if reply.status == pb.AcquireLeaseReply.ROUND_OVER:
                     raise RoundOver(f"round {trainer.round}: the coordinator decided it without this worker")
                 if reply.status == pb.AcquireLeaseReply.QUARANTINED:
-                    log.error("the coordinator quarantined this worker: a validator's replay of one of its rounds "
-                              "disagreed with what it sent (`essaim audit verify` names the check); it gets no more "
-                              "leases")
-                    self.quarantined = True
+                    self._quarantine()
                     self._release(progress.leases, "quarantined")
                     return False
                 progress.leases.append(reply.lease)
