@@ -7,7 +7,9 @@ worker's: the rate that suits it is not DiLoCo's inner one), each with a linear 
 over --ddp-warmup steps; the DDP run with the lowest eval loss is the baseline ("tuned
 DDP"). `none`, `fp16`, `8bit` and `topk2bit` (top-k + 2-bit, run without spot checks:
 worker/sparse_codec.py) run a real coordinator and `essaim worker join` processes for
-R = S / H DiLoCo rounds of H inner steps (16 by default).
+R = S / H DiLoCo rounds of H inner steps (16 by default). `8bit+overlap` and
+`topk2bit+overlap` average each round while the next one trains, the outer step landing
+one round late (RunConfig.overlap_averaging): what hiding the sync costs in loss.
 
 Measured per variant: loss on held-out tokens, bytes per worker, wall time, compute
 utilisation and whether all replicas end identical. Bytes: with --wan DELAY_MS,RATE_MBIT
@@ -20,12 +22,12 @@ worker reports per round). Utilisation: DDP's training loop time less its all-re
 worker's whole training span, from its first round's start to its last report, so rounds
 it trained and lost (refused, not kept, caught up) count against it. The goals: at least
 3000x fewer bytes than the tuned DDP at no more than 3 % higher eval loss (and, with
---wan, at least 95 % utilisation). The defaults take roughly 20-30 minutes on a 2-core
+--wan, at least 95 % utilisation). The defaults take roughly 30-40 minutes on a 2-core
 machine on loopback.
 
 Usage: python benchmarks/diloco_vs_ddp.py [--steps 1600 --inner-steps 100 --workers 4 --preset tiny]
-       [--variants ddp,none,fp16,8bit,topk2bit] [--ddp-lrs 0.001,0.002,0.004,0.008] [--ddp-warmup 100]
-       [--error-feedback] [--wan 100,50] [--workdir DIR]
+       [--variants ddp,none,fp16,8bit,topk2bit,8bit+overlap,topk2bit+overlap]
+       [--ddp-lrs 0.001,0.002,0.004,0.008] [--ddp-warmup 100] [--error-feedback] [--wan 100,50] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ from model.shards import Manifest, ShardInfo, read_tokens, write_shard
 from protocol.choices import UNCHECKABLE_COMPRESSIONS
 from worker.data import batches
 
-VARIANTS = ("ddp", "none", "fp16", "8bit", "topk2bit")
+# A DiLoCo variant is its compression, "+overlap" for averaging hidden behind the next round (one round late).
+VARIANTS = ("ddp", "none", "fp16", "8bit", "topk2bit", "8bit+overlap", "topk2bit+overlap")
 EVAL_ROWS_PER_SHARD = 64
 CHARS_PER_LANGUAGE = 3_000_000  # ~2.9 M tokens at vocab 1024; longer runs go round it in epochs
 WANEMU = Path(os.environ.get("WANEMU", Path(__file__).resolve().parents[1] / "tests" / "wanemu.py"))
@@ -367,7 +370,8 @@ def run_ddp(settings: Settings, root: Path, network: Network, eval_tokens: torch
 # -- DiLoCo -----------------------------------------------------------------------------------
 
 
-def run_toml(settings: Settings, compression: str) -> str:
+def run_toml(settings: Settings, variant: str) -> str:
+    compression, _, overlap = variant.partition("+")
     values = {
         "model_preset": settings.preset, "seed": settings.seed, "seq_len": settings.seq_len,
         "batch_size": settings.batch, "inner_steps": settings.inner_steps, "inner_lr": settings.inner_lr,
@@ -376,18 +380,20 @@ def run_toml(settings: Settings, compression: str) -> str:
         "heartbeat_seconds": 2, "compression": compression, "error_feedback": settings.error_feedback,
         "round_seconds": 0.0,  # every worker trains exactly inner_steps steps per round, like a DDP rank
         "leases_per_round": settings.leases_per_round,
-        # No validator runs here; a sparse codec's run must say it has no spot checks (coordinator/config.py).
-        **({"verify_fraction": 0.0} if compression in UNCHECKABLE_COMPRESSIONS else {}),
+        # No validator runs here; a sparse codec's run must say it has no spot checks (coordinator/config.py),
+        # and so must an overlapped one (a round starts where no validator could replay it from).
+        **({"verify_fraction": 0.0} if compression in UNCHECKABLE_COMPRESSIONS or overlap else {}),
+        **({"overlap_averaging": True} if overlap else {}),
     }
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 
 
-def run_diloco(settings: Settings, compression: str, root: Path, network: Network, eval_tokens: torch.Tensor,
+def run_diloco(settings: Settings, variant: str, root: Path, network: Network, eval_tokens: torch.Tensor,
                timeout: float) -> Result:
-    out = root / f"diloco-{compression}"
+    out = root / f"diloco-{variant.replace('+', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    (out / "run.toml").write_text(run_toml(settings, compression))
+    (out / "run.toml").write_text(run_toml(settings, variant))
     database = f"sqlite:///{out / 'coordinator.db'}"
     essaim = [sys.executable, "-m", "essaim"]
     nodes = [i + 1 for i in range(settings.workers)]  # worker i on node i + 1; node 0 is the coordinator's
@@ -420,7 +426,7 @@ def run_diloco(settings: Settings, compression: str, root: Path, network: Networ
     spans = training_spans(database)
     evaluated = [evaluate(latest_checkpoint(out / f"checkpoint{i}"), eval_tokens, settings.seq_len)
                  for i in range(settings.workers)]
-    return Result(compression, evaluated[0][0], [sum(c.bytes_sent for c in r) for r in rows], tx, wall,
+    return Result(variant, evaluated[0][0], [sum(c.bytes_sent for c in r) for r in rows], tx, wall,
                   float(np.mean(list(spans.values()))),
                   [sum(c.inner_seconds for c in r) / spans[r[0].worker_id] for r in rows],
                   len({d for _, d in evaluated}) == 1)

@@ -81,6 +81,9 @@ class RunSettings(BaseModel):
     # parameters on the held-out split and reports the figures (worker/evaluation.py). 0: never.
     # How often a run is measured, not what it trains: left out of the run id, like data_url.
     eval_every_rounds: int = Field(0, ge=0)
+    # Average round r while round r+1 trains, its outer step landing one round late (worker/diloco.py):
+    # the sync hides behind compute, at some cost in loss (benchmarks/diloco_vs_ddp.py measures it).
+    overlap_averaging: bool = False
     bounds: Bounds = Bounds()
 
     @field_validator("compression", "aggregation")
@@ -100,6 +103,18 @@ class RunSettings(BaseModel):
             raise ValueError(f"compression {self.compression!r} with verify_fraction {self.verify_fraction}: a "
                              "validator cannot compare a sparse pseudo-gradient with its replay; set "
                              "verify_fraction = 0 (no spot checks) or use compression \"8bit\"")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_needs_no_replay(self) -> "RunSettings":
+        # Overlapping, a round starts from the global parameters plus the worker's own last round: a
+        # start no validator holds, so none could replay it; and the model trains on while its
+        # parameters are averaged, so there is no moment to evaluate them beside the report.
+        if self.overlap_averaging and (self.verify_fraction > 0 or self.eval_every_rounds > 0):
+            raise ValueError(f"overlap_averaging with verify_fraction {self.verify_fraction} and eval_every_rounds "
+                             f"{self.eval_every_rounds}: an overlapped round starts where no validator can replay it "
+                             "from, and is reported while the next one trains; set verify_fraction = 0 and "
+                             "eval_every_rounds = 0 (evaluate checkpoints with `essaim eval`), or turn overlap off")
         return self
 
     @model_validator(mode="after")

@@ -232,14 +232,19 @@ class RoundBook:
     # -- internals -----------------------------------------------------------------------
 
     def _idle_workers(self, session: Session, round_number: int, now: float) -> int:
-        """Live workers with no lease and no report in the round: each may still lease and report."""
+        """Live workers at the round with no lease and no report in it: each may still lease and report.
+
+        Not idle here: one whose heartbeats say it is behind the round (catching up, it cannot train
+        the round before the swarm has decided the one before, and peers may have moved on already),
+        and one that holds leases of a later round (overlapped averaging: it has moved on itself).
+        """
         if not self._idle_stake:
             return 0
-        busy = select(Lease.worker_id).where(Lease.round == round_number, Lease.state.in_(("granted", "reported")))
+        busy = select(Lease.worker_id).where(Lease.round >= round_number, Lease.state.in_(("granted", "reported")))
         reported = select(FiledReport.worker_id).where(FiledReport.round == round_number)
         return session.scalar(select(func.count(Worker.id)).where(
-            Worker.last_seen >= now - self._live_seconds, Worker.quarantined_at.is_(None), Worker.id.not_in(busy),
-            Worker.id.not_in(reported))) or 0
+            Worker.last_seen >= now - self._live_seconds, Worker.last_round >= round_number,
+            Worker.quarantined_at.is_(None), Worker.id.not_in(busy), Worker.id.not_in(reported))) or 0
 
     @staticmethod
     def _drop_quarantined(session: Session, filed: list[FiledReport], now: float) -> list[FiledReport]:

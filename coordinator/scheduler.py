@@ -53,6 +53,13 @@ class RoundOver(LeaseError):
         self.open_round = open_round
 
 
+class NotOpenYet(LeaseError):
+    """The worker asked for a lease in a round after the open one, which it may not train yet."""
+
+    def __init__(self, asked: int, open_round: int) -> None:
+        super().__init__(f"round {asked} is not open yet: the run is at round {open_round}")
+
+
 class AtLimit(LeaseError):
     """The worker holds as many leases or tokens as one worker may: it reports or releases some first."""
 
@@ -88,6 +95,7 @@ class Scheduler:
         terms: Callable[[int], RoundTerms] = lambda _round: RoundTerms(),
         limits: LeaseLimits = LeaseLimits(),
         sampler: Sampler | None = None,  # None: no checks (verify_fraction 0, coordinator/verification.py)
+        lease_ahead: bool = False,  # overlapped averaging: a worker may lease round r+1 while round r averages
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
@@ -95,6 +103,7 @@ class Scheduler:
         self.limits = limits
         self._terms = terms  # lease policy, mixture and config version in force at a round
         self._sampler = sampler
+        self._lease_ahead = lease_ahead
         self._rounds = RoundBook(lambda round_: terms(round_).config_version, limits.decision_seconds,
                                  limits.idle_stake, limits.live_seconds,
                                  on_kept=self._open_checks if sampler is not None else None)
@@ -130,8 +139,8 @@ class Scheduler:
         open_round = self._open_round(session)
         if round_number < open_round:
             raise RoundOver(round_number, open_round)
-        if round_number > open_round:
-            raise LeaseError(f"round {round_number} is not open yet: the run is at round {open_round}")
+        if round_number > open_round and not self._may_lease_ahead(session, worker_id, round_number, open_round):
+            raise NotOpenYet(round_number, open_round)
         if peer_id:
             worker.peer_id = peer_id
         if worker.backoff_until > now:
@@ -176,6 +185,16 @@ class Scheduler:
                                                             Lease.state.in_((*HELD, "completed"))))
         return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id), round_tokens=round_tokens,
                           trust_class=worker.trust_class)
+
+    def _may_lease_ahead(self, session: Session, worker_id: str, round_number: int, open_round: int) -> bool:
+        """Overlapped averaging: a worker that trained the open round (it holds leases of it, reported or
+        still averaging) trains the next one meanwhile; so does one that joins (or caught up) while others
+        already do, rather than train a round whose group is averaging already. One round ahead, no more."""
+        if not self._lease_ahead or round_number != open_round + 1:
+            return False
+        trained_open = (Lease.worker_id == worker_id) & (Lease.round == open_round)
+        return session.scalar(select(Lease.id).where(trained_open | (Lease.round == round_number),
+                                                      Lease.state.in_(HELD)).limit(1)) is not None
 
     def complete_round(self, worker_id: str, report: RoundReport) -> RoundRecorded:
         """File a round report; recorded, not kept or pending as coordinator/rounds.py decides. All or nothing."""

@@ -40,8 +40,10 @@ CREDENTIAL_KEY_FILE = "credential-key.pem"  # in the corpus directory, beside co
 
 def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str, genesis_hash: str = "") -> str:
     """The run is named by what defines it: the corpus, the run settings and, when governed, its genesis."""
-    defined_by = {"corpus": corpus_root_hash,
-                  "run": settings.run.model_dump(exclude={"data_url", "bounds", "eval_every_rounds"})}
+    run = settings.run.model_dump(exclude={"data_url", "bounds", "eval_every_rounds"})
+    if not run["overlap_averaging"]:
+        del run["overlap_averaging"]  # added later: runs that do not overlap keep the ids they had
+    defined_by = {"corpus": corpus_root_hash, "run": run}
     if genesis_hash:  # two governed runs on the same corpus and settings are still two runs (two swarms)
         defined_by["genesis"] = genesis_hash
     return hashlib.sha256(json.dumps(defined_by, sort_keys=True).encode()).hexdigest()[:16]
@@ -70,6 +72,7 @@ def build_run_config(
         micro_batch_size=run.micro_batch_size, compile=run.compile, data_url=run.data_url,
         aggregation=run.aggregation, verify_fraction=run.verify_fraction, eval_every_rounds=run.eval_every_rounds,
         fresh_inner_optimizer=run.verify_fraction > 0,  # a validator replays a round from a fresh inner AdamW
+        overlap_averaging=run.overlap_averaging,
         initial_peers=peers, dht_prefix=dht_prefix(run_id),
         tokenizer_json=tokenizer_json, tokenizer_sha256=tokenizer_sha256(settings.data_dir / "tokenizer"),
         corpus_root_hash=root_hash, shard_dir=str(settings.data_dir.resolve()),
@@ -109,7 +112,8 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     run = settings.run
     governed = GovernedRun(settings.governance) if settings.governance else None  # refuses a ledger that fails
     scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds,
-                          terms=round_terms(run, governed), limits=lease_limits(run), sampler=sampler_for(run))
+                          terms=round_terms(run, governed), limits=lease_limits(run), sampler=sampler_for(run),
+                          lease_ahead=run.overlap_averaging)
     extended = scheduler.extend_leases_after_restart()
     if extended:
         log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)

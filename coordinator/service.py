@@ -24,7 +24,9 @@ from coordinator.evaluations import reported_figures
 from coordinator.governed import GovernedRun
 from coordinator.reachability import dial_back, peer_host
 from coordinator.rounds import Member, RoundReport
-from coordinator.scheduler import AllocationEnding, AtLimit, Backoff, LeaseError, Quarantined, RoundOver, Scheduler
+from coordinator.scheduler import (
+    AllocationEnding, AtLimit, Backoff, LeaseError, NotOpenYet, Quarantined, RoundOver, Scheduler,
+)
 from coordinator.status import StatusCache, StatusPageError
 from coordinator.store import Lease, Shard, Worker
 from coordinator.verification import Assignment, NotAValidator, UnknownCheck, Verdict, VerdictRefused
@@ -236,6 +238,10 @@ class CoordinatorService:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.ALLOCATION_ENDING)
         except RoundOver:
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.ROUND_OVER)
+        except NotOpenYet:
+            if not self._run.overlap_averaging:
+                raise  # a run that does not overlap: a worker that asks ahead is refused, as any bad request
+            return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.NOT_OPEN)
         except AtLimit as limit:
             log.info("AcquireLease: worker %s: %s", request.auth.worker_id[:8], limit)
             return pb.AcquireLeaseReply(status=pb.AcquireLeaseReply.AT_LIMIT)

@@ -56,6 +56,11 @@ def _parse(message_type: type, body: bytes, what: str):  # type: ignore[no-untyp
         raise CredentialError(f"{what}: malformed body ({error})") from None
 
 
+def claimed_round(blob: bytes) -> int:
+    """The round a round credential names, unchecked (where it only sorts credentials; peers check them)."""
+    return _parse(pb.RoundCredential, _open(CREDENTIAL_TAG, blob, "round credential").body, "round credential").round
+
+
 def issue_credential(coordinator: Identity, credential: pb.RoundCredential) -> bytes:
     return _sign(CREDENTIAL_TAG, credential.SerializeToString(deterministic=True), coordinator)
 

@@ -20,7 +20,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.utils.serializer import MSGPackSerializer
 
-from protocol.credentials import MAX_SIGNED_BYTES, CredentialCheck, CredentialError
+from protocol.credentials import MAX_SIGNED_BYTES, CredentialCheck, CredentialError, claimed_round
 
 ROUND_BITS = 16  # rounds are told apart modulo 2**16 in averaging group keys
 
@@ -34,27 +34,44 @@ def group_bits(round_number: int) -> str:
     return format(round_number % 2**ROUND_BITS, f"0{ROUND_BITS}b")
 
 
+HELD_ROUNDS = 2  # overlapped averaging: round r's group still meets while round r+1 is leased
+
+
 class CredentialRecords(RecordValidatorBase):
     def __init__(self, check: CredentialCheck, dht_prefix: str) -> None:
         self._check = check
         self._prefix = averaging_prefix(dht_prefix)
         self._state_key = DHTID.generate(source=f"{self._prefix}.all_averagers").to_bytes()
-        self._credential = mp.Array(ctypes.c_char, MAX_SIGNED_BYTES, lock=True)  # shared with the DHT process
-        self._credential_length = mp.Value(ctypes.c_int32, 0, lock=False)
+        # One credential per round slot (round % HELD_ROUNDS), shared with the DHT process.
+        self._lock = mp.Lock()
+        self._credentials = [mp.Array(ctypes.c_char, MAX_SIGNED_BYTES, lock=False) for _ in range(HELD_ROUNDS)]
+        self._lengths = mp.Array(ctypes.c_int32, HELD_ROUNDS, lock=False)
+        self._rounds = mp.Array(ctypes.c_int64, [-1] * HELD_ROUNDS, lock=False)
 
     def hold(self, credential: bytes) -> None:
-        """The credential this peer's records carry from now on (the newest lease's)."""
-        with self._credential.get_lock():
-            self._credential.raw = credential.ljust(MAX_SIGNED_BYTES, b"\0")
-            self._credential_length.value = len(credential)
+        """A credential this peer's records carry from now on (the newest lease's). Records under its
+        round's group key carry it; those under the round before's keep that round's credential (its
+        group may still be meeting, overlapped); the state-sharing record carries the newest."""
+        round_number = claimed_round(credential)
+        slot = round_number % HELD_ROUNDS
+        with self._lock:
+            self._credentials[slot].raw = credential.ljust(MAX_SIGNED_BYTES, b"\0")
+            self._lengths[slot] = len(credential)
+            self._rounds[slot] = round_number
 
-    def _held(self) -> bytes:
-        with self._credential.get_lock():
-            return self._credential.raw[: self._credential_length.value]
+    def _held(self, key: bytes) -> bytes:
+        """The credential for a record under `key`: its round's, else the newest."""
+        with self._lock:
+            held = [(self._rounds[i], self._credentials[i].raw[: self._lengths[i]])
+                    for i in range(HELD_ROUNDS) if self._lengths[i]]
+        for round_number, credential in held:
+            if key == DHTID.generate(source=f"{self._prefix}.0b{group_bits(round_number)}").to_bytes():
+                return credential
+        return max(held)[1] if held else b""
 
     def sign_value(self, record: DHTRecord) -> bytes:
         # Without a credential the record goes out bare, and every node (this one too) refuses it.
-        credential = self._held()
+        credential = self._held(record.key)
         return MSGPackSerializer.dumps([record.value, credential]) if credential else record.value
 
     def strip_value(self, record: DHTRecord) -> bytes:

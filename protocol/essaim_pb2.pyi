@@ -64,7 +64,7 @@ class GetRunConfigRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[RequestAuth, _Mapping]] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key", "aggregation", "verify_fraction", "fresh_inner_optimizer", "eval_every_rounds")
+    __slots__ = ("run_id", "model_preset", "vocab_size", "seed", "seq_len", "batch_size", "inner_steps", "inner_lr", "outer_lr", "outer_momentum", "total_rounds", "target_group_size", "matchmaking_seconds", "averaging_timeout_seconds", "lease_seconds", "heartbeat_seconds", "initial_peers", "dht_prefix", "tokenizer_json", "tokenizer_sha256", "corpus_root_hash", "shard_dir", "compression", "error_feedback", "round_seconds", "checkpoint_every_rounds", "leases_per_round", "governance_ledger", "micro_batch_size", "compile", "data_url", "credential_key", "aggregation", "verify_fraction", "fresh_inner_optimizer", "eval_every_rounds", "overlap_averaging")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class RunConfig(_message.Message):
     VERIFY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     FRESH_INNER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_AVERAGING_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_preset: str
     vocab_size: int
@@ -137,7 +138,8 @@ class RunConfig(_message.Message):
     verify_fraction: float
     fresh_inner_optimizer: bool
     eval_every_rounds: int
-    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ..., aggregation: _Optional[str] = ..., verify_fraction: _Optional[float] = ..., fresh_inner_optimizer: _Optional[bool] = ..., eval_every_rounds: _Optional[int] = ...) -> None: ...
+    overlap_averaging: bool
+    def __init__(self, run_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., vocab_size: _Optional[int] = ..., seed: _Optional[int] = ..., seq_len: _Optional[int] = ..., batch_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., total_rounds: _Optional[int] = ..., target_group_size: _Optional[int] = ..., matchmaking_seconds: _Optional[float] = ..., averaging_timeout_seconds: _Optional[float] = ..., lease_seconds: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., corpus_root_hash: _Optional[str] = ..., shard_dir: _Optional[str] = ..., compression: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., round_seconds: _Optional[float] = ..., checkpoint_every_rounds: _Optional[int] = ..., leases_per_round: _Optional[int] = ..., governance_ledger: _Optional[bytes] = ..., micro_batch_size: _Optional[int] = ..., compile: _Optional[bool] = ..., data_url: _Optional[str] = ..., credential_key: _Optional[bytes] = ..., aggregation: _Optional[str] = ..., verify_fraction: _Optional[float] = ..., fresh_inner_optimizer: _Optional[bool] = ..., eval_every_rounds: _Optional[int] = ..., overlap_averaging: _Optional[bool] = ...) -> None: ...
 
 class ReadCorpusFileRequest(_message.Message):
     __slots__ = ("auth", "file", "offset", "length")
@@ -273,6 +275,7 @@ class AcquireLeaseReply(_message.Message):
         ROUND_OVER: _ClassVar[AcquireLeaseReply.Status]
         AT_LIMIT: _ClassVar[AcquireLeaseReply.Status]
         QUARANTINED: _ClassVar[AcquireLeaseReply.Status]
+        NOT_OPEN: _ClassVar[AcquireLeaseReply.Status]
     GRANTED: AcquireLeaseReply.Status
     POOL_EMPTY: AcquireLeaseReply.Status
     RUN_COMPLETE: AcquireLeaseReply.Status
@@ -281,6 +284,7 @@ class AcquireLeaseReply(_message.Message):
     ROUND_OVER: AcquireLeaseReply.Status
     AT_LIMIT: AcquireLeaseReply.Status
     QUARANTINED: AcquireLeaseReply.Status
+    NOT_OPEN: AcquireLeaseReply.Status
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]

@@ -254,3 +254,43 @@ def test_a_reported_lease_neither_expires_nor_can_be_released_while_its_round_is
     assert scheduler.expire_overdue() == 1  # w2's, not w1's reported one: the round is decided for w1's group
     assert lease_states(store)[leases["w1"].id] == "completed"
     assert accounting_problems(store) == []
+
+
+def test_overlapping_a_worker_that_trained_the_open_round_leases_the_next_one_and_is_not_counted_idle(
+    store, clock: Clock
+) -> None:
+    limits = LeaseLimits(min_tokens=10, max_leases=8, max_tokens=2000, max_seconds=300, decision_seconds=60,
+                         idle_stake=1000, live_seconds=15)
+    plain = Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock, limits=limits)
+    ahead = Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock, limits=limits, lease_ahead=True)
+    for worker in ("w1", "w2", "w3"):  # the live ones
+        ahead.heartbeat(worker, 0, 0.0, 1.0)
+    ahead.flush_heartbeats()
+    leases = {w: ahead.acquire(w, 300, 0).lease for w in ("w1", "w2")}
+    with pytest.raises(LeaseError, match="round 1 is not open yet"):
+        plain.acquire("w1", 300, 1)  # a run that does not overlap: one round at a time
+    with pytest.raises(LeaseError, match="round 1 is not open yet"):
+        ahead.acquire("w3", 300, 1)  # it trained nothing of round 0: it trains round 0 first
+    with pytest.raises(LeaseError, match="round 2 is not open yet"):
+        ahead.acquire("w1", 300, 2)  # one round ahead, no more
+    next_round = {w: ahead.acquire(w, 300, 1).lease for w in ("w1", "w2")}  # round 0 averages meanwhile
+    assert {lease.round for lease in next_round.values()} == {1}
+    # w2's averaging of round 0 failed: its round-0 lease goes back, and it trains round 1 on. It is
+    # live without a lease of round 0, but not idle there: it will not report round 0. w3 is idle.
+    ahead.release("w2", leases["w2"].id)
+    assert ahead.complete_round("w1", report(leases, "w1", members=("w1",))).pending  # w3 may still stake 1,000
+    clock.now += 16
+    for worker in ("w1", "w2"):
+        ahead.heartbeat(worker, 1, 0.0, 1.0)
+    ahead.flush_heartbeats()
+    ahead.expire_overdue()  # w3 fell silent: nothing is out any more, w2's round-1 leases aside
+    assert ahead.current_round() == 1 and ahead.kept_params_digest(0) == GROUP
+    # w3 is back, but behind (its heartbeats say round 0: it is catching up): round 1 does not wait for it.
+    ahead.heartbeat("w3", 0, 0.0, 1.0)
+    ahead.flush_heartbeats()
+    final = {w: RoundReport(round=1, leases=((next_round[w].id, 100),), loss=2.0, pseudo_gradient_digest="d" * 64,
+                            params_digest="h" * 64, group_size=2) for w in ("w1", "w2")}
+    for worker in ("w1", "w2"):
+        ahead.complete_round(worker, final[worker])
+    assert ahead.current_round() == 2
+    assert accounting_problems(store) == []

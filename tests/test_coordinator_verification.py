@@ -116,6 +116,11 @@ def test_run_settings_name_an_aggregation_and_a_verify_fraction_that_define_the_
         return run_id_for(CoordinatorSettings(data_dir=tmp_path, database_url="sqlite://", run=RunSettings(**run)), "r")
 
     assert len({run_id(), run_id(verify_fraction=0.1), run_id(aggregation="mean")}) == 3
+    # Overlapped averaging defines the run too; it has no replay to check, nor a moment to evaluate.
+    assert run_id(overlap_averaging=True, verify_fraction=0) != run_id(verify_fraction=0)
+    for refused in (dict(), dict(verify_fraction=0, eval_every_rounds=2)):
+        with pytest.raises(ValueError, match="set verify_fraction = 0 and eval_every_rounds = 0"):
+            RunSettings(overlap_averaging=True, **refused)
 
 
 # -- the round book and the scheduler, on SQLite and PostgreSQL ---------------------------------

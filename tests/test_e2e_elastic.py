@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from coordinator.accounting import accounting_problems
-from coordinator.store import Lease, Worker
+from coordinator.store import FiledReport, Lease, Worker
 from essaim.processes import group_alive, kill_group
 from support import contributions_by_round, logs, start_worker, wait_all, wait_for
 
@@ -88,4 +88,37 @@ def test_a_late_joiner_ends_its_first_round_with_the_swarms_parameters(start_coo
     assert len(by_round[first]) == 3 and {c.group_size for c in by_round[first]} == {3}, logs(tmp_path, *names)
     assert len({c.params_digest for c in by_round[first]}) == 1, "the late joiner's parameters differ from the swarm's"
     assert_groups_agree(sessions)
+    assert accounting_problems(sessions) == []
+
+
+def test_overlapped_rounds_train_while_the_last_one_averages_and_a_late_joiner_fits_in(
+        start_coordinator, tmp_path: Path):
+    coordinator = start_coordinator(total_rounds=7, overlap_averaging=True, verify_fraction=0.0, **TIMED_ROUNDS)
+    sessions = coordinator.sessions()
+    names = ["early-0", "early-1", "late"]
+    workers = [start_worker(coordinator, tmp_path, name) for name in names[:2]]
+    try:
+        wait_for(lambda: full_round(sessions, 2), 120, "a round averaged by the first two workers")
+        workers.append(start_worker(coordinator, tmp_path, "late"))
+        wait_all(workers, timeout=180)
+    finally:
+        for worker in workers:
+            kill_group(worker)
+    assert [w.returncode for w in workers] == [0, 0, 0], logs(tmp_path, *names)
+
+    by_round = contributions_by_round(sessions)
+    assert sorted(by_round) == list(range(7))
+    assert_groups_agree(sessions)  # one model per round: the delayed outer steps are the same on every peer
+    averaged = [r for r, rows in by_round.items() if len(rows) >= 2 and min(c.group_size for c in rows) >= 2]
+    assert len(averaged) >= 5, (by_round, logs(tmp_path, *names))  # groups meet while the next round trains
+    with sessions() as session:
+        late_id = session.scalars(select(Worker.id).where(Worker.name == "late")).one()
+        # Overlapped: a round's leases were granted before the round before it was reported.
+        first_grant = dict(session.execute(select(Lease.round, func.min(Lease.granted_at)).group_by(Lease.round)).all())
+        first_report = dict(session.execute(select(FiledReport.round, func.min(FiledReport.received_at))
+                                            .group_by(FiledReport.round)).all())
+    ahead = [r for r in range(1, 7) if first_grant[r] < first_report[r - 1]]
+    assert len(ahead) >= 4, (first_grant, first_report, logs(tmp_path, *names))
+    joined = [r for r, rows in by_round.items() if any(c.worker_id == late_id for c in rows)]
+    assert joined and all(len(by_round[r]) == 3 for r in joined), logs(tmp_path, *names)
     assert accounting_problems(sessions) == []

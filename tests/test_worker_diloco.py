@@ -168,3 +168,60 @@ def test_a_run_that_asks_for_compile_trains_through_torch_compile_on_the_same_pa
     assert isinstance(trainer.forward_model, torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.forward_model._orig_mod is trainer.model
     assert trainer.inner_optimizer.param_groups[0]["params"][0] is next(trainer.model.parameters())
+
+
+def test_overlapped_rounds_average_while_the_next_round_trains_and_peers_keep_identical_global_parameters(
+        two_peers, tmp_path) -> None:
+    first_swarm, second_swarm, trainers = two_peers
+    trainers += [DiLoCoTrainer(build_model("tiny", 300, seed=0), SETTINGS, swarm.dht)
+                 for swarm in (first_swarm, second_swarm)]
+    for trainer in trainers:
+        trainer.start_overlapping()
+    tokens = [64, 192]
+    _train_apart(trainers, 300)  # round 0's inner steps
+    for round_number in range(2):
+        start = [_flat(t.outer.round_start) for t in trainers]
+        progress = [start_ - _flat(list(t.model.parameters())).detach() for start_, t in zip(start, trainers)]
+        claims = [t.take_round_progress() for t in trainers]
+        assert [norm for _, norm in claims] == pytest.approx([float(p.double().norm()) for p in progress])
+        global_before = _flat(trainers[0].global_params).clone()
+        for trainer, own in zip(trainers, progress):
+            trainer.hand_over()  # the model: the newest global parameters plus its own round's progress
+            assert torch.equal(_flat(list(trainer.model.parameters())).detach(), _flat(trainer.global_params) - own)
+
+        results: list = [None, None]
+
+        def average(index: int) -> None:
+            results[index] = trainers[index].delayed_outer_step(tokens[index], threading.Event(), claims[index])
+
+        threads = [threading.Thread(target=average, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        models_before = [_flat(list(t.model.parameters())).detach().clone() for t in trainers]
+        _train_apart(trainers, 300)  # the next round trains while this one averages
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [r.group_size for r in results] == [2, 2], results
+        assert [t.round for t in trainers] == [round_number + 1] * 2
+        assert len({r.params_digest for r in results}) == 1, "peers disagree after a delayed outer step"
+        assert all(torch.equal(a, b) for a, b in zip(*(t.global_params for t in trainers)))
+        if round_number == 0:  # zero momentum: the step was outer_lr * (1 + momentum) * the weighted average
+            expected = sum(w * p for w, p in zip(tokens, progress)) / sum(tokens)
+            applied = (global_before - _flat(trainers[0].global_params)) / (SETTINGS.outer_lr * (1 + SETTINGS.outer_momentum))
+            assert float((applied - expected).norm() / expected.norm()) < 1e-5
+        # The outer step left the model alone: it went on from where the round handed over.
+        for trainer, before in zip(trainers, models_before):
+            moved = _flat(list(trainer.model.parameters())).detach()
+            assert not torch.equal(moved, before) and not torch.equal(moved, _flat(trainer.global_params))
+    # A checkpoint holds the global parameters the swarm kept, not the model's own progress; the model
+    # goes on from where it was.
+    trainer = trainers[0]
+    train_tokenizer(iter(["un petit texte", "a little text"] * 20), 300, tmp_path / "tokenizer")
+    config = pb.RunConfig(run_id="test", tokenizer_json=(tmp_path / "tokenizer" / "tokenizer.json").read_bytes())
+    own = _flat(list(trainer.model.parameters())).detach().clone()
+    with trainer.global_params_in_model():
+        saved = save_checkpoint(tmp_path / "checkpoints", trainer, config, lineage_head=0, config_version="v")
+    assert torch.equal(_flat(list(trainer.model.parameters())).detach(), own)
+    restored = load_model(read_checkpoint(saved))
+    assert torch.equal(_flat([p for p in restored.parameters() if p.requires_grad]).detach(),
+                       _flat(trainer.global_params))

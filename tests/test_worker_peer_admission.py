@@ -130,6 +130,18 @@ def test_a_peer_without_a_credential_neither_enters_a_group_nor_taints_the_avera
     assert results[0].params_digest == results[1].params_digest
 
 
+def test_a_group_still_meets_once_its_peers_hold_the_next_rounds_credentials(peers) -> None:
+    """Overlapped averaging: peers lease round 1 (and hold its credential) while round 0 averages."""
+    group = peers(2)
+    _train_apart(group)
+    entries = [peer.entry(0, 100) for peer in group]
+    for peer in group:
+        peer.entry(1, 100)  # the next round's lease: its credential is held too, the newest
+    results = outer_steps_together([p.trainer for p in group], [100, 100], entries)
+    assert [r.group_size for r in results] == [2, 2], results
+    assert results[0].params_digest == results[1].params_digest
+
+
 def test_dht_records_without_a_valid_credential_are_refused(peers) -> None:
     [honest] = peers(1)
     [intruder] = peers(1, credentialed=False)

@@ -39,7 +39,7 @@ from worker.checkpoint import restore_outer_state, save_checkpoint
 from worker.client import CoordinatorClient, CoordinatorRefused, CoordinatorUnreachable
 from worker.data import batches_when_fetched
 from worker.device import plan_device
-from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer
+from worker.diloco import AveragingCancelled, DiLoCoSettings, DiLoCoTrainer, RoundResult
 from worker.energy import EnergyMeter
 from worker.evaluation import RoundEvaluator
 from worker.governance import RunGovernance
@@ -121,6 +121,10 @@ class RoundOver(Exception):
     """The coordinator decided this worker's round without it: adopt the swarm's state."""
 
 
+class RoundNotOpen(Exception):
+    """Overlapped averaging: nobody trains the round after the open one yet; train the open round."""
+
+
 class Worker:
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
@@ -141,6 +145,11 @@ class Worker:
         self.adversary = adversary_for(options.adversary)
         self.quarantined = False  # a validator's check of this worker failed: the coordinator grants it nothing
         self._total_rounds = 0  # the run's, once its config is read
+        # Overlapped averaging: the round the model trains, one ahead of the global parameters' while the
+        # last round averages in the background (that thread, and whether the swarm kept its state).
+        self._training_round = 0
+        self._averaging: threading.Thread | None = None
+        self._averaging_kept = False
 
     def run(self) -> int:
         """Train until the run is complete or a stop is requested; returns the round reached."""
@@ -173,6 +182,8 @@ class Worker:
             trainer = DiLoCoTrainer(model, DiLoCoSettings.for_run(config, workload.micro_batch_size), swarm.dht, plan,
                                     CredentialAdmission(credentials))
             trainer.sent_transform = self.adversary.sent_transform if self.adversary.kind else None
+            if config.overlap_averaging:
+                trainer.start_overlapping()
             if checkpoint is not None:
                 restore_outer_state(trainer, checkpoint, round_started_at=time.time())
                 self._checkpointed_round = trainer.round
@@ -192,12 +203,18 @@ class Worker:
                 )
             threading.Thread(target=self._heartbeat_loop, args=(config, trainer), daemon=True).start()
             self._round_clock = time.perf_counter()
+            # Overlapping, a worker that joins asks for the round after its state's first: if others train it
+            # already, the round its state starts is averaging, too late to join (the coordinator says which).
+            self._training_round = trainer.round + 1 if config.overlap_averaging else trainer.round
+            train_round = self._train_overlapped_round if config.overlap_averaging else self._train_one_round
             try:
                 with out_of_memory_refused(plan, workload):
-                    while not (self.stop_requested.is_set() or self.draining) and self._train_one_round(config, trainer, reader):
+                    while not (self.stop_requested.is_set() or self.draining) and train_round(config, trainer, reader):
                         pass
             except AveragingCancelled as stopped:
                 log.info("%s; the round's leases were released", stopped)
+            finally:
+                self._finish_averaging()  # overlapped: the last round's average and report (cancelled if stopping)
             if options.checkpoint_dir is not None and trainer.round > max(self._checkpointed_round, 0):
                 trainer.discard_local_progress()  # a stop mid-round: keep the last outer step's state
                 self._save_checkpoint(trainer, config, self._lineage_head)
@@ -247,19 +264,14 @@ class Worker:
         """Lease, train, average, report. False when the run is complete or stopping."""
         if self.quarantined:
             return False
-        config = self._governed(config, trainer)
+        config = self._governed(config, trainer, trainer.round)
         progress = RoundProgress()
         energy_mark = self.energy.start()
         try:
-            if not self._train_inner_steps(config, trainer, reader, progress):
+            deadline = trainer.round_started_at + config.round_seconds if config.round_seconds > 0 else math.inf
+            if not self._train_inner_steps(config, trainer, reader, progress, trainer.round, deadline):
                 return False
-            for lease in progress.unused_leases():
-                self._release_quietly(lease.lease_id, "the round ended before training on it")
-            drain_started = time.perf_counter()
-            self.last_loss = progress.mean_loss()  # the one read of the device per round: it waits for the queued steps
-            progress.inner_seconds += time.perf_counter() - drain_started
-            loss_after = _probe_loss(trainer, progress.probe) if progress.probe is not None else 0.0
-            self.tokens_per_second = progress.tokens / max(progress.inner_seconds, 1e-9)
+            loss_after = self._end_inner_steps(trainer, progress)
             trainer.expect_peers(self.live_workers)
             averaging_started = time.perf_counter()
             result = trainer.outer_step(
@@ -287,10 +299,34 @@ class Worker:
             self._catch_up(trainer, f"round {trainer.round}: others finished it without this worker")
             return True
         evaluation = self.evaluator.after_outer_step(trainer, result)  # held-out figures, when due; else None
+        not_kept = self._report(trainer, progress, result, figures, loss_after, wall_seconds, evaluation)
+        if not_kept:
+            self._catch_up(trainer, not_kept)
+            return True
+        every = config.checkpoint_every_rounds
+        if self.options.checkpoint_dir is not None and every > 0 and (result.round + 1) % every == 0:
+            self._save_checkpoint(trainer, config, self._lineage_head)
+        return True
+
+    def _end_inner_steps(self, trainer: DiLoCoTrainer, progress: RoundProgress) -> float:
+        """Give back the leases not trained on, read the round's loss and speed; the claim's probe loss after."""
+        for lease in progress.unused_leases():
+            self._release_quietly(lease.lease_id, "the round ended before training on it")
+        drain_started = time.perf_counter()
+        self.last_loss = progress.mean_loss()  # the one read of the device per round: it waits for the queued steps
+        progress.inner_seconds += time.perf_counter() - drain_started
+        loss_after = _probe_loss(trainer, progress.probe) if progress.probe is not None else 0.0
+        self.tokens_per_second = progress.tokens / max(progress.inner_seconds, 1e-9)
+        return loss_after
+
+    def _report(self, trainer: DiLoCoTrainer, progress: RoundProgress, result: RoundResult, figures: RoundFigures,
+                loss_after: float, wall_seconds: float, evaluation: pb.Evaluation | None) -> str:
+        """Report the averaged round; "" if its tokens are recorded (or the report stays filed as we stop),
+        else why not: its leases are then back in the pool, and the worker must adopt the swarm's state."""
         request = pb.CompleteRoundRequest(
             round=result.round,
             leases=[pb.LeaseUsage(lease_id=i, tokens_consumed=n) for i, n in progress.consumed.items()],
-            loss=self.last_loss, pseudo_gradient_digest=result.pseudo_gradient_digest,
+            loss=figures.inner_loss, pseudo_gradient_digest=result.pseudo_gradient_digest,
             params_digest=result.params_digest, group_size=result.group_size, bytes_sent=result.bytes_sent,
             inner_seconds=progress.inner_seconds, wall_seconds=wall_seconds, member_statements=result.member_statements,
             claim=pb.WorkClaim(
@@ -308,53 +344,159 @@ class Worker:
         except CoordinatorRefused as refused:
             self.metrics.round_finished(figures, False, trainer.round, time.perf_counter() - report_started)
             self._release(progress.used_leases(), "the report was refused")
-            self._catch_up(trainer, f"round {result.round}: {refused}")
-            return True
+            return f"round {result.round}: {refused}"
         if reply.pending:
-            return True  # stopping: the report stays filed, and the coordinator decides its round without us
+            return ""  # stopping: the report stays filed, and the coordinator decides its round without us
         self.metrics.round_finished(figures, reply.accepted, trainer.round, time.perf_counter() - report_started)
         if not reply.accepted:
             self._release(progress.used_leases(), "not part of the swarm's model; back to the pool")
-            self._catch_up(
-                trainer,
-                f"round {result.round}: the round kept another group's parameters ({reply.round_params_digest[:12]}), "
-                f"which held more of its tokens; these ({result.params_digest[:12]}) are dropped",
-            )
-            return True
+            return (f"round {result.round}: the round kept another group's parameters "
+                    f"({reply.round_params_digest[:12]}), which held more of its tokens; these "
+                    f"({result.params_digest[:12]}) are dropped")
         self._lineage_head = reply.lineage_head
         log.info(
             "round %d: loss %.3f, %.0f tokens/s, averaged with %d peer(s), sent %d bytes",
-            result.round, self.last_loss, self.tokens_per_second, result.group_size - 1, result.bytes_sent,
+            result.round, figures.inner_loss, figures.tokens_per_second, result.group_size - 1, result.bytes_sent,
         )
+        return ""
+
+    def _train_overlapped_round(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore) -> bool:
+        """Overlapped averaging (RunConfig.overlap_averaging): train round m while round m-1 averages and
+        reports in the background; then hand round m over to be averaged the same way. False: stop.
+
+        Round m's pseudo-gradient is taken from where round m started; the model then restarts from
+        round m-1's average plus that progress (DiLoCoTrainer.hand_over). A worker whose round m-1 was
+        not kept (or not averaged) adopts the state the coordinator recorded for round m's start first,
+        keeping round m's progress. Governance settings apply at the hand-over, the inner rate included:
+        a change lands on the inner steps one round later than without overlap.
+        """
+        if self.quarantined:
+            self._finish_averaging()
+            return False
+        round_number = self._training_round
+        progress = RoundProgress()
+        energy_mark = self.energy.start()
+        # Timed rounds end when the swarm's do: the global parameters' round began training at
+        # round_started_at (here, or at the peer this worker's state came from), and rounds follow it.
+        rounds_after = round_number - trainer.round + 1
+        deadline = (trainer.round_started_at + rounds_after * config.round_seconds if config.round_seconds > 0
+                    else math.inf)
+        try:
+            if not self._train_inner_steps(config, trainer, reader, progress, round_number, deadline):
+                self._finish_averaging()
+                return False
+            loss_after = self._end_inner_steps(trainer, progress)
+            waited = time.perf_counter()
+            kept = self._finish_averaging()  # the averager's buffers are ours again
+            waited = time.perf_counter() - waited  # the averaging the round could not hide
+            claim = trainer.take_round_progress()  # before a catch-up: loading a state resets the model
+            if not kept or trainer.round != round_number:
+                self._catch_up(trainer, f"round {round_number}: the state it started from was not the swarm's",
+                               round_at_least=round_number)
+                if trainer.round != round_number:  # decided without this worker meanwhile: its progress is void
+                    self._release(progress.leases, "the round was decided without this worker")
+                    self._training_round = trainer.round + 1
+                    return True
+        except RoundOver as over:
+            self._finish_averaging()
+            self._release(progress.leases, "the round was decided without this worker")
+            self._catch_up(trainer, str(over))
+            self._training_round = trainer.round + 1  # its group may be averaging already: try the next one
+            return True
+        except RoundNotOpen:
+            self._release(progress.leases, "the round is not open yet")
+            self._training_round = trainer.round  # nobody trains the next round yet: the open one, then
+            return True
+        except BaseException:
+            self._release(progress.leases, "worker stopped or failed before reporting")
+            self._finish_averaging()
+            raise
         every = config.checkpoint_every_rounds
-        if self.options.checkpoint_dir is not None and every > 0 and (result.round + 1) % every == 0:
-            self._save_checkpoint(trainer, config, reply.lineage_head)
+        if (self.options.checkpoint_dir is not None and every > 0 and round_number % every == 0
+                and round_number > self._checkpointed_round):
+            with trainer.global_params_in_model():  # the state round m-1 kept, not the model's own progress
+                self._save_checkpoint(trainer, config, self._lineage_head)
+        config = self._governed(config, trainer, round_number)
+        trainer.hand_over()
+        trainer.expect_peers(self.live_workers)
+        entry = GroupEntry.signed(self.identity, config.run_id, round_number, progress.credential, progress.consumed,
+                                  self.last_loss)
+        self._averaging = threading.Thread(
+            target=self._average_and_report, name=f"average-round-{round_number}", daemon=True,
+            args=(trainer, progress, claim, entry, loss_after, energy_mark, waited))
+        self._averaging_kept = False
+        self._averaging.start()
+        self._training_round = round_number + 1
         return True
 
-    def _governed(self, config: pb.RunConfig, trainer: DiLoCoTrainer) -> pb.RunConfig:
+    def _average_and_report(self, trainer: DiLoCoTrainer, progress: RoundProgress, claim: tuple[str, float],
+                            entry: GroupEntry, loss_after: float, energy_mark: float, waited: float) -> None:
+        """In the background, beside the next round's inner steps: round m's average, outer step and report."""
+        round_number = trainer.round
+        started = time.perf_counter()
+        try:
+            result = trainer.delayed_outer_step(
+                progress.tokens, self.stop_requested, claim,
+                apply_alone=lambda: self._nobody_finished(round_number),
+                give_up=lambda: self.swarm_round > round_number, entry=entry)
+        except AveragingCancelled as stopped:
+            log.info("%s; the round's leases were released", stopped)
+            self._release(progress.leases, "worker stopped while averaging")
+            return
+        except Exception:
+            log.exception("round %d: averaging failed", round_number)
+            self._release(progress.leases, "averaging failed")
+            return
+        # Only the wait at the hand-over kept the next round from training: the rest ran beside it.
+        figures = RoundFigures(progress.tokens, self.tokens_per_second, self.last_loss, progress.inner_seconds, waited,
+                               result.bytes_sent if result else 0,
+                               self.energy.since(energy_mark, busy_seconds=progress.inner_seconds))
+        wall_seconds = time.perf_counter() - self._round_clock
+        self._round_clock = time.perf_counter()
+        if result is None:
+            self.metrics.round_finished(figures, kept=False, next_round=trainer.round, report_seconds=0.0)
+            self._release(progress.used_leases(), "not part of the swarm's model; back to the pool")
+            log.warning("round %d: others finished it without this worker", round_number)
+            return
+        log.debug("round %d averaged in %.2f s beside the next round", round_number, time.perf_counter() - started)
+        not_kept = self._report(trainer, progress, result, figures, loss_after, wall_seconds, None)
+        if not_kept:
+            log.warning("%s; it adopts the swarm's state at its next round's end", not_kept)
+            return
+        self._averaging_kept = True
+
+    def _finish_averaging(self) -> bool:
+        """Wait for the round averaging in the background, if any; True if its state is the one the swarm kept."""
+        if self._averaging is None:
+            return True
+        self._averaging.join()
+        self._averaging = None
+        return self._averaging_kept
+
+    def _governed(self, config: pb.RunConfig, trainer: DiLoCoTrainer, round_number: int) -> pb.RunConfig:
         """This round's config: the ledger's settings in force at it, the ledger checked for news first."""
         if self.governance.ledger is None:
             return config
         try:
-            reply = self.client.heartbeat(trainer.round, self.last_loss, self.tokens_per_second)
+            reply = self.client.heartbeat(round_number, self.last_loss, self.tokens_per_second)
             if reply.governance_head != self.governance.head:
                 self.governance.refresh(self.client.run_config())
         except (CoordinatorUnreachable, CoordinatorRefused) as error:
             log.warning("could not check the ledger for news (%s): training under the one verified before", error)
-        governed = self.governance.round_config(config, trainer.round)
+        governed = self.governance.round_config(config, round_number)
         lrs = (governed.inner_lr, governed.outer_lr)
         if lrs != self._learning_rates:
             log.info("round %d: learning rates inner %g, outer %g (ledger head %s)",
-                     trainer.round, *lrs, self.governance.head[:16])
+                     round_number, *lrs, self.governance.head[:16])
             trainer.set_learning_rates(*lrs)
             self._learning_rates = lrs
         compression = governed.compression or "none"
         if compression != trainer.compression:
-            log.info("round %d: compression %s (ledger head %s)", trainer.round, compression, self.governance.head[:16])
+            log.info("round %d: compression %s (ledger head %s)", round_number, compression, self.governance.head[:16])
             trainer.set_compression(compression)
         aggregation = governed.aggregation or "mean"
         if aggregation != trainer.aggregation:
-            log.info("round %d: aggregation %s (ledger head %s)", trainer.round, aggregation, self.governance.head[:16])
+            log.info("round %d: aggregation %s (ledger head %s)", round_number, aggregation, self.governance.head[:16])
             trainer.set_aggregation(aggregation)
         return governed
 
@@ -367,8 +509,11 @@ class Worker:
         except (CoordinatorUnreachable, CoordinatorRefused):
             return False
 
-    def _catch_up(self, trainer: DiLoCoTrainer, why: str) -> None:
+    def _catch_up(self, trainer: DiLoCoTrainer, why: str, round_at_least: int = 0) -> None:
         """Adopt the swarm's state, as the coordinator recorded it: one model per round.
+
+        `round_at_least`: a state no older than this round's start, waiting for the round before it to be
+        decided if need be (overlapped averaging: that round may still be averaging).
 
         It tries until it has that state (or is stopped, or the run is complete): a worker that
         trained on from parameters no round kept would fork the run's lineage, and a validator
@@ -388,6 +533,9 @@ class Worker:
                 return
             if status.current_round >= self._total_rounds:
                 return  # nothing left to train: the next lease request ends the run
+            if status.current_round < round_at_least:
+                self.stop_requested.wait(POOL_EMPTY_WAIT_SECONDS)
+                continue
             if trainer.load_state_from_peers(check=StateCheck.for_status(status, len(trainer.global_params))):
                 return
             log.warning("no peer shared the state round %d kept; trying again", status.current_round - 1)
@@ -402,9 +550,8 @@ class Worker:
         for lease in leases:
             self._release_quietly(lease.lease_id, reason)
 
-    def _train_inner_steps(
-        self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore, progress: RoundProgress
-    ) -> bool:
+    def _train_inner_steps(self, config: pb.RunConfig, trainer: DiLoCoTrainer, reader: ShardStore,
+                           progress: RoundProgress, round_number: int, deadline: float) -> bool:
         """Inner steps until the round's token or time budget is spent. False: the run is complete.
 
         The round trains on up to leases_per_round leases at once, a batch from each in
@@ -412,14 +559,13 @@ class Worker:
         worker's pseudo-gradient mixes shards and sources, as its peers' do.
         """
         budget = config.inner_steps * config.batch_size * config.seq_len
-        deadline = trainer.round_started_at + config.round_seconds if config.round_seconds > 0 else math.inf
         streams: deque[tuple[pb.Lease, Iterator[torch.Tensor]]] = deque()
         leased = 0
         while progress.tokens < budget and (time.time() < deadline or progress.tokens == 0):
             while len(streams) < max(config.leases_per_round, 1) and leased < budget:
-                reply = self.client.acquire_lease(budget - leased, trainer.round, self._peer_id)
+                reply = self.client.acquire_lease(budget - leased, round_number, self._peer_id)
                 if reply.status == pb.AcquireLeaseReply.RUN_COMPLETE:
-                    log.info("run complete after %d rounds", trainer.round)
+                    log.info("run complete after %d rounds", round_number)
                     for lease in progress.leases:
                         self._release_quietly(lease.lease_id, "the run is complete")
                     return False
@@ -437,7 +583,9 @@ class Worker:
                 if reply.status in (pb.AcquireLeaseReply.POOL_EMPTY, pb.AcquireLeaseReply.AT_LIMIT):
                     break  # train what it holds (AT_LIMIT: as much as one worker may hold)
                 if reply.status == pb.AcquireLeaseReply.ROUND_OVER:
-                    raise RoundOver(f"round {trainer.round}: the coordinator decided it without this worker")
+                    raise RoundOver(f"round {round_number}: the coordinator decided it without this worker")
+                if reply.status == pb.AcquireLeaseReply.NOT_OPEN:
+                    raise RoundNotOpen(f"round {round_number} is not open yet")
                 if reply.status == pb.AcquireLeaseReply.QUARANTINED:
                     self._quarantine()
                     self._release(progress.leases, "quarantined")

@@ -27,8 +27,9 @@ import logging
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from hivemind import DHT
@@ -128,6 +129,7 @@ class DiLoCoTrainer:
         self.sent_transform: Callable[[list[torch.Tensor]], None] | None = None
         self.round = 0
         self.round_started_at = time.time()  # wall clock, shared with peers that download our state
+        self._handed_over_at = self.round_started_at  # overlapping: when the round now training began
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.inner_optimizer = inner_optimizer(self._params, settings.inner_lr, self.plan)
         self.outer = OuterState(self._params, settings.outer_lr, settings.outer_momentum, self.plan)
@@ -184,16 +186,78 @@ class DiLoCoTrainer:
         """
         # The pseudo-gradient goes straight into the averager's shared buffers and is averaged there in
         # place, and the outer step reads it there: no copy of the model's size on the way in or out.
-        residuals = self.averager.residuals
+        local = self.take_round_progress()
+        with self.averager.get_tensors() as pseudo_gradients:
+            self._ready_to_send(pseudo_gradients)
+        result = self._average_and_step(tokens_trained, cancel, apply_alone, give_up, entry, local, reset_local=True)
+        if result is None:
+            self.discard_local_progress()
+        return result
+
+    # -- overlapped averaging (RunConfig.overlap_averaging) --------------------------------------
+    # Round m's average runs in the background while round m+1 trains, and its outer step lands one
+    # round late. Peers still end each round with identical global parameters: the outer step is the
+    # same one, it is only taken while the next round trains. The model itself is not the global
+    # parameters: at each round's end it is rebased on the newest global ones plus its own progress.
+    # A worker calls, at the end of round m's inner steps, with round m-1's average landed:
+    # take_round_progress(), [catch up to the recorded state of round m, if it is behind], hand_over(),
+    # then delayed_outer_step() in a background thread while round m+1 trains.
+
+    def start_overlapping(self) -> None:
+        self.outer.start_overlapping()
+
+    def take_round_progress(self) -> tuple[str, float]:
+        """This round's pseudo-gradient into the averager's buffers; its digest and norm (what a claim states)."""
         with self.averager.get_tensors() as pseudo_gradients:
             self.outer.pseudo_gradient(into=pseudo_gradients)
-            local_digest, local_norm = tensors_digest(pseudo_gradients), _norm(pseudo_gradients)
-            if residuals is not None:  # error feedback: resend what compression dropped last round
-                for gradient, residual in zip(pseudo_gradients, residuals):
-                    gradient.add_(residual)
-                    residual.zero_()
-            if self.sent_transform is not None:
-                self.sent_transform(pseudo_gradients)
+            return tensors_digest(pseudo_gradients), _norm(pseudo_gradients)
+
+    def hand_over(self) -> None:
+        """Overlapping: the model restarts from the global parameters plus this round's progress, and the
+        pseudo-gradient is made ready to send. The last round's average must have landed (or been loaded)."""
+        with self._outer_lock, self.averager.get_tensors() as pseudo_gradients:
+            self.outer.rebase(pseudo_gradients)
+            self._ready_to_send(pseudo_gradients)
+        self._handed_over_at = time.time()  # the next round's inner steps start now
+
+    def delayed_outer_step(self, tokens_trained: int, cancel: threading.Event, local: tuple[str, float],
+                           apply_alone: Callable[[], bool] = lambda: True, give_up: Callable[[], bool] = lambda: False,
+                           entry: GroupEntry | None = None) -> RoundResult | None:
+        """Overlapping: average and step the global parameters, leaving the model (training the next round) alone.
+
+        None: no group and not alone; the global parameters stay at this round's start, and the worker
+        adopts the recorded state at its next round's end.
+        """
+        return self._average_and_step(tokens_trained, cancel, apply_alone, give_up, entry, local, reset_local=False)
+
+    @contextmanager
+    def global_params_in_model(self) -> Iterator[torch.nn.Module]:
+        """Overlapping: the model holds the global parameters for a while (a checkpoint), then its own again."""
+        own = [param.detach().clone() for param in self._params]
+        with torch.no_grad():
+            for param, global_param in zip(self._params, self.global_params):
+                param.copy_(global_param)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(self._params, own):
+                    param.copy_(saved)
+
+    def _ready_to_send(self, pseudo_gradients: list[torch.Tensor]) -> None:
+        """Error feedback: resend what compression dropped last round; and an adversary's rewrite, if any."""
+        residuals = self.averager.residuals
+        if residuals is not None:
+            for gradient, residual in zip(pseudo_gradients, residuals):
+                gradient.add_(residual)
+                residual.zero_()
+        if self.sent_transform is not None:
+            self.sent_transform(pseudo_gradients)
+
+    def _average_and_step(self, tokens_trained: int, cancel: threading.Event, apply_alone: Callable[[], bool],
+                          give_up: Callable[[], bool], entry: GroupEntry | None, local: tuple[str, float],
+                          reset_local: bool) -> RoundResult | None:
+        residuals = self.averager.residuals
         bytes_before = self.averager.bytes_sent
         started = time.perf_counter()
         entry = entry or GroupEntry(self.round)
@@ -203,18 +267,20 @@ class DiLoCoTrainer:
             for residual in residuals:  # not sent compressed: nothing to carry
                 residual.zero_()
         if group_size == 1 and not apply_alone():
-            self.discard_local_progress()
             return None
         with self._outer_lock, self.averager.get_tensors() as pseudo_gradients:
-            self.outer.step(pseudo_gradients)
+            self.outer.step(pseudo_gradients, reset_local=reset_local)
             result = RoundResult(
                 round=self.round, group_size=group_size, pseudo_gradient_digest=tensors_digest(pseudo_gradients),
                 params_digest=tensors_digest(self.global_params), bytes_sent=self.averager.bytes_sent - bytes_before,
-                member_statements=statements, local_digest=local_digest, local_norm=local_norm, witnesses=witnesses,
+                member_statements=statements, local_digest=local[0], local_norm=local[1], witnesses=witnesses,
             )
             self.round += 1
-            self.round_started_at = time.time()
-            self._after_local_reset()
+            # When the round these parameters start began training: now, or overlapping, at the hand-over
+            # (the round has trained beside this average since). Peers that download the state share it.
+            self.round_started_at = time.time() if reset_local else self._handed_over_at
+            if reset_local:
+                self._after_local_reset()
         self._offer_state()  # late joiners download the newest state first
         return result
 

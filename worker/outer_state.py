@@ -46,9 +46,19 @@ class OuterState:
         # Where the local parameters land on the host (a GPU's only; the CPU's are read where they are).
         self._staging = [_host_zeros(p, pin) for p in self.global_params] if plan.is_cuda else None
         self.timings = OuterTimings()
+        # Overlapped averaging only (start_overlapping): where this round's inner steps began, which is
+        # not the global parameters while the last round's average is still on its way.
+        self.round_start: list[torch.Tensor] | None = None
+
+    def start_overlapping(self) -> None:
+        """Keep the round's start apart from the global parameters: one more host copy of the model."""
+        self.round_start = [_host_copy(g, self.plan.pin_host_memory) for g in self.global_params]
 
     def pseudo_gradient(self, into: list[torch.Tensor]) -> None:
-        """Write global - local, in float32 on the host, into `into` (the averager's buffers)."""
+        """Write start - local, in float32 on the host, into `into` (the averager's buffers).
+
+        The start is the global parameters, or, when overlapping, where the round's inner steps began.
+        """
         started = time.perf_counter()
         with torch.no_grad():
             local = [param.detach() for param in self.local]
@@ -58,13 +68,26 @@ class OuterState:
                 self.plan.synchronize()  # every copy has landed before the host reads them
                 local = self._staging
             copied = time.perf_counter()
-            for out, global_param, local_param in zip(into, self.global_params, local):
-                torch.sub(global_param, local_param, out=out)
+            start = self.round_start if self.round_start is not None else self.global_params
+            for out, start_param, local_param in zip(into, start, local):
+                torch.sub(start_param, local_param, out=out)
         self.timings.device_to_host = copied - started
         self.timings.pseudo_gradient = time.perf_counter() - copied
 
-    def step(self, averaged: list[torch.Tensor]) -> None:
-        """The outer Nesterov step on the averaged pseudo-gradient, then the model takes the new parameters."""
+    def rebase(self, pseudo_gradient: list[torch.Tensor]) -> None:
+        """Overlapping: the next round starts from the newest global parameters minus this round's
+        pseudo-gradient, i.e. with this round's own progress on top of the swarm's last average."""
+        assert self.round_start is not None, "rebase is for overlapped averaging"
+        with torch.no_grad():
+            for start, global_param, gradient in zip(self.round_start, self.global_params, pseudo_gradient):
+                torch.sub(global_param, gradient, out=start)
+            for param, start in zip(self.local, self.round_start):
+                param.copy_(start, non_blocking=True)
+        self.plan.synchronize()
+
+    def step(self, averaged: list[torch.Tensor], reset_local: bool = True) -> None:
+        """The outer Nesterov step on the averaged pseudo-gradient, then the model takes the new parameters
+        (unless overlapping: the model is then training the next round, and is rebased at its end)."""
         started = time.perf_counter()
         for global_param, gradient in zip(self.global_params, averaged):
             global_param.grad = gradient
@@ -72,7 +95,8 @@ class OuterState:
         for global_param in self.global_params:
             global_param.grad = None
         self.timings.outer_step = time.perf_counter() - started
-        self.reset_local()
+        if reset_local:
+            self.reset_local()
 
     def reset_local(self) -> None:
         """The model's parameters become the global ones (after an outer step, or to drop inner progress)."""
@@ -80,6 +104,9 @@ class OuterState:
         with torch.no_grad():
             for param, global_param in zip(self.local, self.global_params):
                 param.copy_(global_param, non_blocking=True)
+            if self.round_start is not None:
+                for start, global_param in zip(self.round_start, self.global_params):
+                    start.copy_(global_param)
         # Wait for the copies: the host may overwrite the global parameters next (a state download).
         self.plan.synchronize()
         self.timings.host_to_device = time.perf_counter() - started
