@@ -494,7 +494,8 @@ def report(results: list[Result], wan: bool) -> None:
     swept = [r for r in results if r.variant.startswith("ddp")]
     ddp = min(swept, key=lambda r: r.eval_loss) if swept else None
     on_wire = wan  # with --wan both sides' bytes are counted on the interfaces; on loopback as each side counts
-    header = (f"{'variant':14} {'eval loss':>9} {'vs DDP':>7} {'MB sent/worker (max)':>21} {'MB TX/worker (max)':>19} "
+    width = max(16, *(len(r.variant) + 2 for r in results))
+    header = (f"{'variant':{width}} {'eval loss':>9} {'vs DDP':>7} {'MB sent/worker (max)':>21} {'MB TX/worker (max)':>19} "
               f"{'DDP/x':>6} {'wall s':>7} {'train s':>7} {'util':>6}  identical")
     print("\n" + header + "\n" + "-" * len(header))
     verdicts, headline = [], {}
@@ -505,7 +506,7 @@ def report(results: list[Result], wan: bool) -> None:
             ratio = float(np.mean(ddp.tx) / np.mean(r.tx)) if on_wire else float(np.mean(ddp.sent) / np.mean(r.sent))
             delta = 100 * (r.eval_loss - ddp.eval_loss) / ddp.eval_loss
         name = r.variant + (" *" if r is ddp and len(swept) > 1 else "")
-        print(f"{name:14} {r.eval_loss:9.4f} {'-' if delta is None else f'{delta:+.2f}%':>7} "
+        print(f"{name:{width}} {r.eval_loss:9.4f} {'-' if delta is None else f'{delta:+.2f}%':>7} "
               f"{megabytes(r.sent):>21} {megabytes(r.tx):>19} {'-' if ratio is None else f'{ratio:.0f}x':>6} "
               f"{r.wall_seconds:7.1f} {r.train_seconds:7.1f} {100 * utilisation:5.1f}%  {'yes' if r.identical else 'NO'}")
         per_worker = float(np.mean(r.tx if on_wire else r.sent))
