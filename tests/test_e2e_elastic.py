@@ -39,6 +39,22 @@ def assert_groups_agree(sessions) -> None:  # type: ignore[no-untyped-def]
         assert len({c.params_digest for c in rows}) == 1, f"round {number}: parameters differ between workers"
 
 
+def run_with_a_late_joiner(coordinator, tmp_path: Path, names: list[str]) -> str:  # type: ignore[no-untyped-def]
+    """Two workers start the run; a third (the last name) joins once they averaged a round. Its worker id."""
+    sessions = coordinator.sessions()
+    workers = [start_worker(coordinator, tmp_path, name) for name in names[:2]]
+    try:
+        wait_for(lambda: full_round(sessions, 2), 120, "a round averaged by the first two workers")
+        workers.append(start_worker(coordinator, tmp_path, names[2]))
+        wait_all(workers, timeout=180)
+    finally:
+        for worker in workers:
+            kill_group(worker)
+    assert [w.returncode for w in workers] == [0, 0, 0], logs(tmp_path, *names)
+    with sessions() as session:
+        return session.scalars(select(Worker.id).where(Worker.name == names[2])).one()
+
+
 def test_a_worker_killed_mid_round_is_dropped_and_the_others_finish_the_round(start_coordinator, tmp_path: Path):
     coordinator = start_coordinator(total_rounds=7, **TIMED_ROUNDS)
     sessions = coordinator.sessions()
@@ -70,18 +86,8 @@ def test_a_late_joiner_ends_its_first_round_with_the_swarms_parameters(start_coo
     coordinator = start_coordinator(total_rounds=8, **TIMED_ROUNDS)
     sessions = coordinator.sessions()
     names = ["early-0", "early-1", "late"]
-    workers = [start_worker(coordinator, tmp_path, name) for name in names[:2]]
-    try:
-        wait_for(lambda: full_round(sessions, 2), 120, "a round averaged by the first two workers")
-        workers.append(start_worker(coordinator, tmp_path, "late"))
-        wait_all(workers, timeout=180)
-    finally:
-        for worker in workers:
-            kill_group(worker)
-    assert [w.returncode for w in workers] == [0, 0, 0], logs(tmp_path, *names)
+    late_id = run_with_a_late_joiner(coordinator, tmp_path, names)
 
-    with sessions() as session:
-        late_id = session.scalars(select(Worker.id).where(Worker.name == "late")).one()
     by_round = contributions_by_round(sessions)
     first = min(r for r, rows in by_round.items() if any(c.worker_id == late_id for c in rows))
     assert first > 0
@@ -96,24 +102,14 @@ def test_overlapped_rounds_train_while_the_last_one_averages_and_a_late_joiner_f
     coordinator = start_coordinator(total_rounds=7, overlap_averaging=True, verify_fraction=0.0, **TIMED_ROUNDS)
     sessions = coordinator.sessions()
     names = ["early-0", "early-1", "late"]
-    workers = [start_worker(coordinator, tmp_path, name) for name in names[:2]]
-    try:
-        wait_for(lambda: full_round(sessions, 2), 120, "a round averaged by the first two workers")
-        workers.append(start_worker(coordinator, tmp_path, "late"))
-        wait_all(workers, timeout=180)
-    finally:
-        for worker in workers:
-            kill_group(worker)
-    assert [w.returncode for w in workers] == [0, 0, 0], logs(tmp_path, *names)
+    late_id = run_with_a_late_joiner(coordinator, tmp_path, names)
 
     by_round = contributions_by_round(sessions)
     assert sorted(by_round) == list(range(7))
     assert_groups_agree(sessions)  # one model per round: the delayed outer steps are the same on every peer
     averaged = [r for r, rows in by_round.items() if len(rows) >= 2 and min(c.group_size for c in rows) >= 2]
     assert len(averaged) >= 5, (by_round, logs(tmp_path, *names))  # groups meet while the next round trains
-    with sessions() as session:
-        late_id = session.scalars(select(Worker.id).where(Worker.name == "late")).one()
-        # Overlapped: a round's leases were granted before the round before it was reported.
+    with sessions() as session:  # overlapped: a round's leases were granted before the round before it was reported.
         first_grant = dict(session.execute(select(Lease.round, func.min(Lease.granted_at)).group_by(Lease.round)).all())
         first_report = dict(session.execute(select(FiledReport.round, func.min(FiledReport.received_at))
                                             .group_by(FiledReport.round)).all())
