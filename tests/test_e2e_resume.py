@@ -31,6 +31,8 @@ RUN = dict(
     compression="fp16", checkpoint_every_rounds=2,
 )
 NAMES = ["w0", "w1"]
+# The same run with each round averaged while the next trains (no spot checks: nobody could replay one).
+OVERLAPPED = dict(RUN, overlap_averaging=True, verify_fraction=0.0)
 
 
 @pytest.fixture
@@ -49,9 +51,10 @@ def start_workers(coordinator, tmp_path: Path, socket_dir: Path) -> list[subproc
     ]
 
 
-def restart_and_finish(start_coordinator, tmp_path: Path, socket_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def restart_and_finish(start_coordinator, tmp_path: Path, socket_dir: Path,  # type: ignore[no-untyped-def]
+                       run: dict = RUN) -> None:
     """The coordinator again on the same database, the workers on the same checkpoint directories."""
-    workers = start_workers(start_coordinator(**RUN), tmp_path, socket_dir)
+    workers = start_workers(start_coordinator(**run), tmp_path, socket_dir)
     try:
         wait_all(workers, timeout=180)
     finally:
@@ -90,10 +93,11 @@ def sample_loss(model, corpus_dir: Path) -> float:  # type: ignore[no-untyped-de
     return mean_loss(model, tokens, seq_len=64)
 
 
+@pytest.mark.parametrize("run", [RUN, OVERLAPPED], ids=["one-round-at-a-time", "overlapped"])
 def test_a_stopped_run_resumes_from_its_checkpoints(
-    start_coordinator, tmp_path: Path, corpus_dir: Path, socket_dir: Path
+    start_coordinator, tmp_path: Path, corpus_dir: Path, socket_dir: Path, run: dict
 ):
-    coordinator = start_coordinator(**RUN)
+    coordinator = start_coordinator(**run)
     sessions = coordinator.sessions()
     workers = start_workers(coordinator, tmp_path, socket_dir)
     try:
@@ -112,8 +116,10 @@ def test_a_stopped_run_resumes_from_its_checkpoints(
     for checkpoint in checkpoints:
         assert checkpoint.params_digest == by_round[checkpoint.next_round - 1][0].params_digest
     assert max(c.next_round for c in checkpoints) == stopped_at + 1
+    saved = sorted(path.name for name in NAMES for path in (tmp_path / f"ckpt-{name}").glob("round-*"))
+    assert saved and all(int(name.removeprefix("round-")) >= 0 for name in saved), saved  # only completed rounds
 
-    restart_and_finish(start_coordinator, tmp_path, socket_dir)
+    restart_and_finish(start_coordinator, tmp_path, socket_dir, run)
     assert all(f"resumed from {tmp_path}" in (tmp_path / f"{n}.log").read_text() for n in NAMES)
     assert_whole_run(sessions, tmp_path, stopped_in=stopped_at)
     # Training carried on from the stop: on a fixed sample, initial > at the stop > at the end.

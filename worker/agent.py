@@ -386,6 +386,7 @@ class Worker:
                 self._finish_averaging()
                 return False
             loss_after = self._end_inner_steps(trainer, progress)
+            measured = (self.last_loss, self.tokens_per_second)  # this round's: the next one overwrites them
             waited = time.perf_counter()
             kept = self._finish_averaging()  # the averager's buffers are ours again
             waited = time.perf_counter() - waited  # the averaging the round could not hide
@@ -413,7 +414,7 @@ class Worker:
             raise
         every = config.checkpoint_every_rounds
         if (self.options.checkpoint_dir is not None and every > 0 and round_number % every == 0
-                and round_number > self._checkpointed_round):
+                and round_number > max(self._checkpointed_round, 0)):
             with trainer.global_params_in_model():  # the state round m-1 kept, not the model's own progress
                 self._save_checkpoint(trainer, config, self._lineage_head)
         config = self._governed(config, trainer, round_number)
@@ -423,14 +424,15 @@ class Worker:
                                   self.last_loss)
         self._averaging = threading.Thread(
             target=self._average_and_report, name=f"average-round-{round_number}", daemon=True,
-            args=(trainer, progress, claim, entry, loss_after, energy_mark, waited))
+            args=(trainer, progress, claim, entry, loss_after, measured, energy_mark, waited))
         self._averaging_kept = False
         self._averaging.start()
         self._training_round = round_number + 1
         return True
 
     def _average_and_report(self, trainer: DiLoCoTrainer, progress: RoundProgress, claim: tuple[str, float],
-                            entry: GroupEntry, loss_after: float, energy_mark: float, waited: float) -> None:
+                            entry: GroupEntry, loss_after: float, measured: tuple[float, float], energy_mark: float,
+                            waited: float) -> None:
         """In the background, beside the next round's inner steps: round m's average, outer step and report."""
         round_number = trainer.round
         started = time.perf_counter()
@@ -448,7 +450,8 @@ class Worker:
             self._release(progress.leases, "averaging failed")
             return
         # Only the wait at the hand-over kept the next round from training: the rest ran beside it.
-        figures = RoundFigures(progress.tokens, self.tokens_per_second, self.last_loss, progress.inner_seconds, waited,
+        loss, tokens_per_second = measured
+        figures = RoundFigures(progress.tokens, tokens_per_second, loss, progress.inner_seconds, waited,
                                result.bytes_sent if result else 0,
                                self.energy.since(energy_mark, busy_seconds=progress.inner_seconds))
         wall_seconds = time.perf_counter() - self._round_clock
