@@ -39,7 +39,7 @@ from model.presets import build_model, llama_config, parameter_count
 from model.shards import token_dtype, write_shard
 from protocol import essaim_pb2 as pb
 from protocol.swarm import Swarm
-from worker.agent import RoundProgress
+from worker.round_progress import RoundProgress
 from worker.allreduce import COMPRESSIONS
 from worker.capabilities import calibrate
 from worker.data import batches
