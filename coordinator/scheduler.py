@@ -188,13 +188,20 @@ class Scheduler:
 
     def _may_lease_ahead(self, session: Session, worker_id: str, round_number: int, open_round: int) -> bool:
         """Overlapped averaging: a worker that trained the open round (it holds leases of it, reported or
-        still averaging) trains the next one meanwhile; so does one that joins (or caught up) while others
-        already do, rather than train a round whose group is averaging already. One round ahead, no more."""
+        still averaging) trains the next one meanwhile. So does one that joins (or caught up) while others
+        already train the next round and the open one has a group without it (two workers or more hold
+        its leases): it would come too late to that group, while a lone holder would wait for it. One
+        round ahead, no more."""
         if not self._lease_ahead or round_number != open_round + 1:
             return False
-        trained_open = (Lease.worker_id == worker_id) & (Lease.round == open_round)
-        return session.scalar(select(Lease.id).where(trained_open | (Lease.round == round_number),
-                                                      Lease.state.in_(HELD)).limit(1)) is not None
+        held = Lease.state.in_(HELD)
+        if session.scalar(select(Lease.id).where(Lease.worker_id == worker_id, Lease.round == open_round, held)
+                          .limit(1)) is not None:
+            return True
+        others_ahead = session.scalar(select(Lease.id).where(Lease.round == round_number, held).limit(1)) is not None
+        open_group = session.scalar(select(func.count(func.distinct(Lease.worker_id)))
+                                    .where(Lease.round == open_round, held))
+        return others_ahead and open_group >= 2
 
     def complete_round(self, worker_id: str, report: RoundReport) -> RoundRecorded:
         """File a round report; recorded, not kept or pending as coordinator/rounds.py decides. All or nothing."""

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
 from coordinator.rounds import Member, winner
-from coordinator.scheduler import AtLimit, LeaseError, LeaseLimits, RoundOver, RoundReport, Scheduler
+from coordinator.scheduler import AtLimit, LeaseError, LeaseLimits, NotOpenYet, RoundOver, RoundReport, Scheduler
 from coordinator.store import (
     Contribution, FiledReport, Lease, LineageRecord, Worker, load_manifest, open_engine, session_factory,
 )
@@ -266,15 +266,21 @@ def test_overlapping_a_worker_that_trained_the_open_round_leases_the_next_one_an
     for worker in ("w1", "w2", "w3"):  # the live ones
         ahead.heartbeat(worker, 0, 0.0, 1.0)
     ahead.flush_heartbeats()
-    leases = {w: ahead.acquire(w, 300, 0).lease for w in ("w1", "w2")}
+    leases = {"w1": ahead.acquire("w1", 300, 0).lease}
     with pytest.raises(LeaseError, match="round 1 is not open yet"):
         plain.acquire("w1", 300, 1)  # a run that does not overlap: one round at a time
-    with pytest.raises(LeaseError, match="round 1 is not open yet"):
-        ahead.acquire("w3", 300, 1)  # it trained nothing of round 0: it trains round 0 first
+    next_round = {"w1": ahead.acquire("w1", 300, 1).lease}  # it trained round 0, which averages meanwhile
+    with pytest.raises(NotOpenYet, match="round 1 is not open yet"):
+        ahead.acquire("w3", 300, 1)  # w1 alone holds round 0: its averaging would wait for w3 there
+    leases["w2"] = ahead.acquire("w2", 300, 0).lease
     with pytest.raises(LeaseError, match="round 2 is not open yet"):
         ahead.acquire("w1", 300, 2)  # one round ahead, no more
-    next_round = {w: ahead.acquire(w, 300, 1).lease for w in ("w1", "w2")}  # round 0 averages meanwhile
+    next_round["w2"] = ahead.acquire("w2", 300, 1).lease
     assert {lease.round for lease in next_round.values()} == {1}
+    # Round 0 has a group without w3 and others train round 1: a joiner would come too late to round 0.
+    late = ahead.acquire("w3", 300, 1).lease
+    assert late.round == 1
+    ahead.release("w3", late.id)
     # w2's averaging of round 0 failed: its round-0 lease goes back, and it trains round 1 on. It is
     # live without a lease of round 0, but not idle there: it will not report round 0. w3 is idle.
     ahead.release("w2", leases["w2"].id)
