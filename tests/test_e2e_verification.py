@@ -108,8 +108,11 @@ def test_six_kinds_of_liars_are_each_caught_within_their_first_rounds_and_credit
             # Checked every kept round until caught (one reducer's word alone leaves a check undecided), and
             # caught within its first three kept rounds, most often the first.
             assert worker.quarantine_round in kept[:3], (kind, kept, worker.quarantine_reason)
+            # No check passes once it is caught. Before, one may: a liar's check holds the witnesses of the
+            # reducers' kept reports only, and when every reducer that saw it send was itself a liar
+            # quarantined first, nothing contradicts its honest claim.
             passed = session.scalars(select(Check).where(Check.worker_id == worker.id, Check.status == "passed")).all()
-            assert passed == [], (kind, [(c.round, c.reason) for c in passed])
+            assert all(c.round < worker.quarantine_round for c in passed), (kind, [(c.round, c.reason) for c in passed])
             after = session.scalars(select(LineageRecord).where(LineageRecord.worker_id == worker.id,
                                                                 LineageRecord.created_at > worker.quarantined_at)).all()
             assert after == [], kind
