@@ -65,7 +65,7 @@ class CredentialRecords(RecordValidatorBase):
             held = [(self._rounds[i], self._credentials[i].raw[: self._lengths[i]])
                     for i in range(HELD_ROUNDS) if self._lengths[i]]
         for round_number, credential in held:
-            if key == DHTID.generate(source=f"{self._prefix}.0b{group_bits(round_number)}").to_bytes():
+            if key == self._group_key(round_number):
                 return credential
         return max(held)[1] if held else b""
 
@@ -86,5 +86,8 @@ class CredentialRecords(RecordValidatorBase):
             return False
         if not isinstance(value, bytes) or MSGPackSerializer.loads(record.subkey) != peer_id:
             return False  # a credential admits only the peer it names
-        group_key = DHTID.generate(source=f"{self._prefix}.0b{group_bits(credential.round)}").to_bytes()
-        return record.key in (self._state_key, group_key)
+        return record.key in (self._state_key, self._group_key(credential.round))
+
+    def _group_key(self, round_number: int) -> bytes:
+        """The DHT key of a round's averaging group (hivemind's matchmaking key for the round's group bits)."""
+        return DHTID.generate(source=f"{self._prefix}.0b{group_bits(round_number)}").to_bytes()
