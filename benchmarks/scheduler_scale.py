@@ -1,7 +1,7 @@
 """The coordinator under a 10,000-worker network: lease grants and heartbeats per second, latency, CPU.
 
-Usage: python benchmarks/scheduler_scale.py [--workers 10000 --ranges 1000000 --seconds 20
-                                             --backends sqlite,postgresql] [--views]
+Usage: python benchmarks/scheduler_scale.py [--workers 1000,10000,30000 --ranges 1000000 --seconds 20
+                                             --backends sqlite,postgresql --processes 1,2] [--views]
 
 A real coordinator (`essaim coordinator serve`, gRPC, signed requests) on a corpus of
 --ranges shard ranges, with --workers simulated workers (registered in its database
@@ -10,8 +10,12 @@ database backend:
 - target: the load of such a network, open loop: a heartbeat every 10 s and a lease a
   minute from each worker (each lease is then reported: AcquireLease + CompleteRound);
 - saturation: as many requests as 48 client threads can push, same mix.
+Each configuration (backend x workers x coordinator processes; SQLite serves with one) starts
+from a freshly seeded database. With --processes 2 the coordinator serves its port from two
+processes (`coordinator serve --processes 2`, PostgreSQL only).
 Prints achieved rates, p50/p99 latency per call, and the coordinator's CPU (cores:
-process CPU time / wall time; for PostgreSQL, the database server's CPU too). In the
+all its serving processes' CPU time / wall time, and per request served; for PostgreSQL,
+the database server's CPU too), and the load generator's. In the
 target phase latency counts from each request's scheduled send, so a generator that
 falls behind shows as latency, not as a gentler load, and served_fraction is the share
 of scheduled heartbeats and lease requests answered within the window. The JSON line
@@ -198,7 +202,7 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
         thread.start()
     for thread in pool:
         thread.join()
-    out.put({"latencies": latencies, "errors": errors[:5], "error_count": len(errors),
+    out.put({"latencies": latencies, "errors": errors[:5], "error_count": len(errors), "cpu_seconds": time.process_time(),
              "seconds": time.perf_counter() - started, "offered_slots": len(offered),
              "served_slots": sum(1 for method in served if method != "CompleteRound"),
              "lease_answers": dict(lease_answers), "last_round": open_round[0]})
@@ -228,12 +232,27 @@ def postgres_pids() -> list[int]:
     return pids
 
 
+def serving_processes(coordinator_pid: int) -> list[int]:
+    """The coordinator's process and those it started to serve its port with it (not its DHT peer)."""
+    pids = [coordinator_pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == coordinator_pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
 def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator_pid: int, postgres: bool) -> dict:
     # Slots per second, the whole network: a heartbeat per worker every 10 s, a lease cycle every 60 s.
     slots_per_second = (workers / 10 + workers / 60) / CLIENT_PROCESSES
     queue: mp.Queue = mp.Queue()
     db_before = {pid: cpu_seconds([pid]) for pid in postgres_pids()} if postgres else {}
-    before, wall = cpu_seconds([coordinator_pid]), time.perf_counter()
+    coordinator_pids = serving_processes(coordinator_pid)
+    before, wall = cpu_seconds(coordinator_pids), time.perf_counter()
     processes = [mp.Process(target=client, args=(address, workers, mode, slots_per_second, seconds, p, queue))
                  for p in range(CLIENT_PROCESSES)]
     for process in processes:
@@ -244,31 +263,43 @@ def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator
     wall = time.perf_counter() - wall
     # Server processes started during the phase (new connections) count from zero.
     database = sum(cpu_seconds([pid]) - db_before.get(pid, 0.0) for pid in postgres_pids()) if postgres else None
-    figures = {"mode": mode, "coordinator_cores": (cpu_seconds([coordinator_pid]) - before) / wall,
+    figures = {"mode": mode, "coordinator_cores": (cpu_seconds(coordinator_pids) - before) / wall,
+               "coordinator_processes": len(coordinator_pids),
+               "load_generator_cores": sum(r["cpu_seconds"] for r in results) / wall,
                "database_cores": database / wall if postgres else None,
                "errors": sum(r["error_count"] for r in results), "error_samples": results[0]["errors"] + results[-1]["errors"],
                "lease_answers": dict(sum((collections.Counter(r["lease_answers"]) for r in results), collections.Counter())),
                "last_round": max(r["last_round"] for r in results)}
     if mode == "target":  # each slot is a heartbeat or a lease request (its report follows when granted)
         figures["served_fraction"] = sum(r["served_slots"] for r in results) / max(1, sum(r["offered_slots"] for r in results))
+    answered = 0
     for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
         values = sorted(v for r in results for v in r["latencies"][method])
+        answered += len(values)
         if values:
             figures[method] = {"per_second": len(values) / max(r["seconds"] for r in results),
                                "p50_ms": values[len(values) // 2] * 1000, "p99_ms": values[int(len(values) * 0.99)] * 1000}
+    # What one request costs the coordinator: flat from one process to two if sharing the database costs nothing.
+    figures["cpu_ms_per_request"] = figures["coordinator_cores"] * wall * 1000 / max(1, answered)
     return figures
 
 
-def last_target_phase(backend: str, figures: dict) -> dict:
+def last_target_phase(configuration: str, figures: dict) -> dict:
     """The headline: one target phase's served fraction, coordinator cores and worst p99."""
     kinds = [m for m in ("Heartbeat", "AcquireLease", "CompleteRound") if m in figures]
-    return {"configuration": f"{backend} target", "served_fraction": round(figures["served_fraction"], 4),
+    return {"configuration": f"{configuration} target", "served_fraction": round(figures["served_fraction"], 4),
             "coordinator_cores": round(figures["coordinator_cores"], 4),
+            "cpu_ms_per_request": round(figures["cpu_ms_per_request"], 3),
             "p99_ms": round(max((figures[m]["p99_ms"] for m in kinds), default=float("nan")), 1)}
 
 
+# Rounds are decided DECISION_SECONDS after their first report, as a group that waited out its decision
+# window (every report holds the same parameters): a swarm this size has many live workers without a lease
+# of the open round, each an idle stake that would otherwise hold it open forever, its reports piling up.
+DECISION_SECONDS = 10
 RUN_TOML = ("lease_seconds = 3600\nheartbeat_seconds = 10\ntotal_rounds = 1000000\n"
-            f"seq_len = {RANGE_TOKENS}\ninner_steps = 4\nbatch_size = 1\nleases_per_round = 4\n")
+            f"seq_len = {RANGE_TOKENS}\ninner_steps = 4\nbatch_size = 1\nleases_per_round = 4\n"
+            f"[bounds]\ndecision_seconds = {DECISION_SECONDS}\n")
 
 
 def serve(data: Path, url: str, where: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -285,34 +316,25 @@ def serve(data: Path, url: str, where: Path, *extra: str):  # type: ignore[no-un
         raise
 
 
-def benchmark(backend: str, args: argparse.Namespace, scratch: Path) -> list[dict]:
-    data = scratch / backend / "data"
+def benchmark(backend: str, workers: int, processes: int, args: argparse.Namespace, scratch: Path, database) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The phases of one configuration, on a freshly seeded database (`database`: the PostgreSQL server, or None)."""
+    where = scratch / f"{backend}-{workers}-{processes}"
+    data = where / "data"
     data.mkdir(parents=True)
     manifest = prepare_corpus(data, args.ranges)
-    server = None
-    if backend == "postgresql":
-        from postgres import PostgresServer
-
-        server = PostgresServer()
-        url = server.create_database()
-    else:
-        url = sqlite_url(scratch / backend / "coordinator.db")
+    url = database.create_database() if database is not None else sqlite_url(where / "coordinator.db")
+    started = time.perf_counter()
+    seed_database(url, manifest, workers)
+    print(f"[{backend}] seeded {args.ranges:,} ranges and {workers:,} workers in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    if args.views:
+        return views_comparison(data, where / "coordinator.db", where, args, workers)
+    coordinator, address = serve(data, url, where, "--processes", str(processes))
     try:
-        started = time.perf_counter()
-        seed_database(url, manifest, args.workers)
-        print(f"[{backend}] seeded {args.ranges:,} ranges and {args.workers:,} workers in {time.perf_counter() - started:.0f} s",
-              flush=True)
-        if args.views:
-            return views_comparison(data, scratch / backend / "coordinator.db", scratch / backend, args)
-        coordinator, address = serve(data, url, scratch / backend)
-        try:
-            return [run_phase(address, args.workers, mode, seconds, coordinator.pid, server is not None)
-                    for mode, seconds in (("target", args.seconds), ("saturation", args.seconds / 2))]
-        finally:
-            stop_group(coordinator)
+        return [run_phase(address, workers, mode, seconds, coordinator.pid, database is not None)
+                for mode, seconds in (("target", args.seconds), ("saturation", args.seconds / 2))]
     finally:
-        if server:
-            server.stop()
+        stop_group(coordinator)
 
 
 # -- what /metrics and the dashboard cost ----------------------------------------------------------
@@ -351,7 +373,7 @@ class Watchers:
                 self.answers[kind] += 1
 
 
-def views_comparison(data: Path, seeded: Path, where: Path, args: argparse.Namespace) -> list[dict]:
+def views_comparison(data: Path, seeded: Path, where: Path, args: argparse.Namespace, workers: int) -> list[dict]:
     """The target load on two coordinators at once, one without the views and one with them, each on its own
     copy of the seeded database: side by side, both share whatever else the machine does. --repeats times."""
     phases = []
@@ -373,7 +395,7 @@ def views_comparison(data: Path, seeded: Path, where: Path, args: argparse.Names
                 if watchers:
                     watchers.start()
             with ThreadPoolExecutor(len(started)) as pool:
-                measured = list(pool.map(lambda served: run_phase(served[1], args.workers, "target", args.seconds,
+                measured = list(pool.map(lambda served: run_phase(served[1], workers, "target", args.seconds,
                                                                   served[0].pid, False), started))
             for figures, (_, _, watchers) in zip(measured, started):
                 figures["mode"] = f"target{' + views' if watchers else ''} #{repeat + 1}"
@@ -398,9 +420,51 @@ def views_headline(phases: list[dict], args: argparse.Namespace) -> dict:
             "failed_requests": sum(a["failures"] for a in answers)}
 
 
+def report(configuration: str, phases: list[dict], headline: dict) -> None:
+    for figures in phases:
+        line = [f"[{configuration} {figures['mode']}] coordinator {figures['coordinator_cores']:.3f} cores "
+                f"({figures['cpu_ms_per_request']:.2f} ms a request)",
+                f"load generator {figures['load_generator_cores']:.2f} cores"]
+        if figures["database_cores"] is not None:
+            line.append(f"database {figures['database_cores']:.2f} cores")
+        for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
+            if method in figures:
+                f = figures[method]
+                line.append(f"{method} {f['per_second']:,.0f}/s p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms")
+        if "served_fraction" in figures:
+            line.append(f"served {figures['served_fraction']:.1%}")
+        line.append(f"errors {figures['errors']}")
+        line.append("leases " + ", ".join(f"{n} {status}" for status, n in sorted(figures["lease_answers"].items()))
+                    + f"; round {figures['last_round']}")
+        if "answers" in figures:
+            line.append("views answered {metrics} scrapes, {summary} polls, {failures} failures".format(
+                **figures["answers"]))
+        print("; ".join(line), flush=True)
+        if figures["errors"]:
+            print("  e.g. " + " | ".join(figures["error_samples"][:3]))
+        headline["phases"][f"{configuration} {figures['mode']}"] = {
+            "coordinator_cores": round(figures["coordinator_cores"], 4),
+            "cpu_ms_per_request": round(figures["cpu_ms_per_request"], 3), "errors": figures["errors"],
+            **({"served_fraction": round(figures["served_fraction"], 4)} if "served_fraction" in figures else {}),
+            **({"p99_ms": {m: round(figures[m]["p99_ms"], 1) for m in ("Heartbeat", "AcquireLease", "CompleteRound")
+                           if m in figures}})}
+        if figures["mode"] == "target":
+            headline.update(last_target_phase(configuration, figures))
+
+
+def report_views(phases: list[dict], headline: dict, args: argparse.Namespace) -> None:
+    headline["views"] = views_headline(phases, args)
+    v = headline["views"]
+    print(f"[views] coordinator {v['plain_cores']:.3f} cores without, {v['views_cores']:.3f} with /metrics "
+          f"scraped every {args.scrape_seconds:g} s and {args.viewers} viewers polling every "
+          f"{args.poll_seconds:g} s: {v['added_cores']:+.3f} cores, {v['added_percent']:+.1f} % "
+          f"(goal: at most +{v['target_percent']:g} %)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=10_000)
+    parser.add_argument("--workers", default="10000", help="simulated workers; several: comma-separated")
+    parser.add_argument("--processes", default="1", help="coordinator processes (PostgreSQL); several: comma-separated")
     parser.add_argument("--ranges", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--backends", default="sqlite,postgresql")
@@ -412,44 +476,29 @@ def main() -> None:
     args = parser.parse_args()
     if args.views:
         args.backends = "sqlite"
-    print(f"{args.workers:,} workers: target {args.workers / 10:,.0f} heartbeats/s and {args.workers / 60:,.0f} "
-          "lease grants/s (each reported)")
-    headline: dict = {"workers": args.workers, "ranges": args.ranges, "seconds": args.seconds, "phases": {}}
+    worker_counts = [int(n) for n in args.workers.split(",")]
+    process_counts = [int(n) for n in args.processes.split(",")]
+    headline: dict = {"workers": worker_counts, "ranges": args.ranges, "seconds": args.seconds, "phases": {}}
     with tempfile.TemporaryDirectory(prefix="essaim-scale-") as scratch:
         for backend in args.backends.split(","):
-            phases = benchmark(backend, args, Path(scratch))
-            for figures in phases:
-                line = [f"[{backend} {figures['mode']}] coordinator {figures['coordinator_cores']:.3f} cores"]
-                if figures["database_cores"] is not None:
-                    line.append(f"database {figures['database_cores']:.2f} cores")
-                for method in ("Heartbeat", "AcquireLease", "CompleteRound"):
-                    if method in figures:
-                        f = figures[method]
-                        line.append(f"{method} {f['per_second']:,.0f}/s p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms")
-                if "served_fraction" in figures:
-                    line.append(f"served {figures['served_fraction']:.1%}")
-                line.append(f"errors {figures['errors']}")
-                line.append("leases " + ", ".join(f"{n} {status}" for status, n in sorted(figures["lease_answers"].items()))
-                            + f"; round {figures['last_round']}")
-                if "answers" in figures:
-                    line.append("views answered {metrics} scrapes, {summary} polls, {failures} failures".format(
-                        **figures["answers"]))
-                print("; ".join(line), flush=True)
-                if figures["errors"]:
-                    print("  e.g. " + " | ".join(figures["error_samples"][:3]))
-                headline["phases"][f"{backend} {figures['mode']}"] = {
-                    "coordinator_cores": round(figures["coordinator_cores"], 4), "errors": figures["errors"],
-                    **({"p99_ms": {m: round(figures[m]["p99_ms"], 1) for m in ("Heartbeat", "AcquireLease", "CompleteRound")
-                                   if m in figures}})}
-                if figures["mode"] == "target":
-                    headline.update(last_target_phase(backend, figures))
-            if args.views:
-                headline["views"] = views_headline(phases, args)
-                v = headline["views"]
-                print(f"[views] coordinator {v['plain_cores']:.3f} cores without, {v['views_cores']:.3f} with /metrics "
-                      f"scraped every {args.scrape_seconds:g} s and {args.viewers} viewers polling every "
-                      f"{args.poll_seconds:g} s: {v['added_cores']:+.3f} cores, {v['added_percent']:+.1f} % "
-                      f"(goal: at most +{v['target_percent']:g} %)", flush=True)
+            database = None
+            if backend == "postgresql":
+                from postgres import PostgresServer
+
+                database = PostgresServer()
+            try:
+                for workers in worker_counts:
+                    print(f"{workers:,} workers: target {workers / 10:,.0f} heartbeats/s and {workers / 60:,.0f} "
+                          "lease grants/s (each reported)")
+                    for processes in process_counts if backend == "postgresql" else [1]:
+                        configuration = f"{backend} {workers} workers {processes} process{'es' if processes > 1 else ''}"
+                        phases = benchmark(backend, workers, processes, args, Path(scratch), database)
+                        report(configuration, phases, headline)
+                        if args.views:
+                            report_views(phases, headline, args)
+            finally:
+                if database is not None:
+                    database.stop()
     print(json.dumps(headline))
 
 

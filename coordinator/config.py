@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from sqlalchemy.engine import make_url
 
 from protocol.auth import DEFAULT_MAX_NONCES, DEFAULT_MAX_NONCES_PER_WORKER
 from protocol.choices import AGGREGATIONS, COMPRESSIONS, INDEPENDENT, UNCHECKABLE_COMPRESSIONS
@@ -181,6 +182,15 @@ class CoordinatorSettings(BaseModel):
     credential_key: Path | None = None  # signs round credentials; default: credential-key.pem in data_dir
     metrics_port: int = Field(0, ge=0, le=65535)    # Prometheus /metrics on `host`; 0: off
     dashboard_port: int = Field(0, ge=0, le=65535)  # the run's live web page on `host`; 0: off
+    processes: int = Field(1, ge=1, le=64)  # serving the gRPC port together, on one PostgreSQL database
+
+    @model_validator(mode="after")
+    def _processes_share_a_database_server(self) -> "CoordinatorSettings":
+        if self.processes > 1 and make_url(self.database_url).get_backend_name() != "postgresql":
+            raise ValueError(f"--processes {self.processes} needs a PostgreSQL database (--database "
+                             "postgresql+psycopg://...): SQLite lets one process write at a time, so more would only "
+                             "wait for each other; serve with --processes 1")
+        return self
 
     @model_validator(mode="after")
     def _governed_institutions_are_voted(self) -> "CoordinatorSettings":

@@ -179,6 +179,8 @@ class RoundBook:
 
     def decide(self, session: Session, round_number: int, now: float) -> bool:
         """Decide the round if its winner is settled; True if it was decided now."""
+        if not self._may_be_settled(session, round_number, now):
+            return False
         filed = session.scalars(select(FiledReport).where(FiledReport.round == round_number,
                                                           FiledReport.outcome == "pending")
                                 .order_by(FiledReport.received_at, FiledReport.id).with_for_update()).all()
@@ -194,9 +196,7 @@ class RoundBook:
             first_report.setdefault(row.params_digest, row.received_at)
             workers[row.params_digest].add(row.worker_id)
             workers[row.params_digest].update(m.worker_id for m in reports[row.id].members)
-        outstanding = session.scalar(select(func.coalesce(func.sum(Lease.end - Lease.start), 0))
-                                     .where(Lease.round == round_number, Lease.state == "granted"))
-        outstanding += self._idle_stake * self._idle_workers(session, round_number, now)
+        outstanding = self._outstanding(session, round_number, now, stakes)
         waited = {digest for digest, since in first_report.items()
                   if len(workers[digest]) >= 2 and now - since >= self._decision_seconds}
         digest = winner(stakes, outstanding, waited)
@@ -231,20 +231,53 @@ class RoundBook:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _idle_workers(self, session: Session, round_number: int, now: float) -> int:
-        """Live workers at the round with no lease and no report in it: each may still lease and report.
+    def _may_be_settled(self, session: Session, round_number: int, now: float) -> bool:
+        """False when the round's pending reports cannot have a winner yet: what every report and every second
+        asks, answered from per-digest sums in the database. Reading, locking and parsing every pending report
+        (the decision itself) would cost each report of a busy round as much as the round's reports so far.
+
+        It errs one way only: any digest old enough is taken for a group that waited (the decision checks
+        the group), so where it answers False the decision would have found no winner either.
+        """
+        quarantined = select(Worker.id).where(Worker.quarantined_at.is_not(None))
+        rows = session.execute(
+            select(FiledReport.params_digest, func.sum(FiledReport.held_tokens), func.min(FiledReport.received_at))
+            .where(FiledReport.round == round_number, FiledReport.outcome == "pending",
+                   FiledReport.worker_id.not_in(quarantined))
+            .group_by(FiledReport.params_digest)).all()
+        if not rows:
+            return bool(session.scalar(select(FiledReport.id).where(  # only quarantined ones: dropped by deciding
+                FiledReport.round == round_number, FiledReport.outcome == "pending").limit(1)))
+        stakes = {digest: int(tokens) for digest, tokens, _ in rows}
+        waited = {digest for digest, _, since in rows if now - since >= self._decision_seconds}
+        return winner(stakes, self._outstanding(session, round_number, now, stakes), waited) is not None
+
+    def _outstanding(self, session: Session, round_number: int, now: float, stakes: dict[str, int]) -> int:
+        """Tokens that may still be staked in the round: on granted leases, and what idle live workers may
+        lease, counted only as far as they decide `winner`: once they outweigh the leader's margin, no more."""
+        granted = session.scalar(select(func.coalesce(func.sum(Lease.end - Lease.start), 0))
+                                 .where(Lease.round == round_number, Lease.state == "granted"))
+        ranked = sorted(stakes.values(), reverse=True)
+        margin = ranked[0] - (ranked[1] if len(ranked) > 1 else 0) - granted
+        if not self._idle_stake or margin < 0:
+            return granted  # (margin < 0: granted leases hold the round open already)
+        enough = margin // self._idle_stake + 1  # this many idle workers hold the round open
+        return granted + self._idle_stake * self._idle_workers(session, round_number, now, enough)
+
+    def _idle_workers(self, session: Session, round_number: int, now: float, at_most: int) -> int:
+        """Live workers at the round with no lease and no report in it, each of which may still lease and
+        report; counted up to `at_most` (a busy swarm's every report would otherwise scan every worker).
 
         Not idle here: one whose heartbeats say it is behind the round (catching up, it cannot train
         the round before the swarm has decided the one before, and peers may have moved on already),
         and one that holds leases of a later round (overlapped averaging: it has moved on itself).
         """
-        if not self._idle_stake:
-            return 0
         busy = select(Lease.worker_id).where(Lease.round >= round_number, Lease.state.in_(("granted", "reported")))
         reported = select(FiledReport.worker_id).where(FiledReport.round == round_number)
-        return session.scalar(select(func.count(Worker.id)).where(
+        idle = select(Worker.id).where(
             Worker.last_seen >= now - self._live_seconds, Worker.last_round >= round_number,
-            Worker.quarantined_at.is_(None), Worker.id.not_in(busy), Worker.id.not_in(reported))) or 0
+            Worker.quarantined_at.is_(None), Worker.id.not_in(busy), Worker.id.not_in(reported)).limit(at_most)
+        return session.scalar(select(func.count()).select_from(idle.subquery())) or 0
 
     @staticmethod
     def _drop_quarantined(session: Session, filed: list[FiledReport], now: float) -> list[FiledReport]:

@@ -3,7 +3,13 @@
 A lock serialises one process's decisions (all SQLite needs). On PostgreSQL, rows
 are locked as they are decided on (SELECT ... FOR UPDATE, SKIP LOCKED for pool
 ranges and overdue leases), so several coordinator processes can share a database
-without two of them granting the same tokens.
+without two of them granting the same tokens. What else sharing takes:
+- a transaction the database aborts for a deadlock with another process's runs again
+  (coordinator/conflicts.py);
+- each process writes the heartbeats it received once a second, so a lease expires only
+  `expiry_margin` after its deadline: a heartbeat that another process holds unwritten
+  still saves it;
+- nonces are claimed in the database (coordinator/shared_nonces.py).
 """
 
 from __future__ import annotations
@@ -12,22 +18,26 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.conflicts import retry_conflicts
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.lease_sizing import WorkerFacts, backoff_seconds, lease_size
 from coordinator.leases import HELD, LeaseError, own_lease, return_to_pool
 from coordinator.mixture import mixture_order
 from coordinator.round_terms import RoundTerms
 from coordinator.rounds import RoundBook, RoundRecorded, RoundReport
+from coordinator.shared_nonces import SharedNonces
 from coordinator.store import FiledReport, Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
 from coordinator.verification import (
     Assignment, Quarantined, Sampler, Verdict, open_checks, refuse_if_quarantined, retrain_unverified, submit_verdict,
     take_check,
 )
+
+T = TypeVar("T")
 
 __all__ = ["AllocationEnding", "AtLimit", "Backoff", "LeaseError", "LeaseLimits", "Quarantined", "RoundOver",
            "RoundRecorded", "RoundReport", "Scheduler"]
@@ -96,6 +106,8 @@ class Scheduler:
         limits: LeaseLimits = LeaseLimits(),
         sampler: Sampler | None = None,  # None: no checks (verify_fraction 0, coordinator/verification.py)
         lease_ahead: bool = False,  # overlapped averaging: a worker may lease round r+1 while round r averages
+        expiry_margin: float = 0.0,  # several processes: a lease expires this long after its deadline
+        shared_nonces: SharedNonces | None = None,  # several processes: heartbeats' nonces claimed as written
     ) -> None:
         self._sessions = sessions
         self.lease_seconds = lease_seconds
@@ -107,7 +119,8 @@ class Scheduler:
         self._rounds = RoundBook(lambda round_: terms(round_).config_version, limits.decision_seconds,
                                  limits.idle_stake, limits.live_seconds,
                                  on_kept=self._open_checks if sampler is not None else None)
-        self._heartbeats = HeartbeatBuffer(limits.max_seconds)
+        self._heartbeats = HeartbeatBuffer(limits.max_seconds, shared_nonces)
+        self._expiry_margin = expiry_margin
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
         self._clock = clock
@@ -128,10 +141,20 @@ class Scheduler:
         with self._lock:
             now = self._clock()
             if now - self._expired_at >= 1.0:  # the periodic expiry runs every second besides
-                with self._sessions.begin() as session:  # committed even when this worker is refused below
-                    self._expire(session, now)
+                self._transaction(lambda session: self._expire(session, now))  # even when this worker is refused
+            return self._transaction(lambda session: self._grant(session, worker_id, max_tokens, round_number, now,
+                                                                 peer_id))
+
+    def _transaction(self, work: Callable[[Session], T]) -> T:
+        """`work` in one transaction, committed; run again if the database aborts it for a conflict with
+        another process. Heartbeats it was writing go back to the buffer if it fails. Called under the lock."""
+        def attempt() -> T:
             with self._sessions.begin() as session:
-                return self._grant(session, worker_id, max_tokens, round_number, now, peer_id)
+                result = work(session)
+            self._heartbeats.written()
+            return result
+
+        return retry_conflicts(attempt, on_abort=self._heartbeats.put_back)
 
     def _grant(self, session: Session, worker_id: str, max_tokens: int, round_number: int, now: float,
                peer_id: str = "") -> LeaseGrant | None:
@@ -213,9 +236,12 @@ class Scheduler:
         lease_ids = [lease_id for lease_id, _ in report.leases]
         if len(set(lease_ids)) != len(lease_ids):
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
-        with self._lock, self._sessions.begin() as session:
+        def record(session: Session) -> RoundRecorded:
             refuse_if_quarantined(session, worker_id)  # nothing of a quarantined worker is recorded
             return self._rounds.report(session, worker_id, report, self._open_round(session), self._clock())
+
+        with self._lock:
+            return self._transaction(record)
 
     # -- checked work (coordinator/verification.py) ----------------------------------------
 
@@ -227,20 +253,21 @@ class Scheduler:
 
         A check assigned two lease periods ago without a verdict goes to the next validator that asks.
         """
-        with self._lock, self._sessions.begin() as session:
-            return take_check(session, validator_id, self._clock(), reassign_after=2 * self.lease_seconds)
+        with self._lock:
+            return self._transaction(lambda session: take_check(session, validator_id, self._clock(),
+                                                                reassign_after=2 * self.lease_seconds))
 
     def retrain(self, worker_ids: set[str]) -> int:
         """Return the named workers' unverified tokens to the pool (a ledger's "retrain"); the tokens returned."""
         if not worker_ids:
             return 0
-        with self._lock, self._sessions.begin() as session:
-            return retrain_unverified(session, worker_ids, self._clock())
+        with self._lock:
+            return self._transaction(lambda session: retrain_unverified(session, worker_ids, self._clock()))
 
     def submit_verdict(self, validator_id: str, verdict: Verdict) -> None:
         """Apply a validator's verdict: credit, quarantine or re-queue (coordinator/verification.py)."""
-        with self._lock, self._sessions.begin() as session:
-            submit_verdict(session, validator_id, verdict, self._clock())
+        with self._lock:
+            self._transaction(lambda session: submit_verdict(session, validator_id, verdict, self._clock()))
 
     def _room(self, session: Session, worker_id: str) -> int:
         """How many more tokens the worker may lease now; AtLimit when it holds as much as it may."""
@@ -263,30 +290,34 @@ class Scheduler:
         retry with a back-off of up to 5 s, so the grace is two lease periods, and at least 30 s.
         """
         grace = max(2 * self.lease_seconds, 30.0)
-        with self._lock, self._sessions.begin() as session:
-            return session.execute(
-                update(Lease).where(Lease.state == "granted").values(deadline=self._clock() + grace)
-            ).rowcount
+        with self._lock:
+            return self._transaction(lambda session: session.execute(
+                update(Lease).where(Lease.state == "granted").values(deadline=self._clock() + grace)).rowcount)
 
     def release(self, worker_id: str, lease_id: int) -> None:
-        with self._lock, self._sessions.begin() as session:
+        def release(session: Session) -> None:
             lease = own_lease(session, worker_id, lease_id)
             return_to_pool(session, lease, "released", self._clock())
             if lease.round == self._open_round(session):  # fewer tokens out: the round may be settled now
                 self._rounds.decide(session, lease.round, self._clock())
 
-    def heartbeat(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float) -> None:
-        """Mark the worker alive and extend its leases' deadlines, as of now (written in a batch: HeartbeatBuffer)."""
-        self._heartbeats.record(worker_id, round_number, loss, tokens_per_second, self._clock())
+        with self._lock:
+            self._transaction(release)
+
+    def heartbeat(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float,
+                  nonce: bytes = b"", forget_nonce_at: float = 0.0) -> None:
+        """Mark the worker alive and extend its leases' deadlines, as of now (written in a batch: HeartbeatBuffer).
+        `nonce`: the request's, claimed when written where processes share the database."""
+        self._heartbeats.record(worker_id, round_number, loss, tokens_per_second, self._clock(), nonce, forget_nonce_at)
 
     def flush_heartbeats(self) -> int:
-        with self._lock, self._sessions.begin() as session:
-            return self._heartbeats.write(session, self.lease_seconds)
+        with self._lock:
+            return self._transaction(lambda session: self._heartbeats.write(session, self.lease_seconds, self._clock()))
 
     def expire_overdue(self) -> int:
         """Return the ranges of leases past their deadline to the pool; returns how many expired."""
-        with self._lock, self._sessions.begin() as session:
-            return self._expire(session, self._clock())
+        with self._lock:
+            return self._transaction(lambda session: self._expire(session, self._clock()))
 
     # -- rounds --------------------------------------------------------------------------
 
@@ -377,10 +408,11 @@ class Scheduler:
         return session.scalar(select(pool.exists())) or False
 
     def _expire(self, session: Session, now: float) -> int:
-        self._heartbeats.write(session, self.lease_seconds)  # a heartbeat not yet written must still save its leases
+        self._heartbeats.write(session, self.lease_seconds, now)  # a heartbeat not yet written must still save its leases
         self._expired_at = now
         overdue = session.scalars(
-            select(Lease).where(Lease.state == "granted", Lease.deadline < now).with_for_update(skip_locked=True)
+            select(Lease).where(Lease.state == "granted", Lease.deadline < now - self._expiry_margin)
+            .with_for_update(skip_locked=True)
         ).all()
         for lease in overdue:
             return_to_pool(session, lease, "expired", now)

@@ -1,10 +1,18 @@
-"""`essaim coordinator serve`: the gRPC server, its store, and a hivemind bootstrap peer."""
+"""`essaim coordinator serve`: the gRPC server, its store, and a hivemind bootstrap peer.
+
+With `--processes N` (PostgreSQL only), N processes serve the same port (SO_REUSEPORT: the
+kernel spreads workers' connections over them) on one database, as one coordinator: the
+first also runs the DHT peer, the web views, the restart grace and the ledger's retraining,
+and starts the others; what sharing the database takes is in coordinator/scheduler.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 from concurrent import futures
@@ -20,6 +28,7 @@ from coordinator.governed import GovernedRun
 from coordinator.round_terms import round_terms
 from coordinator.scheduler import LeaseLimits, Scheduler
 from coordinator.service import CoordinatorService
+from coordinator.shared_nonces import SharedNonces
 from coordinator.verification import Sampler
 from coordinator.store import load_manifest, open_engine, session_factory
 from coordinator.web_views import WebViews
@@ -36,6 +45,13 @@ from protocol.transport import ServerTLS, add_listening_port
 log = logging.getLogger("essaim.coordinator")
 
 CREDENTIAL_KEY_FILE = "credential-key.pem"  # in the corpus directory, beside coordinator.db, unless configured
+# Several processes: each writes its heartbeats every second, so a lease expires this long after its
+# deadline, by which time every process has written a heartbeat that arrived before the deadline.
+EXPIRY_MARGIN_SECONDS = 3.0
+OTHER_PROCESS_START_SECONDS = 120.0
+# SO_REUSEPORT, off for one process (protocol/limits.py): on for several, which bind one port on purpose.
+SHARED_PORT_OPTIONS = [*((name, value) for name, value in SERVER_OPTIONS if name != "grpc.so_reuseport"),
+                       ("grpc.so_reuseport", 1)]
 
 
 def run_id_for(settings: CoordinatorSettings, corpus_root_hash: str, genesis_hash: str = "") -> str:
@@ -82,7 +98,7 @@ def build_run_config(
 @dataclass
 class RunningCoordinator:
     server: grpc.Server
-    swarm: Swarm
+    swarm: Swarm | None  # None in the processes after the first
     address: str
     run_config: pb.RunConfig
     fingerprint: str  # of the TLS certificate, for workers to pin; "" in plaintext
@@ -102,26 +118,34 @@ class RunningCoordinator:
         if self.views is not None:
             self.views.stop()
         self.server.stop(grace=2).wait()
-        self.swarm.close()
+        if self.swarm is not None:
+            self.swarm.close()
 
 
-def start(settings: CoordinatorSettings) -> RunningCoordinator:
+def start(settings: CoordinatorSettings, first: pb.RunConfig | None = None) -> RunningCoordinator:
+    """Serve the run. `first`: this is one of the processes after the first, whose run config it serves."""
     manifest = Manifest.load(settings.data_dir / "manifest.json")
     sessions = session_factory(open_engine(settings.database_url))
     load_manifest(sessions, manifest)
     run = settings.run
+    shared = settings.processes > 1
     governed = GovernedRun(settings.governance) if settings.governance else None  # refuses a ledger that fails
+    shared_nonces = SharedNonces(sessions) if shared else None
     scheduler = Scheduler(sessions, lease_seconds=run.lease_seconds, total_rounds=run.total_rounds,
                           terms=round_terms(run, governed), limits=lease_limits(run), sampler=sampler_for(run),
-                          lease_ahead=run.overlap_averaging)
-    extended = scheduler.extend_leases_after_restart()
-    if extended:
-        log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
+                          lease_ahead=run.overlap_averaging, expiry_margin=EXPIRY_MARGIN_SECONDS if shared else 0.0,
+                          shared_nonces=shared_nonces)
+    if first is None:
+        extended = scheduler.extend_leases_after_restart()
+        if extended:
+            log.info("restarted with %d leases out: each gets a grace period to be heartbeaten and reported", extended)
 
     tls = ServerTLS.from_options(settings.tls_cert, settings.tls_key)
     # Threads: 16 for requests, and as many again for shard downloads (CorpusFiles caps them).
-    views = WebViews(settings)  # before the server: its interceptor times and counts the RPCs
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+    views = WebViews(settings if first is None else settings.model_copy(update={"metrics_port": 0,
+                                                                                  "dashboard_port": 0}))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),  # views: before, its interceptor counts RPCs
+                         options=SHARED_PORT_OPTIONS if shared else SERVER_OPTIONS,
                          interceptors=views.interceptors)
     # Bound before the DHT starts: a busy port or a refused plaintext address fails fast.
     port = add_listening_port(server, settings.host, settings.port, tls, settings.insecure)
@@ -129,28 +153,35 @@ def start(settings: CoordinatorSettings) -> RunningCoordinator:
     # The key that signs round credentials outlives restarts: credentials out on leases stay valid.
     credentials = Identity.load_or_create(settings.credential_key or settings.data_dir / CREDENTIAL_KEY_FILE)
     run_id = run_id_for(settings, manifest.root_hash(), genesis_hash)
-    swarm = Swarm(settings.host, port=settings.dht_port, announce=settings.announce,
-                  credentials=CredentialCheck(credentials.public_key, run_id), dht_prefix=dht_prefix(run_id))
+    swarm = None
+    if first is None:
+        swarm = Swarm(settings.host, port=settings.dht_port, announce=settings.announce,
+                      credentials=CredentialCheck(credentials.public_key, run_id), dht_prefix=dht_prefix(run_id))
     try:
-        run_config = build_run_config(settings, manifest, swarm.visible_addresses(), genesis_hash)
-        run_config.credential_key = credentials.public_key
+        if first is None:
+            run_config = build_run_config(settings, manifest, swarm.visible_addresses(), genesis_hash)
+            run_config.credential_key = credentials.public_key
+        else:
+            run_config = first
         verifier = RequestVerifier(max_nonces=run.bounds.max_nonces,
                                    max_nonces_per_worker=run.bounds.max_nonces_per_worker)
         admission = Admission.for_run(settings.admission, verifier, governed, scheduler.current_round)
         service = CoordinatorService(sessions, scheduler, verifier, settings.run, run_config,
                                      CorpusFiles(settings.data_dir, manifest), governed, credentials,
-                                     admission=admission)
+                                     admission=admission, shared_nonces=shared_nonces)
         server.add_generic_rpc_handlers((service.generic_handler(),))
         server.start()
         views.start(sessions, run_id, governed)  # after the gRPC port: a busy view port stops it all
     except BaseException:
         server.stop(grace=None)
-        swarm.close()
+        if swarm is not None:
+            swarm.close()
         raise
 
     stop_expiry = threading.Event()
-    threading.Thread(
-        target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0, governed), daemon=True
+    threading.Thread(  # every process writes its heartbeats; the first alone retrains what the ledger says
+        target=_expire_leases_periodically, args=(scheduler, stop_expiry, 1.0, governed if first is None else None),
+        daemon=True,
     ).start()
     address = f"{settings.announce or settings.host}:{port}"
     return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry,
@@ -188,9 +219,65 @@ def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, per
                          len(workers), returned)
 
 
+def start_other_processes(settings: CoordinatorSettings, coordinator: RunningCoordinator) -> list:
+    """The processes after the first, serving its port and run config; started and ready, or none."""
+    port = int(coordinator.address.rsplit(":", 1)[1])
+    others = settings.model_copy(update={"port": port})
+    context = multiprocessing.get_context("spawn")  # not fork: gRPC's threads do not survive a fork
+    ready = context.Queue()
+    processes = [context.Process(target=_serve_another, args=(others, coordinator.run_config.SerializeToString(),
+                                                              ready), name=f"coordinator-{n}", daemon=True)
+                 for n in range(2, settings.processes + 1)]
+    for process in processes:
+        process.start()
+    try:
+        for _ in processes:
+            failure = ready.get(timeout=OTHER_PROCESS_START_SECONDS)
+            if failure:
+                raise ValueError(f"a coordinator process did not start: {failure}")
+    except BaseException:
+        stop_other_processes(processes)
+        raise
+    return processes
+
+
+def stop_other_processes(processes: list) -> None:
+    for process in processes:
+        process.terminate()  # SIGTERM: each stops its server
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+
+
+def _serve_another(settings: CoordinatorSettings, run_config: bytes, ready) -> None:  # type: ignore[no-untyped-def]
+    """One of the processes after the first: serve until SIGTERM, or until the first process is gone."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(processName)s %(name)s: %(message)s")
+    try:
+        coordinator = start(settings, first=pb.RunConfig.FromString(run_config))
+    except BaseException as error:
+        ready.put(f"{type(error).__name__}: {error}")
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the whole group: the first stops us
+    parent = os.getppid()
+    ready.put("")
+    try:
+        while not stop.wait(1.0) and os.getppid() == parent:  # a first process killed outright: stop too
+            pass
+    finally:
+        coordinator.stop()
+
+
 def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop the server and the DHT peer."""
     coordinator = start(settings)
+    try:
+        others = start_other_processes(settings, coordinator) if settings.processes > 1 else []
+    except BaseException:
+        coordinator.stop()
+        raise
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -212,7 +299,10 @@ def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None
         print(f"Prometheus metrics: {coordinator.views.metrics_url}", flush=True)
     if coordinator.views is not None and coordinator.views.dashboard_url:
         print(f"dashboard: {coordinator.views.dashboard_url}", flush=True)
+    if others:
+        log.info("%d processes serve port %s together", settings.processes, coordinator.address.rsplit(":", 1)[1])
     try:
         stop.wait()
     finally:
+        stop_other_processes(others)
         coordinator.stop()

@@ -15,10 +15,12 @@ from typing import Any, Callable
 import grpc
 from google.protobuf.message import DecodeError, Message
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.admission import Admission, Refused
+from coordinator.admission import Admission, Admitted, Refused
 from coordinator.config import RunSettings
+from coordinator.conflicts import DatabaseBusy
 from coordinator.corpus_files import CorpusFileError, CorpusFiles
 from coordinator.evaluations import reported_figures
 from coordinator.governed import GovernedRun
@@ -27,6 +29,7 @@ from coordinator.rounds import Member, RoundReport
 from coordinator.scheduler import (
     AllocationEnding, AtLimit, Backoff, LeaseError, NotOpenYet, Quarantined, RoundOver, Scheduler,
 )
+from coordinator.shared_nonces import SharedNonces
 from coordinator.status import StatusCache, StatusPageError
 from coordinator.store import Lease, Shard, Worker
 from coordinator.verification import Assignment, NotAValidator, UnknownCheck, Verdict, VerdictRefused
@@ -65,6 +68,7 @@ class CoordinatorService:
         credentials: Identity | None = None,
         *,
         admission: Admission,  # every Register check (coordinator/admission.py)
+        shared_nonces: SharedNonces | None = None,  # several processes share the database: nonces claimed there too
     ) -> None:
         self._sessions = sessions
         self._admission = admission
@@ -82,6 +86,7 @@ class CoordinatorService:
         # read, and an id is its key's hash, so an entry never changes.
         with sessions() as session:
             self._public_keys: dict[str, bytes] = dict(session.execute(select(Worker.id, Worker.public_key)).all())
+        self._shared_nonces = shared_nonces
         self._credentials = credentials or Identity.generate()  # signs round credentials (protocol/credentials.py)
         self._status = StatusCache(sessions, run_config.run_id, run.total_rounds,
                                    live_within_seconds=3 * run.heartbeat_seconds, page_max=run.bounds.status_page_max)
@@ -148,32 +153,61 @@ class CoordinatorService:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
             except LeaseError as error:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{method}: {error}")
+            except DatabaseBusy as error:  # changed nothing: the worker's client sends it again
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: {error}")
 
         return call
 
     def _authenticate(self, method: str, request: Any) -> None:
         worker_id = request.auth.worker_id
-        public_key = self._public_keys.get(worker_id)
+        public_key = self._public_key(worker_id)
         if public_key is None:
             raise Refused(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{method}: unknown worker id {worker_id[:64]!r}; register first (`essaim worker join`)",
             )
         self._verifier.verify(method, request, public_key)
+        if self._shared_nonces is not None and method != "Heartbeat":  # a heartbeat's is claimed as it is written
+            self._shared_nonces.claim(method, worker_id, request.auth.nonce, self._forget_nonce_at(request))
+
+    def _forget_nonce_at(self, request: Any) -> float:
+        """When a request's nonce may be forgotten: once its timestamp is no longer acceptable."""
+        return request.auth.timestamp_ms / 1000 + self._verifier.max_skew_seconds
+
+    def _public_key(self, worker_id: str) -> bytes | None:
+        """The worker's registered key. Where processes share the database, one that another process registered
+        is read from it (once: an id is its key's hash, so an entry never changes)."""
+        public_key = self._public_keys.get(worker_id)
+        if public_key is None and self._shared_nonces is not None:
+            with self._sessions() as session:
+                public_key = session.scalar(select(Worker.public_key).where(Worker.id == worker_id))
+            if public_key is not None:
+                self._public_keys[worker_id] = public_key
+        return public_key
 
     # -- handlers ---------------------------------------------------------------------
 
     def register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         _require_grid_intensity(request.grid_gco2_per_kwh)
-        admitted = self._admission.admit(request, context.peer(), registered=lambda id_: id_ in self._public_keys)
+        admitted = self._admission.admit(request, context.peer(),
+                                         registered=lambda id_: self._public_key(id_) is not None)
         worker_id = admitted.worker_id
-        now = time.time()
+        try:
+            self._save_worker(request, admitted, time.time())
+        except IntegrityError:  # another process inserted the same worker meanwhile: this one updates it
+            self._save_worker(request, admitted, time.time())
+        self._public_keys[worker_id] = request.public_key  # known from now on (after the commit)
+        if admitted.note:  # the reply has no field for it: the worker reads it from the trailing metadata
+            context.set_trailing_metadata(((ADMISSION_NOTE_METADATA, admitted.note.encode()),))
+        return pb.RegisterReply(worker_id=worker_id, run_id=self._run_config.run_id)
+
+    def _save_worker(self, request: pb.RegisterRequest, admitted: Admitted, now: float) -> None:
         with self._sessions.begin() as session:
-            worker = session.get(Worker, worker_id)
+            worker = session.get(Worker, admitted.worker_id)
             if worker is None:
-                worker = Worker(id=worker_id, public_key=request.public_key, registered_at=now)
+                worker = Worker(id=admitted.worker_id, public_key=request.public_key, registered_at=now)
                 session.add(worker)
-            worker.name = request.name or worker_id[:8]
+            worker.name = request.name or admitted.worker_id[:8]
             worker.institution = admitted.institution  # verified by certificate, or "independent"
             worker.device = request.device or "unknown"
             worker.precision = request.precision or "fp32"
@@ -182,10 +216,6 @@ class CoordinatorService:
             worker.available_until, worker.slurm_job_id = request.available_until, request.slurm_job_id
             worker.grid_gco2_per_kwh = request.grid_gco2_per_kwh
             worker.last_seen = now
-        self._public_keys[worker_id] = request.public_key  # known from now on (after the commit)
-        if admitted.note:  # the reply has no field for it: the worker reads it from the trailing metadata
-            context.set_trailing_metadata(((ADMISSION_NOTE_METADATA, admitted.note.encode()),))
-        return pb.RegisterReply(worker_id=worker_id, run_id=self._run_config.run_id)
 
     def get_run_config(self, request: pb.GetRunConfigRequest) -> pb.RunConfig:
         if self._governed is None:
@@ -198,7 +228,8 @@ class CoordinatorService:
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         _require_finite("Heartbeat", loss=request.loss, tokens_per_second=request.tokens_per_second)
-        self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second)
+        self._scheduler.heartbeat(request.auth.worker_id, request.round, request.loss, request.tokens_per_second,
+                                  request.auth.nonce, self._forget_nonce_at(request))
         live_workers, current_round = self._swarm()
         head = self._governed.current().head if self._governed is not None else ""
         return pb.HeartbeatReply(live_workers=live_workers, current_round=current_round, governance_head=head,
@@ -293,7 +324,7 @@ class CoordinatorService:
         members = []
         for blob in request.member_statements:
             try:
-                statement = read_statement(blob, self._public_keys)
+                statement = read_statement(blob, self._public_key)
             except CredentialError as error:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"CompleteRound: {error}") from None
             if (statement.run_id, statement.round) != (self._run_config.run_id, request.round):

@@ -143,7 +143,18 @@ class Lease(Base):
         Index("ix_leases_state_deadline", "state", "deadline"),
         Index("ix_leases_worker_state", "worker_id", "state"),
         Index("ix_leases_range", "shard_id", "epoch", "start"),  # a range's earlier attempts
+        Index("ix_leases_round_state", "round", "state"),  # a round's leases out, read at each report's decision
     )
+
+
+class RequestNonce(Base):
+    """A signed request's nonce, remembered while its timestamp is acceptable, when several coordinator processes
+    share the database: a request replayed to another process is refused there too (coordinator/shared_nonces.py)."""
+
+    __tablename__ = "request_nonces"
+    worker_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
+    forget_at: Mapped[float] = mapped_column(index=True)
 
 
 class Round(Base):

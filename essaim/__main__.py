@@ -1,3 +1,4 @@
 from essaim.cli import app
 
-app()
+if __name__ == "__main__":  # not when a coordinator process starts another (multiprocessing imports this)
+    app()

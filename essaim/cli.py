@@ -100,6 +100,8 @@ def coordinator_serve(
                                      "(on --host; 0: none)."),
     dashboard_port: int = typer.Option(0, min=0, max=65535, help="Serve the run's live web page, read-only and "
                                        "public, at http://HOST:PORT/ (on --host; 0: none)."),
+    processes: int = typer.Option(1, min=1, max=64, help="Processes serving the port together, on one PostgreSQL "
+                                  "database (--database postgresql+psycopg://...): past one core's worth of workers."),
     verbose: bool = typer.Option(True),
 ) -> None:
     """Serve leases, rounds, shards and the run config over gRPC until SIGTERM/SIGINT; print the join line."""
@@ -122,7 +124,7 @@ def coordinator_serve(
             admission=AdmissionSettings(
                 institutions=named_keys(admit_institution, "--admit-institution"), institutions_only=institutions_only,
                 registrations_per_minute=registrations_per_minute, registration_burst=registration_burst),
-            metrics_port=metrics_port, dashboard_port=dashboard_port,
+            metrics_port=metrics_port, dashboard_port=dashboard_port, processes=processes,
         )
         serve(settings, ready_file)
     except (ValueError, ValidationError, FileNotFoundError, SwarmError) as error:  # TransportError is a ValueError

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from google.protobuf.message import DecodeError
 
@@ -91,12 +92,13 @@ def sign_statement(identity: Identity, statement: pb.MemberStatement) -> bytes:
     return _sign(STATEMENT_TAG, statement.SerializeToString(deterministic=True), identity)
 
 
-def read_statement(blob: bytes, public_key_of: dict[str, bytes] | None = None, key: bytes | None = None) -> pb.MemberStatement:
+def read_statement(blob: bytes, public_key_of: Callable[[str], bytes | None] = lambda _id: None,
+                   key: bytes | None = None) -> pb.MemberStatement:
     """The statement, checked against its worker's key: `key`, or looked up by the id it names."""
     signed = _open(STATEMENT_TAG, blob, "member statement")
     statement = _parse(pb.MemberStatement, signed.body, "member statement")
     if key is None:
-        key = (public_key_of or {}).get(statement.worker_id)
+        key = public_key_of(statement.worker_id)
         if key is None:
             raise CredentialError(f"member statement of unknown worker {statement.worker_id!r}")
     if worker_id_for(key) != statement.worker_id or not verify_signature(key, signed.signature,

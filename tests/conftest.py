@@ -62,10 +62,10 @@ def start_coordinator(tmp_path: Path, corpus_dir: Path) -> Iterator[Callable[...
     started: list[subprocess.Popen[bytes]] = []
 
     def start(port: int = 0, governance: Path | None = None, data: Path | None = None, extra: tuple[str, ...] = (),
-              **run_settings: object) -> CoordinatorProcess:
+              database_url: str = "", **run_settings: object) -> CoordinatorProcess:
         run_file = tmp_path / "run.toml"
         run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_settings.items()))
-        database_url = sqlite_url(tmp_path / "coordinator.db")
+        database_url = database_url or sqlite_url(tmp_path / "coordinator.db")
         ready, log = tmp_path / "ready.json", tmp_path / "coordinator.log"
         ready.unlink(missing_ok=True)  # a restart must not read the previous run's address
         process = start_role(

@@ -300,3 +300,32 @@ def test_overlapping_a_worker_that_trained_the_open_round_leases_the_next_one_an
         ahead.complete_round(worker, final[worker])
     assert ahead.current_round() == 2
     assert accounting_problems(store) == []
+
+
+def test_where_processes_share_the_database_a_lease_expires_a_margin_after_its_deadline(store, clock: Clock) -> None:
+    scheduler = Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock, expiry_margin=3.0)
+    lease = scheduler.acquire("w1", 100, 0).lease
+    clock.now = lease.deadline + 2.0
+    assert scheduler.expire_overdue() == 0  # another process may still hold a heartbeat from before it, unwritten
+    clock.now = lease.deadline + 3.5
+    assert scheduler.expire_overdue() == 1
+    assert lease_states(store)[lease.id] == "expired"
+
+
+def test_a_round_with_many_idle_workers_counts_only_as_many_as_decide_it(store, clock: Clock) -> None:
+    """The idle stakes are counted up to the leader's margin: a report of a busy round does not scan the swarm."""
+    limits = LeaseLimits(min_tokens=10, max_leases=8, max_tokens=2000, max_seconds=300, decision_seconds=60,
+                         idle_stake=100, live_seconds=15)
+    scheduler = Scheduler(store, lease_seconds=30, total_rounds=5, clock=clock, limits=limits)
+    for worker in WORKERS:
+        scheduler.heartbeat(worker, 0, 0.0, 1.0)
+    scheduler.flush_heartbeats()
+    leases = {"w1": scheduler.acquire("w1", 250, 0).lease}
+    assert scheduler.complete_round("w1", report(leases, "w1")).pending  # four idle workers may outstake w1's 250
+    book = scheduler._rounds
+    with store() as session:
+        assert book._idle_workers(session, 0, clock.now, at_most=100) == 4
+        assert book._idle_workers(session, 0, clock.now, at_most=2) == 2
+        # w1 leads by 250: three idle workers (300 tokens) hold the round open, so no more than three are counted.
+        assert book._outstanding(session, 0, clock.now, {GROUP: 250}) == 300
+    assert scheduler.current_round() == 0
