@@ -42,7 +42,7 @@ class HeartbeatBuffer:
         self._shared_nonces = shared_nonces
         self._beats: dict[str, Beat] = {}  # the newest one of each worker counts
         self._claims: list[Claim] = []     # every beat's nonce, shared_nonces only
-        self._writing: tuple[dict[str, Beat], list[Claim]] = ({}, [])  # taken by the transaction under way
+        self._writing = threading.local()  # each thread's transaction under way: what it took to write
         self._lock = threading.Lock()
 
     def record(self, worker_id: str, round_number: int, loss: float, tokens_per_second: float, now: float,
@@ -60,7 +60,7 @@ class HeartbeatBuffer:
         with self._lock:
             beats, claims = self._beats, self._claims
             self._beats, self._claims = {}, []
-            self._writing = (beats, claims)
+        self._writing.taken = (beats, claims)
         if self._shared_nonces is not None:
             self._shared_nonces.forget_expired(session, now)
             fresh = self._shared_nonces.claim_many(session, claims)
@@ -70,7 +70,9 @@ class HeartbeatBuffer:
         workers, leases = Worker.__table__.c, Lease.__table__.c
         session.execute(
             update(Worker.__table__).where(workers.id == bindparam("b_id")).values(
-                last_seen=bindparam("b_seen"), tokens_per_second=bindparam("b_rate"),
+                # Two transactions writing beats may commit out of order: last seen never goes back.
+                last_seen=case((workers.last_seen < bindparam("b_seen"), bindparam("b_seen")), else_=workers.last_seen),
+                tokens_per_second=bindparam("b_rate"),
                 last_round=case((workers.last_round < bindparam("b_round"), bindparam("b_round")), else_=workers.last_round),
                 last_loss=case((bindparam("b_loss") > 0, bindparam("b_loss")), else_=workers.last_loss),
             ),
@@ -90,13 +92,13 @@ class HeartbeatBuffer:
 
     def written(self) -> None:
         """The transaction that wrote the beats committed: forget them."""
-        self._writing = ({}, [])
+        self._writing.taken = ({}, [])
 
     def put_back(self) -> None:
         """The transaction that was writing the beats failed: they wait for the next write (newer ones win)."""
+        beats, claims = getattr(self._writing, "taken", ({}, []))
+        self._writing.taken = ({}, [])
         with self._lock:
-            beats, claims = self._writing
-            self._writing = ({}, [])
             for worker_id, beat in beats.items():
                 if worker_id not in self._beats:
                     self._beats[worker_id] = beat

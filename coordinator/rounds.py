@@ -40,14 +40,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from coordinator import report_sql
 from coordinator.evaluations import record_evaluation
 from coordinator.leases import LeaseError, check_usage, complete, own_lease, return_to_pool
-from coordinator.store import Contribution, FiledReport, Lease, LineageRecord, Round, Worker
+from coordinator.store import Contribution, FiledReport, Lease, LineageRecord, Round, Worker, flushed_connection
 from model.eval_figures import EvalFigure
 
 log = logging.getLogger("essaim.coordinator")
@@ -128,7 +129,7 @@ def winner(stakes: dict[str, int], outstanding: int, group_waited: set[str] = fr
 
 
 def lineage_head(session: Session) -> int:
-    return session.scalar(select(func.max(LineageRecord.id))) or 0
+    return flushed_connection(session).execute(report_sql.LINEAGE_HEAD).scalar() or 0
 
 
 # Called with (session, round, its newly kept filed reports, now) once they are recorded.
@@ -149,9 +150,10 @@ class RoundBook:
         replayed = self._recorded_before(session, worker_id, report, now)
         if replayed is not None:
             return replayed
-        filed = session.scalar(select(FiledReport).where(FiledReport.round == report.round,
-                                                         FiledReport.worker_id == worker_id))
-        if filed is not None:  # sent again while pending, or after the decision
+        filed_id = flushed_connection(session).execute(report_sql.FILED_REPORT, {"round": report.round,
+                                                                          "worker": worker_id}).scalar()
+        if filed_id is not None:  # sent again while pending, or after the decision
+            filed = session.get(FiledReport, filed_id)
             known = RoundReport.from_json(filed.report)
             if (known.params_digest, known.leases) != (report.params_digest, report.leases):
                 raise LeaseError(f"round {report.round} was already reported with other parameters or leases "
@@ -233,21 +235,17 @@ class RoundBook:
 
     def _may_be_settled(self, session: Session, round_number: int, now: float) -> bool:
         """False when the round's pending reports cannot have a winner yet: what every report and every second
-        asks, answered from per-digest sums in the database. Reading, locking and parsing every pending report
-        (the decision itself) would cost each report of a busy round as much as the round's reports so far.
+        asks, answered from per-digest sums (one index holds them). Reading, locking and parsing every pending
+        report, as the decision does, would cost each report of a busy round as much as all its reports so far.
 
-        It errs one way only: any digest old enough is taken for a group that waited (the decision checks
-        the group), so where it answers False the decision would have found no winner either.
+        It errs one way only, so that where it answers False the decision would have found no winner either:
+        any digest old enough is taken for a group that waited (the decision checks the group). The one
+        exception, a delay: a report whose worker another process quarantined a moment ago still counts
+        here, until a decision drops it (a verdict drops the reports it quarantines itself).
         """
-        quarantined = select(Worker.id).where(Worker.quarantined_at.is_not(None))
-        rows = session.execute(
-            select(FiledReport.params_digest, func.sum(FiledReport.held_tokens), func.min(FiledReport.received_at))
-            .where(FiledReport.round == round_number, FiledReport.outcome == "pending",
-                   FiledReport.worker_id.not_in(quarantined))
-            .group_by(FiledReport.params_digest)).all()
+        rows = flushed_connection(session).execute(report_sql.PENDING_STAKES, {"round": round_number}).all()
         if not rows:
-            return bool(session.scalar(select(FiledReport.id).where(  # only quarantined ones: dropped by deciding
-                FiledReport.round == round_number, FiledReport.outcome == "pending").limit(1)))
+            return False
         stakes = {digest: int(tokens) for digest, tokens, _ in rows}
         waited = {digest for digest, _, since in rows if now - since >= self._decision_seconds}
         return winner(stakes, self._outstanding(session, round_number, now, stakes), waited) is not None
@@ -255,8 +253,7 @@ class RoundBook:
     def _outstanding(self, session: Session, round_number: int, now: float, stakes: dict[str, int]) -> int:
         """Tokens that may still be staked in the round: on granted leases, and what idle live workers may
         lease, counted only as far as they decide `winner`: once they outweigh the leader's margin, no more."""
-        granted = session.scalar(select(func.coalesce(func.sum(Lease.end - Lease.start), 0))
-                                 .where(Lease.round == round_number, Lease.state == "granted"))
+        granted = flushed_connection(session).execute(report_sql.GRANTED_TOKENS, {"round": round_number}).scalar()
         ranked = sorted(stakes.values(), reverse=True)
         margin = ranked[0] - (ranked[1] if len(ranked) > 1 else 0) - granted
         if not self._idle_stake or margin < 0:
@@ -272,12 +269,8 @@ class RoundBook:
         the round before the swarm has decided the one before, and peers may have moved on already),
         and one that holds leases of a later round (overlapped averaging: it has moved on itself).
         """
-        busy = select(Lease.worker_id).where(Lease.round >= round_number, Lease.state.in_(("granted", "reported")))
-        reported = select(FiledReport.worker_id).where(FiledReport.round == round_number)
-        idle = select(Worker.id).where(
-            Worker.last_seen >= now - self._live_seconds, Worker.last_round >= round_number,
-            Worker.quarantined_at.is_(None), Worker.id.not_in(busy), Worker.id.not_in(reported)).limit(at_most)
-        return session.scalar(select(func.count()).select_from(idle.subquery())) or 0
+        return flushed_connection(session).execute(report_sql.IDLE_WORKERS, {
+            "live_since": now - self._live_seconds, "round": round_number, "at_most": at_most}).scalar() or 0
 
     @staticmethod
     def _drop_quarantined(session: Session, filed: list[FiledReport], now: float) -> list[FiledReport]:
@@ -303,9 +296,10 @@ class RoundBook:
     def _file(session: Session, worker_id: str, report: RoundReport, now: float, outcome: str) -> FiledReport:
         """The report as filed: its stake, its JSON, and what a check of it needs (peer id, claim, witnesses)."""
         held = sum(lease.end - lease.start for lease in (session.get(Lease, i) for i, _ in report.leases))
+        peer_id = flushed_connection(session).execute(report_sql.PEER_ID, {"worker": worker_id}).scalar()
         filed = FiledReport(round=report.round, worker_id=worker_id, params_digest=report.params_digest,
                             held_tokens=held, report=report.to_json(), received_at=now, outcome=outcome,
-                            peer_id=session.get(Worker, worker_id).peer_id, evidence=report.evidence or None)
+                            peer_id=peer_id, evidence=report.evidence or None)
         session.add(filed)
         return filed
 
@@ -419,10 +413,11 @@ class RoundBook:
         report again once restarted: it must answer as the first time, not refuse it. So
         does a member whose report arrives after its group vouched for it.
         """
-        leases = [session.get(Lease, lease_id) for lease_id, _ in report.leases]
-        if not any(lease is not None and lease.state == "completed" and lease.worker_id == worker_id
-                   and lease.round == report.round for lease in leases):
+        completed = flushed_connection(session).execute(report_sql.COMPLETED_LEASES, {
+            "ids": [lease_id for lease_id, _ in report.leases], "worker": worker_id, "round": report.round}).scalar()
+        if not completed:  # a report seen for the first time: nothing recorded yet
             return None
+        leases = [session.get(Lease, lease_id) for lease_id, _ in report.leases]
         for (lease_id, tokens), lease in zip(report.leases, leases):
             if lease is None or (lease.state, lease.worker_id, lease.round, lease.tokens_consumed) != (
                 "completed", worker_id, report.round, tokens

@@ -14,6 +14,7 @@ without two of them granting the same tokens. What else sharing takes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -23,7 +24,9 @@ from typing import Callable, TypeVar
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator import grant_sql, report_sql
 from coordinator.conflicts import retry_conflicts
+from coordinator.grant_sql import PoolRange
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.lease_sizing import WorkerFacts, backoff_seconds, lease_size
 from coordinator.leases import HELD, LeaseError, own_lease, return_to_pool
@@ -31,7 +34,7 @@ from coordinator.mixture import mixture_order
 from coordinator.round_terms import RoundTerms
 from coordinator.rounds import RoundBook, RoundRecorded, RoundReport
 from coordinator.shared_nonces import SharedNonces
-from coordinator.store import FiledReport, Lease, Round, Shard, Source, TokenRange, Worker, count_assigned
+from coordinator.store import FiledReport, Lease, Round, Shard, Source, TokenRange, Worker, flushed_connection
 from coordinator.verification import (
     Assignment, Quarantined, Sampler, Verdict, open_checks, refuse_if_quarantined, retrain_unverified, submit_verdict,
     take_check,
@@ -123,8 +126,13 @@ class Scheduler:
         self._expiry_margin = expiry_margin
         self._expired_at = -math.inf
         self._weights_cache: tuple[float, dict[str, float]] = (-math.inf, {})
+        self._shards: dict[str, Shard] = {}
         self._clock = clock
-        self._lock = threading.Lock()
+        # SQLite has one writer: a lock serialises this process's transactions. On PostgreSQL rows are locked
+        # (FOR UPDATE, SKIP LOCKED), so this process's threads run theirs at once, as other processes do, and
+        # one transaction's round trips to the database do not hold up the others.
+        sqlite = sessions.kw["bind"].dialect.name == "sqlite"
+        self._lock: contextlib.AbstractContextManager = threading.Lock() if sqlite else contextlib.nullcontext()
 
     # -- leases --------------------------------------------------------------------------
 
@@ -141,6 +149,7 @@ class Scheduler:
         with self._lock:
             now = self._clock()
             if now - self._expired_at >= 1.0:  # the periodic expiry runs every second besides
+                self._expired_at = now  # one thread's turn
                 self._transaction(lambda session: self._expire(session, now))  # even when this worker is refused
             return self._transaction(lambda session: self._grant(session, worker_id, max_tokens, round_number, now,
                                                                  peer_id))
@@ -158,14 +167,17 @@ class Scheduler:
 
     def _grant(self, session: Session, worker_id: str, max_tokens: int, round_number: int, now: float,
                peer_id: str = "") -> LeaseGrant | None:
-        worker = refuse_if_quarantined(session, worker_id)
+        db = flushed_connection(session)  # the grant's statements are plain SQL (coordinator/grant_sql.py)
+        worker = db.execute(grant_sql.WORKER, {"worker": worker_id}).one()
+        if worker.quarantined_at is not None:
+            refuse_if_quarantined(session, worker_id)  # raises, saying why
         open_round = self._open_round(session)
         if round_number < open_round:
             raise RoundOver(round_number, open_round)
         if round_number > open_round and not self._may_lease_ahead(session, worker_id, round_number, open_round):
             raise NotOpenYet(round_number, open_round)
-        if peer_id:
-            worker.peer_id = peer_id
+        if peer_id and peer_id != worker.peer_id:
+            db.execute(grant_sql.SET_PEER_ID, {"peer_id": peer_id, "worker": worker_id})
         if worker.backoff_until > now:
             raise Backoff(worker.backoff_until - now, worker.failures)
         max_tokens = min(max(max_tokens, self.limits.min_tokens), self._room(session, worker_id))
@@ -179,35 +191,32 @@ class Scheduler:
                     "report what is trained, release the rest and stop"
                 )
             max_tokens = min(max_tokens, size)
-        token_range = self._next_pool_range(session, terms.mixture)
-        if token_range is None:
+        pool_range = self._next_pool_range(session, terms.mixture)
+        if pool_range is None:
             return None
-        if token_range.end - token_range.start > max_tokens:
-            # Split: the tail stays in the pool as its own range.
-            session.add(token_range.piece(token_range.start + max_tokens, token_range.end, "pool"))
-            token_range.end = token_range.start + max_tokens
-        token_range.state = "leased"
-        count_assigned(session, token_range.source, token_range.end - token_range.start)
-        earlier = session.scalar(
-            select(func.count(Lease.id)).where(
-                Lease.shard_id == token_range.shard_id,
-                Lease.epoch == token_range.epoch,
-                Lease.start == token_range.start,
-            )
-        )
-        lease = Lease(
-            range_id=token_range.id, worker_id=worker_id, shard_id=token_range.shard_id,
-            epoch=token_range.epoch, start=token_range.start, end=token_range.end,
-            round=round_number, attempt=earlier + 1, state="granted",
-            deadline=now + min(self.lease_seconds, self.limits.max_seconds), granted_at=now,
-        )
-        session.add(lease)
-        session.flush()
-        round_tokens = session.scalar(
-            select(func.sum(Lease.end - Lease.start)).where(Lease.worker_id == worker_id, Lease.round == round_number,
-                                                            Lease.state.in_((*HELD, "completed"))))
-        return LeaseGrant(lease=lease, shard=session.get(Shard, token_range.shard_id), round_tokens=round_tokens,
+        end = min(pool_range.end, pool_range.start + max_tokens)  # a longer range is split: its tail stays
+        grant_sql.lease_range(db, pool_range, end)
+        earlier = db.execute(grant_sql.EARLIER_ATTEMPTS, {"shard_id": pool_range.shard_id, "epoch": pool_range.epoch,
+                                                          "start": pool_range.start}).scalar()
+        lease = Lease(range_id=pool_range.id, worker_id=worker_id, shard_id=pool_range.shard_id,
+                      epoch=pool_range.epoch, start=pool_range.start, end=end, round=round_number,
+                      attempt=earlier + 1, state="granted",
+                      deadline=now + min(self.lease_seconds, self.limits.max_seconds), granted_at=now,
+                      finished_at=None, tokens_consumed=0)
+        lease.id = db.execute(grant_sql.INSERT_LEASE, {
+            "range_id": lease.range_id, "worker_id": worker_id, "shard_id": lease.shard_id, "epoch": lease.epoch,
+            "start": lease.start, "end": lease.end, "round": lease.round, "attempt": lease.attempt,
+            "deadline": lease.deadline, "granted_at": now}).scalar()
+        round_tokens = db.execute(grant_sql.ROUND_TOKENS, {"worker": worker_id, "round": round_number}).scalar()
+        return LeaseGrant(lease=lease, shard=self._shard(session, pool_range.shard_id), round_tokens=round_tokens,
                           trust_class=worker.trust_class)
+
+    def _shard(self, session: Session, shard_id: str) -> Shard:
+        """A shard's row, read once: a run's shards never change (a lease names its file, digest and size)."""
+        shard = self._shards.get(shard_id)
+        if shard is None:
+            shard = self._shards[shard_id] = session.get(Shard, shard_id)
+        return shard
 
     def _may_lease_ahead(self, session: Session, worker_id: str, round_number: int, open_round: int) -> bool:
         """Overlapped averaging: a worker that trained the open round (it holds leases of it, reported or
@@ -237,7 +246,8 @@ class Scheduler:
         if len(set(lease_ids)) != len(lease_ids):
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
         def record(session: Session) -> RoundRecorded:
-            refuse_if_quarantined(session, worker_id)  # nothing of a quarantined worker is recorded
+            if report_sql.is_quarantined(flushed_connection(session), worker_id):
+                refuse_if_quarantined(session, worker_id)  # nothing of a quarantined worker is recorded: says why
             return self._rounds.report(session, worker_id, report, self._open_round(session), self._clock())
 
         with self._lock:
@@ -271,10 +281,7 @@ class Scheduler:
 
     def _room(self, session: Session, worker_id: str) -> int:
         """How many more tokens the worker may lease now; AtLimit when it holds as much as it may."""
-        count, tokens = session.execute(
-            select(func.count(Lease.id), func.coalesce(func.sum(Lease.end - Lease.start), 0))
-            .where(Lease.worker_id == worker_id, Lease.state.in_(HELD))
-        ).one()
+        count, tokens = flushed_connection(session).execute(grant_sql.HELD_BY_WORKER, {"worker": worker_id}).one()
         if count >= self.limits.max_leases or tokens >= self.limits.max_tokens:
             raise AtLimit(
                 f"this worker holds {count} leases ({tokens} tokens); one worker may hold at most "
@@ -341,7 +348,7 @@ class Scheduler:
 
     @staticmethod
     def _open_round(session: Session) -> int:
-        last = session.scalar(select(func.max(Round.number)))
+        last = flushed_connection(session).execute(grant_sql.LAST_ROUND).scalar()
         return 0 if last is None else last + 1
 
     def run_complete(self, round_number: int) -> bool:
@@ -361,14 +368,16 @@ class Scheduler:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _next_pool_range(self, session: Session, voted: dict[str, float]) -> TokenRange | None:
+    def _next_pool_range(self, session: Session, voted: dict[str, float]) -> PoolRange | None:
         """The oldest pool range of the source furthest below its share of leased tokens.
 
         A source whose ranges are all out opens its next epoch, so each source is
         repeated or left partly unread as its weight asks, whatever its size.
         """
-        for source in mixture_order(self._weights(session, voted), self._assigned_tokens(session)):
-            token_range = self._oldest_pool_range(session, source)
+        db = flushed_connection(session)
+        assigned = dict(db.execute(grant_sql.ASSIGNED_TOKENS).all())  # leased or trained, per source, all epochs
+        for source in mixture_order(self._weights(session, voted), assigned):
+            token_range = grant_sql.oldest_pool_range(db, source)
             if token_range is None and not self._has_pool_range(session, source):
                 token_range = self._open_next_epoch(session, source)
             if token_range is not None:
@@ -385,22 +394,6 @@ class Scheduler:
         ).all()
         self._weights_cache = (self._clock(), {name: weight for name, weight in rows})
         return self._weights(session, voted)
-
-    @staticmethod
-    def _assigned_tokens(session: Session) -> dict[str, int]:
-        """Tokens out on lease or trained, per source, over all epochs."""
-        return {name: tokens for name, tokens in session.execute(select(Source.name, Source.assigned_tokens))}
-
-    @staticmethod
-    def _oldest_pool_range(session: Session, source: str) -> TokenRange | None:
-        """The source's next range to lease, locked; ranges another transaction holds are skipped."""
-        return session.scalar(
-            select(TokenRange)
-            .where(TokenRange.state == "pool", TokenRange.source == source)
-            .order_by(TokenRange.epoch, TokenRange.shard_date, TokenRange.shard_id, TokenRange.start)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
 
     @staticmethod
     def _has_pool_range(session: Session, source: str) -> bool:
@@ -424,7 +417,7 @@ class Scheduler:
         self._rounds.decide(session, self._open_round(session), now)
         return len(overdue)
 
-    def _open_next_epoch(self, session: Session, source: str) -> TokenRange | None:
+    def _open_next_epoch(self, session: Session, source: str) -> PoolRange | None:
         """Put the source's shards back in the pool as its next epoch (none of its ranges is in the pool).
 
         Ranges of the older epoch may still be out on lease (or come back on expiry):
@@ -432,7 +425,7 @@ class Scheduler:
         """
         session.get(Source, source, with_for_update=True)  # one epoch opening per source at a time
         if self._has_pool_range(session, source):  # another process opened it while this one waited
-            return self._oldest_pool_range(session, source)
+            return grant_sql.oldest_pool_range(flushed_connection(session), source)
         shards = session.scalars(select(Shard).where(Shard.source == source, Shard.tokens > 0)).all()
         epoch = session.scalar(
             select(func.max(TokenRange.epoch)).where(TokenRange.shard_id.in_([shard.id for shard in shards]))
@@ -442,4 +435,4 @@ class Scheduler:
         for shard in shards:
             session.add(TokenRange.whole(shard, epoch + 1))
         session.flush()
-        return self._oldest_pool_range(session, source)
+        return grant_sql.oldest_pool_range(flushed_connection(session), source)

@@ -61,7 +61,7 @@ class Worker(Base):
     peer_id: Mapped[str] = mapped_column(String(128), default="", server_default="")
     passed_checks: Mapped[int] = mapped_column(default=0, server_default="0")  # fewer: sampled more often
     # Set by a failed check: no more leases, no more credit. The round and check say which work failed.
-    quarantined_at: Mapped[float | None] = mapped_column(default=None)
+    quarantined_at: Mapped[float | None] = mapped_column(default=None, index=True)  # few: read at each report
     quarantine_round: Mapped[int | None] = mapped_column(default=None)
     quarantine_check: Mapped[int | None] = mapped_column(default=None)  # a check id (no foreign key: checks name workers)
     quarantine_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
@@ -184,7 +184,11 @@ class FiledReport(Base):
     # peer id), and the report's claim and witnesses as a CompleteRoundRequest holding only those two.
     peer_id: Mapped[str] = mapped_column(String(128), default="", server_default="")
     evidence: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # None: it carried neither
-    __table_args__ = (UniqueConstraint("round", "worker_id"),)
+    __table_args__ = (
+        UniqueConstraint("round", "worker_id"),
+        # Each report sums its round's pending stakes per digest (rounds.py): from this index alone.
+        Index("ix_round_reports_stakes", "round", "outcome", "params_digest", "held_tokens", "received_at", "worker_id"),
+    )
 
 
 class Check(Base):
@@ -382,6 +386,13 @@ def load_manifest(sessions: sessionmaker[Session], manifest: Manifest) -> None:
             )
             session.add(shard)
             session.add(TokenRange.whole(shard, epoch=0))
+
+
+def flushed_connection(session: Session) -> Connection:
+    """The session's connection, its pending ORM changes written first: plain SQL (grant_sql.py, report_sql.py)
+    then sees what the ORM did in the same transaction, as the ORM's own queries do (autoflush)."""
+    session.flush()
+    return session.connection()
 
 
 def count_assigned(session: Session, source: str, tokens: int) -> None:

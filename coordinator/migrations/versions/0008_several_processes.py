@@ -1,4 +1,4 @@
-"""several processes: leases found by round (each report's decision reads its round's), nonces shared by processes
+"""several processes: leases by round, pending stakes and quarantined workers indexed (read at each report), nonces shared by processes
 
 Revision ID: 0008
 Revises: 0007
@@ -22,6 +22,11 @@ def upgrade() -> None:
     """Upgrade schema."""
     with op.batch_alter_table('leases', schema=None) as batch_op:
         batch_op.create_index('ix_leases_round_state', ['round', 'state'], unique=False)
+    with op.batch_alter_table('workers', schema=None) as batch_op:
+        batch_op.create_index('ix_workers_quarantined_at', ['quarantined_at'], unique=False)
+    with op.batch_alter_table('round_reports', schema=None) as batch_op:
+        batch_op.create_index('ix_round_reports_stakes', ['round', 'outcome', 'params_digest', 'held_tokens',
+                                                          'received_at', 'worker_id'], unique=False)
 
     op.create_table(
         'request_nonces',
@@ -37,5 +42,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Downgrade schema."""
     op.drop_table('request_nonces')
+    with op.batch_alter_table('round_reports', schema=None) as batch_op:
+        batch_op.drop_index('ix_round_reports_stakes')
+    with op.batch_alter_table('workers', schema=None) as batch_op:
+        batch_op.drop_index('ix_workers_quarantined_at')
     with op.batch_alter_table('leases', schema=None) as batch_op:
         batch_op.drop_index('ix_leases_round_state')
