@@ -1,9 +1,10 @@
 """Leases, rounds and lineage: the coordinator's decisions, on top of the store.
 
-A lock serialises one process's decisions (all SQLite needs). On PostgreSQL, rows
-are locked as they are decided on (SELECT ... FOR UPDATE, SKIP LOCKED for pool
-ranges and overdue leases), so several coordinator processes can share a database
-without two of them granting the same tokens. What else sharing takes:
+On SQLite a lock serialises the process's decisions (one writer at a time). On
+PostgreSQL, rows are locked as they are decided on (SELECT ... FOR UPDATE, SKIP LOCKED
+for pool ranges and overdue leases), so a process's threads, and several coordinator
+processes sharing a database, decide at once without two of them granting the same
+tokens. What else sharing takes:
 - a transaction the database aborts for a deadlock with another process's runs again
   (coordinator/conflicts.py);
 - each process writes the heartbeats it received once a second, so a lease expires only
@@ -245,6 +246,7 @@ class Scheduler:
         lease_ids = [lease_id for lease_id, _ in report.leases]
         if len(set(lease_ids)) != len(lease_ids):
             raise LeaseError(f"lease ids repeat in one round report: {lease_ids}")
+
         def record(session: Session) -> RoundRecorded:
             if report_sql.is_quarantined(flushed_connection(session), worker_id):
                 refuse_if_quarantined(session, worker_id)  # nothing of a quarantined worker is recorded: says why
