@@ -142,7 +142,9 @@ def client(address: str, workers: int, mode: str, rate: float, seconds: float, p
     # (a lease asked for, or a report filed for, a decided round is refused, and the load would thin out).
     open_round = [0]
     started = time.perf_counter()
-    threads = 48 if mode == "saturation" else 32
+    # Open loop: enough threads that waiting for replies never holds a scheduled request back (10,000 workers
+    # do not wait for each other); the closed loop keeps 48 requests in flight.
+    threads = 48 if mode == "saturation" else 256
 
     def call(method: str, request, scheduled: float | None = None):  # type: ignore[no-untyped-def]
         """The reply, or None on an error. Latency counts from `scheduled` when given: in the open loop a

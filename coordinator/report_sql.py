@@ -33,3 +33,20 @@ LINEAGE_HEAD = text("SELECT max(id) FROM lineage")
 
 def is_quarantined(db: Connection, worker_id: str) -> bool:
     return bool(db.execute(QUARANTINED, {"worker": worker_id}).scalar())
+
+
+# PostgreSQL: one transaction decides a round at a time; the others do not queue behind its locks.
+TRY_DECISION_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+DECISION_LOCK_SPACE = 0x65737361 << 32  # "essa": advisory lock keys of round decisions, one per round
+
+
+def take_decision(db: Connection, round_number: int) -> bool:
+    """True if this transaction may decide the round (until it ends); False while another one is deciding it.
+
+    A decision records every kept report, seconds of work in a round of thousands: reports that arrive
+    meanwhile would each wait for its locks, and hold a server thread, only to find the round decided.
+    They stay pending instead, and their next try is answered. SQLite: the scheduler's lock does this.
+    """
+    if db.dialect.name != "postgresql":
+        return True
+    return bool(db.execute(TRY_DECISION_LOCK, {"key": DECISION_LOCK_SPACE + round_number}).scalar())

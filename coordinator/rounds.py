@@ -183,6 +183,8 @@ class RoundBook:
         """Decide the round if its winner is settled; True if it was decided now."""
         if not self._may_be_settled(session, round_number, now):
             return False
+        if not report_sql.take_decision(flushed_connection(session), round_number):
+            return False  # another transaction is deciding it: a report left pending is sent again, and answered
         filed = session.scalars(select(FiledReport).where(FiledReport.round == round_number,
                                                           FiledReport.outcome == "pending")
                                 .order_by(FiledReport.received_at, FiledReport.id).with_for_update()).all()

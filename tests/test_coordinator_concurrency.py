@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from coordinator.accounting import accounting_problems
 from coordinator.conflicts import retry_conflicts
+from coordinator.report_sql import take_decision
 from coordinator.scheduler import RoundOver, RoundReport, Scheduler
 from coordinator.store import LineageRecord, Worker, load_manifest, open_engine, session_factory
 from model.shards import Manifest, ShardInfo, SourceInfo
@@ -103,3 +104,13 @@ def test_a_transaction_postgresql_aborts_for_a_deadlock_runs_again(postgres) -> 
     assert sorted(attempts.values()) == [1, 2]  # PostgreSQL aborted one of the two; it ran again
     with sessions() as session:
         assert [worker.failures for worker in session.scalars(select(Worker).order_by(Worker.id))] == [1, 1]
+
+
+def test_one_transaction_at_a_time_decides_a_round_and_the_others_do_not_wait(postgres) -> None:
+    sessions = session_factory(open_engine(postgres.create_database()))
+    with sessions.begin() as deciding, sessions.begin() as reporting:
+        assert take_decision(deciding.connection(), 5)
+        assert not take_decision(reporting.connection(), 5)  # answered at once: its report stays pending
+        assert take_decision(reporting.connection(), 6)  # another round's decision is free
+    with sessions.begin() as later:
+        assert take_decision(later.connection(), 5)  # the lock ended with its transaction
