@@ -318,7 +318,8 @@ def serve(data: Path, url: str, where: Path, *extra: str):  # type: ignore[no-un
         raise
 
 
-def benchmark(backend: str, workers: int, processes: int, args: argparse.Namespace, scratch: Path, database) -> list[dict]:  # type: ignore[no-untyped-def]
+def benchmark(backend: str, workers: int, processes: int, args: argparse.Namespace, scratch: Path,
+              database) -> list[dict]:  # type: ignore[no-untyped-def]
     """The phases of one configuration, on a freshly seeded database (`database`: the PostgreSQL server, or None)."""
     where = scratch / f"{backend}-{workers}-{processes}"
     data = where / "data"

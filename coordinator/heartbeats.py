@@ -71,7 +71,8 @@ class HeartbeatBuffer:
         session.execute(
             update(Worker.__table__).where(workers.id == bindparam("b_id")).values(
                 # Two transactions writing beats may commit out of order: last seen never goes back.
-                last_seen=case((workers.last_seen < bindparam("b_seen"), bindparam("b_seen")), else_=workers.last_seen),
+                last_seen=case((workers.last_seen < bindparam("b_seen"), bindparam("b_seen")),
+                               else_=workers.last_seen),
                 tokens_per_second=bindparam("b_rate"),
                 last_round=case((workers.last_round < bindparam("b_round"), bindparam("b_round")), else_=workers.last_round),
                 last_loss=case((bindparam("b_loss") > 0, bindparam("b_loss")), else_=workers.last_loss),
