@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from coordinator.store import Evaluation, Round
+from coordinator.store import Evaluation, Round, insert_if_absent
 from model.eval_figures import EvalFigure, evaluator_of, figure_problem
 from protocol import essaim_pb2 as pb
 
@@ -65,14 +63,12 @@ def record_evaluation(session: Session, worker_id: str, report: RoundReport, now
         log.warning("round %d: worker %s sent held-out figures, but its group's statements name %s to evaluate: "
                     "ignored", report.round, worker_id[:8], designated[:8])
         return
-    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
     session.execute(
-        insert(Evaluation)
+        insert_if_absent(session, Evaluation, ["round", "group", "name"])
         .values([dict(round=report.round, params_digest=report.params_digest, group=f.group, name=f.name,
                       tokens=f.tokens, bytes=f.bytes, loss=f.loss, bits_per_byte=f.bits_per_byte, worker_id=worker_id,
                       created_at=now)
                  for f in report.evaluation])
-        .on_conflict_do_nothing(index_elements=["round", "group", "name"])
     )
 
 

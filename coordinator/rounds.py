@@ -41,14 +41,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from coordinator import report_sql
 from coordinator.evaluations import record_evaluation
 from coordinator.leases import LeaseError, check_usage, complete, own_lease, return_to_pool
-from coordinator.store import Contribution, FiledReport, Lease, LineageRecord, Round, Worker, flushed_connection
+from coordinator.store import (
+    Contribution, FiledReport, Lease, LineageRecord, Round, Worker, flushed_connection, insert_if_absent,
+)
 from model.eval_figures import EvalFigure
 
 log = logging.getLogger("essaim.coordinator")
@@ -392,12 +392,10 @@ class RoundBook:
     @staticmethod
     def _round_row(session: Session, number: int, digest: str, first_report_at: float) -> Round:
         """The decided round's row, locked; insert-if-absent, so two processes deciding at once agree on one."""
-        insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
         session.execute(
-            insert(Round)
+            insert_if_absent(session, Round, ["number"])
             .values(number=number, first_report_at=first_report_at, reports=0, tokens=0, loss_sum=0.0,
                     max_group_size=0, params_digest=digest)
-            .on_conflict_do_nothing(index_elements=["number"])
         )
         return session.get(Round, number, with_for_update=True, populate_existing=True)
 

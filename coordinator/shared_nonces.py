@@ -16,11 +16,9 @@ from __future__ import annotations
 from typing import Iterable
 
 from sqlalchemy import delete
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.store import RequestNonce
+from coordinator.store import RequestNonce, insert_if_absent
 from protocol.auth import AuthError
 
 Claim = tuple[str, bytes, float]  # (worker id, nonce, when it may be forgotten)
@@ -44,8 +42,7 @@ class SharedNonces:
                 for worker_id, nonce, forget_at in claims]
         if not rows:
             return set()
-        insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
-        statement = (insert(RequestNonce.__table__).on_conflict_do_nothing(index_elements=["worker_id", "nonce"])
+        statement = (insert_if_absent(session, RequestNonce.__table__, ["worker_id", "nonce"])
                      .returning(RequestNonce.worker_id, RequestNonce.nonce))
         claimed = set()
         for worker_id, nonce in session.execute(statement, rows):

@@ -16,6 +16,8 @@ from sqlalchemy import (
     BigInteger, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint, create_engine, event, inspect, select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -386,6 +388,13 @@ def load_manifest(sessions: sessionmaker[Session], manifest: Manifest) -> None:
             )
             session.add(shard)
             session.add(TokenRange.whole(shard, epoch=0))
+
+
+def insert_if_absent(session: Session, table, key: list[str]):  # type: ignore[no-untyped-def]
+    """An INSERT into `table`, in the session's dialect, that skips rows whose `key` exists (ON CONFLICT DO
+    NOTHING): where two processes may insert the same row, both succeed and one row is kept."""
+    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
+    return insert(table).on_conflict_do_nothing(index_elements=key)
 
 
 def flushed_connection(session: Session) -> Connection:
