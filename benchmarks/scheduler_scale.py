@@ -52,6 +52,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -221,31 +222,31 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def postgres_pids() -> list[int]:
-    """The PostgreSQL server's processes (the benchmark's server runs as the postgres user)."""
+def pids_where(matches: Callable[[Path], bool]) -> list[int]:
+    """The processes whose /proc entry `matches` (one that exits while looked at is left out)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid != 0 and (entry / "cmdline").read_bytes().startswith(b"postgres"):
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
-def serving_processes(coordinator_pid: int) -> list[int]:
-    """The coordinator's process and those it started to serve its port with it (not its DHT peer)."""
-    pids = [coordinator_pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if parent == coordinator_pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                if matches(entry):
                     pids.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 pass
     return pids
+
+
+def postgres_pids() -> list[int]:
+    """The PostgreSQL server's processes (the benchmark's server runs as the postgres user)."""
+    return pids_where(lambda entry: entry.stat().st_uid != 0 and (entry / "cmdline").read_bytes().startswith(b"postgres"))
+
+
+def serving_processes(coordinator_pid: int) -> list[int]:
+    """The coordinator's process and those it started to serve its port with it (not its DHT peer)."""
+    def started_to_serve(entry: Path) -> bool:
+        parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        return parent == coordinator_pid and b"spawn_main" in (entry / "cmdline").read_bytes()
+
+    return [coordinator_pid, *pids_where(started_to_serve)]
 
 
 def run_phase(address: str, workers: int, mode: str, seconds: float, coordinator_pid: int, postgres: bool) -> dict:

@@ -41,12 +41,12 @@ def retry_conflicts(attempt: Callable[[], T], on_abort: Callable[[], None] = lam
             return attempt()
         except BaseException as error:
             on_abort()
-            if not (isinstance(error, DBAPIError) and is_conflict(error)) or tries == attempts:
-                if isinstance(error, DBAPIError) and is_conflict(error):
-                    raise DatabaseBusy(
-                        f"the database aborted this request's transaction {attempts} times "
-                        f"({RETRIED_STATES[error.orig.sqlstate]}: another coordinator process wanted the same "
-                        "rows); send it again") from error
+            if not (isinstance(error, DBAPIError) and is_conflict(error)):
                 raise
+            if tries == attempts:
+                raise DatabaseBusy(
+                    f"the database aborted this request's transaction {attempts} times "
+                    f"({RETRIED_STATES[error.orig.sqlstate]}: another coordinator process wanted the same "
+                    "rows); send it again") from error
         time.sleep(random.uniform(0, 0.005 * 2 ** tries))  # apart, so that the two do not collide again
     raise AssertionError("unreachable")

@@ -13,15 +13,14 @@ from typing import NamedTuple
 
 from sqlalchemy import Connection, text
 
-from coordinator.leases import HELD
+from coordinator.leases import HELD_SQL
 
-_HELD = ", ".join(f"'{state}'" for state in HELD)
 LAST_ROUND = text("SELECT max(number) FROM rounds")
 WORKER = text("SELECT quarantined_at, backoff_until, failures, tokens_per_second, available_until, trust_class, "
               "peer_id FROM workers WHERE id = :worker")
 SET_PEER_ID = text("UPDATE workers SET peer_id = :peer_id WHERE id = :worker")
 HELD_BY_WORKER = text(f'SELECT count(id), coalesce(sum("end" - start), 0) FROM leases '
-                      f"WHERE worker_id = :worker AND state IN ({_HELD})")
+                      f"WHERE worker_id = :worker AND state IN ({HELD_SQL})")
 ASSIGNED_TOKENS = text("SELECT name, assigned_tokens FROM sources")
 _OLDEST_POOL_RANGE = ('SELECT id, shard_id, epoch, start, "end", source, shard_date FROM token_ranges '
                       "WHERE state = 'pool' AND source = :source ORDER BY epoch, shard_date, shard_id, start LIMIT 1")
@@ -37,7 +36,7 @@ INSERT_LEASE = text(
     "granted_at, tokens_consumed) VALUES (:range_id, :worker_id, :shard_id, :epoch, :start, :end, :round, :attempt, "
     "'granted', :deadline, :granted_at, 0) RETURNING id")
 ROUND_TOKENS = text(f'SELECT coalesce(sum("end" - start), 0) FROM leases WHERE worker_id = :worker '
-                    f"AND round = :round AND state IN ({_HELD}, 'completed')")
+                    f"AND round = :round AND state IN ({HELD_SQL}, 'completed')")
 
 
 class PoolRange(NamedTuple):

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from coordinator.store import Lease, TokenRange, count_assigned
 
 HELD = ("granted", "reported")  # states in which a lease's range is out of the pool
+HELD_SQL = ", ".join(f"'{state}'" for state in HELD)  # the same, for `state IN (...)` in plain SQL
 
 
 class LeaseError(Exception):

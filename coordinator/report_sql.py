@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, bindparam, text
 
+from coordinator.leases import HELD_SQL
+
 QUARANTINED = text("SELECT quarantined_at IS NOT NULL FROM workers WHERE id = :worker")
 PEER_ID = text("SELECT peer_id FROM workers WHERE id = :worker")
 FILED_REPORT = text("SELECT id FROM round_reports WHERE round = :round AND worker_id = :worker")
@@ -24,7 +26,7 @@ GRANTED_TOKENS = text("SELECT coalesce(sum(\"end\" - start), 0) FROM leases WHER
 IDLE_WORKERS = text(
     "SELECT count(*) FROM (SELECT w.id FROM workers w WHERE w.last_seen >= :live_since AND w.last_round >= :round "
     "AND w.quarantined_at IS NULL "
-    "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.worker_id = w.id AND l.state IN ('granted', 'reported') "
+    f"AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.worker_id = w.id AND l.state IN ({HELD_SQL}) "
     "AND l.round >= :round) "
     "AND NOT EXISTS (SELECT 1 FROM round_reports r WHERE r.round = :round AND r.worker_id = w.id) "
     "LIMIT :at_most) AS idle")

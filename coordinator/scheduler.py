@@ -150,7 +150,6 @@ class Scheduler:
         with self._lock:
             now = self._clock()
             if now - self._expired_at >= 1.0:  # the periodic expiry runs every second besides
-                self._expired_at = now  # one thread's turn
                 self._transaction(lambda session: self._expire(session, now))  # even when this worker is refused
             return self._transaction(lambda session: self._grant(session, worker_id, max_tokens, round_number, now,
                                                                  peer_id))
@@ -403,8 +402,8 @@ class Scheduler:
         return session.scalar(select(pool.exists())) or False
 
     def _expire(self, session: Session, now: float) -> int:
+        self._expired_at = now  # first: this thread's turn, other threads' grants skip theirs
         self._heartbeats.write(session, self.lease_seconds, now)  # a heartbeat not yet written must still save its leases
-        self._expired_at = now
         overdue = session.scalars(
             select(Lease).where(Lease.state == "granted", Lease.deadline < now - self._expiry_margin)
             .with_for_update(skip_locked=True)

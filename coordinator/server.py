@@ -105,6 +105,7 @@ class RunningCoordinator:
     _stop_expiry: threading.Event
     genesis: str = ""  # a governed run's genesis hash: workers pin it (--genesis)
     views: WebViews | None = None  # /metrics and the dashboard, when their ports are set
+    port: int = 0  # the gRPC port bound (--port 0: a free one), which further processes share
 
     @property
     def join_line(self) -> str:
@@ -185,7 +186,7 @@ def start(settings: CoordinatorSettings, first: pb.RunConfig | None = None) -> R
     ).start()
     address = f"{settings.announce or settings.host}:{port}"
     return RunningCoordinator(server, swarm, address, run_config, tls.fingerprint() if tls else "", stop_expiry,
-                              genesis=genesis_hash, views=views)
+                              genesis=genesis_hash, views=views, port=port)
 
 
 def lease_limits(run: RunSettings) -> LeaseLimits:
@@ -221,8 +222,7 @@ def _expire_leases_periodically(scheduler: Scheduler, stop: threading.Event, per
 
 def start_other_processes(settings: CoordinatorSettings, coordinator: RunningCoordinator) -> list:
     """The processes after the first, serving its port and run config; started and ready, or none."""
-    port = int(coordinator.address.rsplit(":", 1)[1])
-    others = settings.model_copy(update={"port": port})
+    others = settings.model_copy(update={"port": coordinator.port})
     context = multiprocessing.get_context("spawn")  # not fork: gRPC's threads do not survive a fork
     ready = context.Queue()
     processes = [context.Process(target=_serve_another, args=(others, coordinator.run_config.SerializeToString(),
@@ -300,7 +300,7 @@ def serve(settings: CoordinatorSettings, ready_file: Path | None = None) -> None
     if coordinator.views is not None and coordinator.views.dashboard_url:
         print(f"dashboard: {coordinator.views.dashboard_url}", flush=True)
     if others:
-        log.info("%d processes serve port %s together", settings.processes, coordinator.address.rsplit(":", 1)[1])
+        log.info("%d processes serve port %d together", settings.processes, coordinator.port)
     try:
         stop.wait()
     finally:
