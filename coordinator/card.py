@@ -186,7 +186,16 @@ def _preparation_summary(report: dict) -> dict:
         "kept_documents": sum(c["kept_documents"] for c in report["sources"].values()),
         "removed_documents": dict(sorted(removed.items())),
         "tokenizer_fertility": report.get("fertility", {}),
+        "tdm_opt_out_lists": report.get("tdm_opt_outs", {}),  # source -> the reservation lists it was checked on
     }
+
+
+def _opt_outs_line(lists: dict[str, list[dict]], removed: dict[str, int]) -> str:
+    if not lists:
+        return "No text-and-data-mining reservation (opt-out) list was configured for this corpus."
+    files = sorted({entry["file"] for entries in lists.values() for entry in entries})
+    return (f"Text-and-data-mining reservations (opt-outs) honoured: {removed.get('tdm_opt_out', 0):,} documents removed "
+            f"(lists: {', '.join(files)}; sources checked: {', '.join(sorted(lists))}).")
 
 
 def card_markdown(card: dict) -> str:
@@ -253,6 +262,8 @@ def card_markdown(card: dict) -> str:
             f"{preparation['kept_documents']:,} kept. Removed by filter:",
             "",
             *(f"- {reason}: {count:,}" for reason, count in preparation["removed_documents"].items()),
+            "",
+            _opt_outs_line(preparation.get("tdm_opt_out_lists", {}), preparation["removed_documents"]),
             "",
         ]
     governance = card["configs"].get("governance")

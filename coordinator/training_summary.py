@@ -45,6 +45,7 @@ SOURCE_KINDS = {
 NOT_STATED = "not_stated"
 ILLEGAL_CONTENT_FILTERS = ("blocked_url", "banned_words")  # model/filters.py: the lists a corpus config gives
 DEDUPLICATION = ("exact_duplicate", "near_duplicate")
+TDM_OPT_OUT = "tdm_opt_out"  # model/filters.py: documents whose URL a reservation list names
 
 
 class SummaryError(ValueError):
@@ -160,7 +161,7 @@ def _processing(data_dir: Path, trained_sources: list[str]) -> dict:
     """What the preparation did to the trained sources' documents, from its report (whole sources, all epochs)."""
     report_file = data_dir / REPORT_FILE
     processing: dict = {
-        "tdm_reservations": {"list_configured": False},  # `essaim data prepare` takes no opt-out list (yet)
+        "tdm_reservations": {"list_configured": False},  # unless the report names the lists its sources were checked on
         "preparation_report": None,
     }
     if not report_file.is_file():
@@ -178,6 +179,10 @@ def _processing(data_dir: Path, trained_sources: list[str]) -> dict:
     for figures in per_source.values():
         for reason, documents in figures["removed_documents"].items():
             totals[reason] = totals.get(reason, 0) + documents
+    lists = {name: report.get("tdm_opt_outs", {})[name] for name in per_source if report.get("tdm_opt_outs", {}).get(name)}
+    if lists:
+        processing["tdm_reservations"] = {"list_configured": True, "lists": lists,
+                                          "removed_documents": totals.get(TDM_OPT_OUT, 0)}
     processing["preparation_report"] = {
         "file": REPORT_FILE,
         "records": sum(f["records"] for f in per_source.values()),
@@ -186,7 +191,7 @@ def _processing(data_dir: Path, trained_sources: list[str]) -> dict:
         "illegal_content_filters": {reason: totals.get(reason, 0) for reason in ILLEGAL_CONTENT_FILTERS},
         "deduplication": {reason: totals.get(reason, 0) for reason in DEDUPLICATION},
         "quality_filters": {reason: count for reason, count in sorted(totals.items())
-                            if reason not in ILLEGAL_CONTENT_FILTERS + DEDUPLICATION},
+                            if reason not in (*ILLEGAL_CONTENT_FILTERS, *DEDUPLICATION, TDM_OPT_OUT)},
         "per_source": per_source,
     }
     return processing

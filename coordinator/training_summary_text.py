@@ -100,16 +100,9 @@ def _dates(section: dict) -> str:
 
 
 def _processing_lines(processing: dict) -> list[str]:
-    lines = [
-        "## 3. Data processing aspects",
-        "",
-        "### 3.1 Respect of reservation of rights from the text and data mining exception or limitation",
-        "",
-        "No text-and-data-mining reservation (opt-out) list was configured for this corpus: its preparation recorded "
-        "none, and no source was checked against rightsholders' machine-readable reservations (robots.txt, TDMRep, "
-        "ai.txt). Each source is used under the licence its corpus config states (section 2).",
-        "",
-    ]
+    lines = ["## 3. Data processing aspects", "",
+             "### 3.1 Respect of reservation of rights from the text and data mining exception or limitation", "",
+             _reservations_text(processing["tdm_reservations"]), ""]
     report = processing["preparation_report"]
     if report is None:
         return lines + ["### 3.2 Removal of illegal content", "",
@@ -140,6 +133,22 @@ def _processing_lines(processing: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _reservations_text(reservations: dict) -> str:
+    if not reservations["list_configured"]:
+        return ("No text-and-data-mining reservation (opt-out) list was configured for this corpus: its preparation "
+                "recorded none, and no source was checked against rightsholders' machine-readable reservations "
+                "(robots.txt, TDMRep, ai.txt). Each source is used under the licence its corpus config states (section 2).")
+    lists = sorted({(entry["file"], entry["entries"], entry["sha256"]) for entries in reservations["lists"].values()
+                    for entry in entries})
+    named = "; ".join(f"{file} ({entries:,} domains or URL patterns, sha256 {digest[:16]})"
+                      for file, entries, digest in lists)
+    return (f"The preparation removed {reservations['removed_documents']:,} documents whose URL matched a "
+            f"text-and-data-mining reservation (opt-out, Directive (EU) 2019/790, Art. 4(3)) on the corpus's lists: "
+            f"{named}, checked for the sources {', '.join(sorted(reservations['lists']))}. Documents without a URL "
+            "could not be matched. No source was checked against machine-readable reservations beyond these lists "
+            "(robots.txt, TDMRep, ai.txt).")
 
 
 def _energy_lines(energy: dict | None) -> list[str]:

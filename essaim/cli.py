@@ -54,18 +54,43 @@ def data_prepare(
     out: Path = typer.Option(..., "--out", help="Directory for shards, manifest.json, tokenizer/ and the report."),
     vocab_size: int | None = typer.Option(None, help="BPE vocabulary size (default: the config's, else 4096)."),
     shard_tokens: int | None = typer.Option(None, help="Most tokens per shard (default: the config's, else 2^20)."),
+    executor: str = typer.Option("local", help="local (processes on this machine) or slurm (job arrays)."),
+    tasks: int | None = typer.Option(None, help="Tasks each stage is split into (default: this machine's cores)."),
+    partition: str | None = typer.Option(None, help="Slurm: the partition the jobs run in."),
+    time: str = typer.Option("24:00:00", help="Slurm: each task's time limit."),
+    cpus_per_task: int = typer.Option(1, help="Slurm: CPUs per task."),
+    mem_per_cpu_gb: int = typer.Option(2, help="Slurm: memory per CPU, in GB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Slurm: print the job scripts, submit nothing."),
 ) -> None:
-    """Filter, deduplicate and tokenize a corpus into dated token shards with a manifest and a report."""
-    from model.corpus import REPORT_FILE, prepare_corpus
+    """Filter, deduplicate and tokenize a corpus into dated token shards with a manifest and a report.
+
+    Runs on datatrove: each stage's tasks run as local processes or as a Slurm job array (the
+    output's parent directory must then be on a file system every node shares). A run that
+    fails keeps its work directory: the same command resumes it.
+    """
+    from pydantic import ValidationError
+
+    from model.corpus import REPORT_FILE, ExecutorSettings, PrepareFailed, prepare_corpus, print_slurm_jobs
     from model.corpus_config import load_corpus_config
     from model.prepare_report import print_report
 
     try:
+        settings = ExecutorSettings(kind=executor, partition=partition, time=time, cpus_per_task=cpus_per_task,
+                                    mem_per_cpu_gb=mem_per_cpu_gb, **({"tasks": tasks} if tasks else {}))
+    except ValidationError as error:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'executor'}: {e['msg']}" for e in error.errors()))
+    if dry_run and settings.kind != "slurm":
+        _fail("--dry-run prints Slurm jobs: add --executor slurm --partition NAME")
+    try:
+        if dry_run:
+            typer.echo(print_slurm_jobs(load_corpus_config(corpus), out, settings, vocab_size=vocab_size,
+                                        shard_tokens=shard_tokens))
+            return
         manifest, report = prepare_corpus(
-            load_corpus_config(corpus), out, vocab_size=vocab_size, shard_tokens=shard_tokens,
+            load_corpus_config(corpus), out, vocab_size=vocab_size, shard_tokens=shard_tokens, executor=settings,
             log=lambda step: typer.echo(f"... {step}", err=True),
         )
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, PrepareFailed) as error:
         _fail(str(error))
     print_report(report)
     total = sum(shard.tokens for shard in manifest.shards)

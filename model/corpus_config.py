@@ -10,6 +10,7 @@ anything is read, with the file and line of the offending source:
 
     [filters]                   # defaults for every source (see FilterSettings)
     url_blocklist = ["filters/blocked-domains.txt"]
+    tdm_opt_outs = ["filters/tdm-reservations.txt"]   # domains or URL patterns reserved from text mining
     banned_words = { fr = "filters/banned-fr.txt" }
 
     [dedup]
@@ -54,6 +55,9 @@ class FilterSettings(BaseModel):
     min_alpha_ratio: float = Field(0.5, ge=0, le=1)
     max_digit_ratio: float = Field(0.3, ge=0, le=1)
     url_blocklist: list[Path] = []            # files of domains, one per line ('#' comments)
+    # Files of domains ("example.com") or URL patterns ("example.org/news/*") whose owners reserved their
+    # text-and-data-mining rights (EU directive 2019/790, Art. 4(3)): matching documents are removed.
+    tdm_opt_outs: list[Path] = []
     banned_words: dict[str, Path] = {}        # language -> file of words or phrases, one per line
     max_banned_words: int = Field(0, ge=0)    # a document with more occurrences than this is removed
 
@@ -197,8 +201,9 @@ def _resolve(config: CorpusConfig, path: Path) -> Corpus:
         except ValidationError as error:
             raise CorpusConfigError(f"{where}: [source.filters]: {_first_error(error)}") from None
         filters.url_blocklist = [absolute(p) for p in filters.url_blocklist]
+        filters.tdm_opt_outs = [absolute(p) for p in filters.tdm_opt_outs]
         filters.banned_words = {language: absolute(p) for language, p in filters.banned_words.items()}
-        for file in [*filters.url_blocklist, *filters.banned_words.values()]:
+        for file in [*filters.url_blocklist, *filters.tdm_opt_outs, *filters.banned_words.values()]:
             if not file.is_file():
                 raise CorpusConfigError(f"{where}: filter list {file} does not exist")
         paths = [absolute(p) for p in entry.paths]

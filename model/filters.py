@@ -1,12 +1,14 @@
 """Document quality filters: each names why it removes a document, so the report can count it.
 
 The checks follow Lucie's recipe: blocked URL domains, banned words per language,
-length and character-ratio heuristics. Duplicates are model.dedup's job. A filter is
-built once per source from its FilterSettings; word lists are read once.
+length and character-ratio heuristics; and the text-and-data-mining reservations
+(opt-outs) the corpus lists. Duplicates are the dedup stages' job (model/prepare/dedup.py).
+A filter is built once per source from its FilterSettings; lists are read once.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,7 +19,7 @@ from model.corpus_config import Source
 from model.ingest import Document
 
 REASONS = (
-    "date_outside_range", "blocked_url", "too_short", "too_long", "too_few_words",
+    "date_outside_range", "tdm_opt_out", "blocked_url", "too_short", "too_long", "too_few_words",
     "low_alpha_ratio", "high_digit_ratio", "banned_words", "exact_duplicate", "near_duplicate",
 )
 
@@ -43,6 +45,36 @@ def _banned_pattern(path: Path) -> re.Pattern[str] | None:
     return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
 
 
+class OptOuts:
+    """Text-and-data-mining reservations: a line is a domain (its subdomains too) or a URL pattern.
+
+    A pattern ("example.org/news/*", "*.example.net/*") holds a '/' or a '*' and is matched,
+    as a shell pattern, against the URL without its scheme, lower-cased. A document without a
+    URL cannot be matched, and is kept.
+    """
+
+    def __init__(self, lists: list[Path]) -> None:
+        entries = [entry for path in lists for entry in _read_list(path)]
+        self.domains = frozenset(e for e in entries if "/" not in e and "*" not in e)
+        patterns = [fnmatch.translate(e) for e in entries if "/" in e or "*" in e]
+        self.pattern = re.compile("|".join(patterns)) if patterns else None
+        self.entries = len(entries)
+
+    def reserved(self, url: str) -> bool:
+        parts = urlsplit(url if "//" in url else f"//{url}")
+        host = (parts.hostname or "").lower()
+        if _under_domain(host, self.domains):
+            return True
+        address = f"{host}{parts.path or '/'}{'?' + parts.query if parts.query else ''}".lower()
+        return self.pattern is not None and self.pattern.match(address) is not None
+
+
+def _under_domain(host: str, domains: frozenset[str]) -> bool:
+    """Whether ``host`` is one of ``domains`` or under one ("ads.example.com" is under "example.com")."""
+    labels = host.split(".")
+    return any(".".join(labels[i:]) in domains for i in range(len(labels)))
+
+
 class QualityFilter:
     """The per-source checks, cheapest first; ``reason`` gives the first one that fails."""
 
@@ -50,6 +82,7 @@ class QualityFilter:
         self.source = source
         self.settings = source.filters
         self.blocked_domains = frozenset(d for path in self.settings.url_blocklist for d in _read_list(path))
+        self.opt_outs = OptOuts(self.settings.tdm_opt_outs)
         banned_list = self.settings.banned_words.get(source.language)
         self.banned = _banned_pattern(banned_list) if banned_list else None
 
@@ -57,6 +90,8 @@ class QualityFilter:
         s, text = self.settings, document.text
         if not self.source.date_from <= document.date <= self.source.date_to:
             return "date_outside_range"
+        if document.url and self.opt_outs.entries and self.opt_outs.reserved(document.url):
+            return "tdm_opt_out"
         if document.url and self._blocked(document.url):
             return "blocked_url"
         if len(text) < s.min_chars:
@@ -75,10 +110,7 @@ class QualityFilter:
         return None
 
     def _blocked(self, url: str) -> bool:
-        host = (urlsplit(url if "//" in url else f"//{url}").hostname or "").lower()
-        labels = host.split(".")
-        # "ads.example.com" is blocked by "example.com" as well as by itself.
-        return any(".".join(labels[i:]) in self.blocked_domains for i in range(len(labels)))
+        return _under_domain((urlsplit(url if "//" in url else f"//{url}").hostname or "").lower(), self.blocked_domains)
 
     def _banned_count(self, text: str) -> int:
         count = 0

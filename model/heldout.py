@@ -24,17 +24,25 @@ def heldout_count(documents: int, fraction: float, min_documents: int) -> int:
     return max(int(fraction * documents), min(min_documents, documents // 4))
 
 
+def document_key(text: str) -> int:
+    """The first 8 bytes of the text's sha256: what the draw orders documents by."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
 class HeldOutDraw:
-    """One source's documents as keys (the first 8 bytes of their text's sha256) and sizes: which are held out."""
+    """One source's documents as keys (document_key) and sizes: which are held out."""
 
     def __init__(self) -> None:
         self.keys, self.chars = array("Q"), array("Q")  # 16 bytes a document: millions fit in memory
 
     def add(self, text: str) -> int:
-        key = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-        self.keys.append(key)
-        self.chars.append(len(text))
+        key = document_key(text)
+        self.add_key(key, len(text))
         return key
+
+    def add_key(self, key: int, chars: int) -> None:
+        self.keys.append(key)
+        self.chars.append(chars)
 
     def heldout(self, fraction: float, min_documents: int) -> frozenset[int]:
         """The held-out documents' keys: the lowest ones, as many as heldout_count says, within HELDOUT_MAX_SHARE.

@@ -57,9 +57,14 @@ def _format_of(file: Path) -> str:
 
 
 def read_source(source: Source) -> Iterator[Document | BadRecord]:
-    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     for file, file_format in source_files(source):
-        yield from readers[file_format](file, source)
+        yield from read_file(file, file_format, source)
+
+
+def read_file(file: Path, file_format: str, source: Source) -> Iterator[Document | BadRecord]:
+    """One input file's documents and bad records, in order."""
+    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+    yield from readers[file_format](file, source)
 
 
 def _read_jsonl(file: Path, source: Source) -> Iterator[Document | BadRecord]:

@@ -63,6 +63,8 @@ class SlurmCluster:
         for directory in ("state", "spool"):
             (self.root / directory).mkdir()
         cpus = os.cpu_count() or 1
+        # Jobs ask for memory (sbatch --mem-per-cpu): the node offers what the machine has, less some headroom.
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 * 9 // 10
         return "\n".join([
             "ClusterName=essaim-test",
             f"SlurmctldHost={self.host}(127.0.0.1)",
@@ -89,7 +91,7 @@ class SlurmCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "KillWait=10",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
+            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
             "",
         ])

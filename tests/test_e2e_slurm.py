@@ -1,4 +1,5 @@
-"""`essaim hpc submit` against a real single-node Slurm: workers run as job tasks, declare the job, drain on SIGTERM.
+"""A real single-node Slurm: `essaim hpc submit` runs workers as job tasks (they declare the job, drain on
+SIGTERM), and `essaim data prepare --executor slurm` runs corpus preparation as job arrays.
 
 The HPC centre (GENCI) holds a key the coordinator admits; `hpc submit` certifies each
 task's worker with it on the login node, so the workers are credited as GENCI's, class hpc.
@@ -7,6 +8,7 @@ task's worker with it on the login node, so the workers are credited as GENCI's,
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 from pathlib import Path
 
@@ -18,6 +20,10 @@ from coordinator.hpc import job_status
 from coordinator.store import Contribution, Lease, Worker
 from essaim.processes import essaim_command
 from governance.documents import generate_key
+from model.corpus import REPORT_FILE, ExecutorSettings, prepare_corpus
+from model.corpus_config import load_corpus_config
+from model.shards import Manifest
+from model.synthetic_corpus import write_synthetic_corpus
 from slurm import SlurmCluster, slurm_available
 from support import wait_for
 
@@ -107,3 +113,33 @@ def test_sigterm_before_the_walltime_makes_the_workers_release_their_leases(slur
     assert output.count("releasing the lease and leaving the swarm") == 2, output[-3000:]
     assert output.count(" stopped after ") == 2, output[-3000:]
     assert accounting_problems(sessions) == []
+
+
+def test_prepare_on_slurm_equals_the_local_executor_and_a_stop_cancels_its_jobs(slurm, tmp_path: Path) -> None:
+    config = write_synthetic_corpus(tmp_path / "in", megabytes=0.3, seed=3)
+    sizes = ("--vocab-size", "500", "--shard-tokens", "8000")
+    on_slurm = ("--executor", "slurm", "--partition", "debug", "--tasks", "2")
+
+    dry = essaim(slurm, "data", "prepare", str(config), "--out", str(tmp_path / "dry"), *on_slurm, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("#!/bin/bash") == 10 and dry.stdout.count("--dependency=afterok") == 9
+    assert "#SBATCH --array=0-1" in dry.stdout and "launch_pickled_pipeline" in dry.stdout
+    assert not slurm.run("squeue", "-h").stdout.strip()  # nothing submitted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing left behind
+
+    result = essaim(slurm, "data", "prepare", str(config), "--out", str(tmp_path / "slurm"), *on_slurm, *sizes)
+    assert result.returncode == 0, result.stderr + slurm.logs()
+    assert "submitted 10 Slurm job arrays" in result.stderr
+    local, report = prepare_corpus(load_corpus_config(config), tmp_path / "local", vocab_size=500, shard_tokens=8000,
+                                   executor=ExecutorSettings(tasks=2))
+    assert Manifest.load(tmp_path / "slurm" / "manifest.json") == local
+    assert json.loads((tmp_path / "slurm" / REPORT_FILE).read_text()) == report.to_json()
+    assert not (tmp_path / ".slurm.prepare").exists()
+
+    stopping = config.with_name("stopping.toml")
+    stopping.write_text(config.read_text().replace('on_bad_record = "skip"', 'on_bad_record = "stop"'))
+    stopped = essaim(slurm, "data", "prepare", str(stopping), "--out", str(tmp_path / "stopped"), *on_slurm, *sizes)
+    assert stopped.returncode != 0
+    assert "jsonl:5: not valid JSON" in stopped.stderr and "nothing was written" in stopped.stderr
+    wait_for(lambda: not slurm.run("squeue", "-h").stdout.strip(), 30, "the later stages cancelled")
+    assert not (tmp_path / "stopped").exists() and not (tmp_path / ".stopped.prepare").exists()

@@ -98,7 +98,7 @@ def test_a_bad_record_with_stop_leaves_the_previous_preparation_untouched(synthe
     first, _ = prepare_corpus(corpus, out, vocab_size=500, shard_tokens=50_000)
     stopping = load_corpus_config(Path(corpus.sources[0].paths[0]).parent / "corpus.toml")
     stopping.settings.on_bad_record = "stop"
-    with pytest.raises(PrepareStopped, match=r"synthetic-en\.jsonl:5: not valid JSON .* nothing was written"):
+    with pytest.raises(PrepareStopped, match=r"synthetic-(en|fr)\.jsonl:5: not valid JSON .* nothing was written"):
         prepare_corpus(stopping, out, vocab_size=500, shard_tokens=50_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging directory left behind
     assert Manifest.load(out / "manifest.json") == first
@@ -139,12 +139,13 @@ def test_without_gettext_catalogs_generated_cc0_text_stands_in(tmp_path: Path, m
 
 def test_a_long_document_encodes_piece_by_piece_exactly_as_whole(sample) -> None:
     import json as json_module
-    from model.corpus import _pieces
+
+    from model.prepare.shards_stage import pieces as cut
 
     _, out, _, _ = sample
     encoder = load_tokenizer(out / "tokenizer").backend_tokenizer
     text = Path(json_module.__file__).parent.joinpath("decoder.py").read_text() * 40  # ~400k characters of code
-    pieces = list(_pieces(iter([(text, None)])))
+    pieces = list(cut(iter([(text, None)])))
     assert len(pieces) > 3 and [end for _, _, end in pieces] == [False] * (len(pieces) - 1) + [True]
     assert "".join(p for p, _, _ in pieces) == text
     whole = encoder.encode(text, add_special_tokens=False).ids

@@ -1,12 +1,10 @@
-"""Quality filters and deduplication: each removes what it should, and says why."""
+"""Quality filters and reservation lists: each removes what it should, and says why."""
 
 import dataclasses
 import datetime as dt
-import random
 from pathlib import Path
 
-from model.corpus_config import DedupSettings, FilterSettings, Source
-from model.dedup import Deduplicator
+from model.corpus_config import FilterSettings, Source
 from model.filters import QualityFilter
 from model.ingest import Document
 
@@ -51,21 +49,16 @@ def test_a_banned_word_allowance_and_languages_without_a_list(tmp_path: Path) ->
     assert english.reason(_doc(PROSE + " vilain vilain")) is None
 
 
-def test_exact_and_near_duplicates_are_removed_and_distinct_texts_kept(tmp_path: Path) -> None:
-    rng = random.Random(0)
-    words = [f"mot{i}" for i in range(500)]
-    texts = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(50)]
-    dedup = Deduplicator(DedupSettings(near_threshold=0.8))
-    assert [dedup.reason(t) for t in texts] == [None] * 50
-    assert dedup.reason("  " + texts[3] + "\n") == "exact_duplicate"
-    near = texts[7].split()
-    near[100] = "changé"
-    assert dedup.reason(" ".join(near)) == "near_duplicate"
-    far = texts[9].split()
-    far[::2] = [rng.choice(words) for _ in far[::2]]  # half the words replaced
-    assert dedup.reason(" ".join(far)) is None
-
-
-def test_dedup_can_be_switched_off(tmp_path: Path) -> None:
-    dedup = Deduplicator(DedupSettings(exact=False, near_threshold=0))
-    assert [dedup.reason("same text here") for _ in range(3)] == [None, None, None]
+def test_text_and_data_mining_reservations_remove_their_domains_and_url_patterns(tmp_path: Path) -> None:
+    (tmp_path / "reserved.txt").write_text("# rightsholders' opt-outs\nlemonde.example\nnews.example/archives/*\n"
+                                           "*.blog.example/private/*\n")
+    check = _filter(tmp_path, tdm_opt_outs=[tmp_path / "reserved.txt"])
+    assert check.opt_outs.entries == 3
+    assert check.reason(_doc(url="https://www.lemonde.example/article")) == "tdm_opt_out"  # subdomains too
+    assert check.reason(_doc(url="https://News.example/archives/2021/x?page=2")) == "tdm_opt_out"
+    assert check.reason(_doc(url="https://news.example/today")) is None  # only the reserved path
+    assert check.reason(_doc(url="http://anne.blog.example/private/1")) == "tdm_opt_out"
+    assert check.reason(_doc(url="http://anne.blog.example/public/1")) is None
+    assert check.reason(_doc(url=None)) is None  # without a URL nothing can be matched
+    # A reservation outranks the other filters: it is counted as what it is.
+    assert check.reason(_doc("Court.", url="https://lemonde.example/")) == "tdm_opt_out"

@@ -1,0 +1,150 @@
+"""Stages 2 to 7: exact and near-duplicate removal across the whole corpus, on disk, with datatrove.
+
+Exact duplicates (the same text, white space at its ends aside) are found by datatrove's
+exact-dedup stages, near duplicates by its MinHash stages (signatures per task, duplicate
+pairs per LSH band, clusters, filter), computed on what exact dedup kept, as before.
+Nothing grows in memory with the corpus but the clusters of duplicates themselves.
+
+What the first document seen means across tasks: exact duplicates keep the highest
+priority, which is the lowest task (work.py gives tasks contiguous runs of the input),
+then the lowest position. MinHash pairs are written (earlier, later); a cluster keeps
+the earlier of two, but datatrove joins bigger clusters by size, so in a cluster of three
+or more the one kept may be a later one.
+
+The MinHash settings map onto datatrove's: word n-grams of the lower-cased text split on
+white space (as before), and of the ``minhash_permutations`` hashes, ``bands`` bands of
+``rows`` hashes whose threshold ``(1 / bands) ** (1 / rows)`` is nearest ``near_threshold``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.text import TextNormConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from model.corpus_config import Corpus, DedupSettings
+from model.heldout import document_key
+from model.prepare.filtering import write_json_atomically
+from model.prepare.work import WorkDir
+
+MAX_TASKS = 65_534  # exact dedup's priorities are 16-bit: task r's documents have priority 65535 - r
+
+
+def lsh_bands(threshold: float, permutations: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= permutations, whose LSH threshold is nearest ``threshold``."""
+    shapes = [(permutations // rows, rows) for rows in range(1, permutations + 1)]
+    return min(shapes, key=lambda shape: abs((1 / shape[0]) ** (1 / shape[1]) - threshold))
+
+
+def minhash_config(settings: DedupSettings) -> MinhashConfig:
+    bands, rows = lsh_bands(settings.near_threshold, settings.minhash_permutations)
+    words_only = TextNormConfig(lowercase=True, norm_whitespace=True, remove_punctuation=False,
+                                norm_unicode_diacritics=False, norm_numbers=False)
+    return MinhashConfig(n_grams=settings.shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=1,
+                         norm_config=words_only, hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+def stripped_text(document: Document) -> bytes:
+    return document.text.strip().encode("utf-8")
+
+
+def first_seen(document: Document) -> int:
+    return 65_535 - document.metadata["rank"]
+
+
+EXACT = ExactDedupConfig(content_getter=stripped_text, document_priority=first_seen,
+                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+class WhitespaceWords(WordTokenizer):
+    """Words are what white space separates: the shingles the in-memory deduplicator used."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [(0, len(text))]
+
+
+class KeptReader(PipelineStep):
+    """Task ``rank``'s documents that passed the quality filters, in input order."""
+
+    name = "kept documents"
+    type = "essaim"
+
+    def __init__(self, work: WorkDir) -> None:
+        super().__init__()
+        self.work = work
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:  # type: ignore[no-untyped-def]
+        with open(self.work.kept(rank), encoding="utf-8") as lines:
+            for index, line in enumerate(lines):
+                record = json.loads(line)
+                yield Document(record["text"], f"{rank}/{index}",
+                               metadata={"source": record["source"], "date": record["date"], "rank": rank})
+
+
+class Tally(PipelineStep):
+    """Passes documents on, counting them and their characters per source (under ``counts/<label>``)."""
+
+    name = "tally"
+    type = "essaim"
+
+    def __init__(self, work: WorkDir, label: str) -> None:
+        super().__init__()
+        self.work, self.label = work, label
+
+    def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator[Document]:  # type: ignore[no-untyped-def]
+        counts: dict[str, dict[str, int]] = {}
+        for document in data:
+            tally = counts.setdefault(document.metadata["source"], {"documents": 0, "chars": 0})
+            tally["documents"] += 1
+            tally["chars"] += len(document.text)
+            yield document
+        write_json_atomically(self.work.counts(self.label, rank), counts)
+
+
+class SpoolWriter(PipelineStep):
+    """The deduplicated documents, per source and date bucket, with their held-out keys."""
+
+    name = "spool"
+    type = "essaim"
+
+    def __init__(self, corpus: Corpus, work: WorkDir) -> None:
+        super().__init__()
+        self.work, self.granularity = work, corpus.settings.date_bucket
+        self.sources = [source.name for source in corpus.sources]
+
+    def run(self, data, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
+        files: dict[tuple[str, str], object] = {}
+        keys: dict[str, list[tuple[int, int]]] = {name: [] for name in self.sources}
+        try:
+            for document in data:
+                source, date = document.metadata["source"], document.metadata["date"]
+                bucket = date[:4] if self.granularity == "year" else date[:7]
+                if (source, bucket) not in files:
+                    path = self.work.spool(source, bucket, rank)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    files[source, bucket] = open(path, "w", encoding="utf-8")
+                key = document_key(document.text)
+                keys[source].append((key, len(document.text)))
+                files[source, bucket].write(json.dumps({"text": document.text, "date": date, "key": key},
+                                                       ensure_ascii=False) + "\n")
+        finally:
+            for handle in files.values():
+                handle.close()
+        for source, pairs in keys.items():
+            path = self.work.heldout_keys(source, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, np.asarray(pairs, dtype=np.uint64).reshape(-1, 2))

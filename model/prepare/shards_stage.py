@@ -1,0 +1,256 @@
+"""Stages 9 and 10: encode the spools into tokens (one task per filter task), then cut them into shards (one task).
+
+Encoding is where the CPU goes, so it runs in every task, each on the spools its own
+filter task wrote; each spool's training and held-out documents become token files with
+their documents' ends and dates beside. The last stage concatenates each source's token
+files in corpus order (oldest bucket first, then by task) and cuts them into shards that
+never mix sources or buckets, so each shard's language, licence and dates are exact: the
+same shards, byte for byte, as encoding the whole source in one stream. It then writes
+the manifest and the prepare report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datatrove.pipeline.base import PipelineStep
+
+from model.corpus_config import Corpus, Source
+from model.filters import OptOuts, SourceReport
+from model.prepare.filtering import read_counts
+from model.prepare.tokenizer_stage import batches, spooled
+from model.prepare.work import WorkDir
+from model.shards import Manifest, ShardInfo, SourceInfo, chunk_hashes, token_dtype, write_shard
+from model.text_bytes import text_bytes, token_byte_lengths
+from model.tokenizer import EOS_ID, load_tokenizer
+
+REPORT_FILE = "prepare-report.json"
+# Held-out shards are named apart from training ones: a source name cannot start with "_".
+HELDOUT_PREFIX = "_heldout-"
+_PIECE_CHARS = 100_000  # longer documents are encoded piece by piece (see pieces)
+SPLITS = ("train", "heldout")
+
+
+@dataclass
+class PrepareReport:
+    sources: dict[str, SourceReport]  # a source's `tokens` are its training tokens
+    fertility: dict[str, dict[str, float]] = field(default_factory=dict)  # language -> figures
+    tokenizer: dict[str, object] = field(default_factory=dict)
+    heldout: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> documents, tokens, text_bytes
+    # source -> the text-and-data-mining reservation lists its documents were checked against (tdm_opt_out)
+    tdm_opt_outs: dict[str, list[dict]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"sources": {n: asdict(r) for n, r in self.sources.items()},
+                "fertility": self.fertility, "tokenizer": self.tokenizer, "heldout": self.heldout,
+                "tdm_opt_outs": self.tdm_opt_outs}
+
+
+def pieces(documents: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int, bool]]:
+    """Documents as (text, date, ends_document), long ones cut into pieces of at most _PIECE_CHARS.
+
+    Cuts fall after a lone newline between two visible characters, where the byte-level
+    pre-tokenizer splits anyway, so a long document encodes as it would whole.
+    """
+    for text, day in documents:
+        while len(text) > _PIECE_CHARS:
+            cut = text.rfind("\n", 0, _PIECE_CHARS - 1)
+            while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+                cut = text.rfind("\n", 0, cut)
+            cut = cut + 1 if cut > 0 else _PIECE_CHARS
+            yield text[:cut], day, False
+            text = text[cut:]
+        yield text, day, True
+
+
+class EncodeSpools(PipelineStep):
+    name = "encode"
+    type = "essaim"
+
+    def __init__(self, corpus: Corpus, work: WorkDir) -> None:
+        super().__init__()
+        self.corpus, self.work = corpus, work
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
+        encoder = load_tokenizer(self.work.output / "tokenizer").backend_tokenizer  # batches run on every core
+        dtype = token_dtype(self.corpus.settings.vocab_size)
+        for source in self.corpus.sources:
+            heldout = set(np.load(self.work.heldout_chosen(source.name)).tolist())
+            for spool in self.work.spools(source.name):
+                if spool.name == f"{rank:05d}.jsonl":
+                    self._encode(encoder, spool, heldout, dtype)
+
+    def _encode(self, encoder, spool: Path, heldout: set[int], dtype: str) -> None:  # type: ignore[no-untyped-def]
+        outputs = {split: TokenFile(self.work.tokens(spool, split), dtype) for split in SPLITS}
+        documents = ((text, dt.date.fromisoformat(date).toordinal(), key) for text, date, key in spooled([spool]))
+        for batch in batches(documents, text=lambda document: document[0]):
+            for split, chosen in (("train", [(t, d) for t, d, key in batch if key not in heldout]),
+                                  ("heldout", [(t, d) for t, d, key in batch if key in heldout])):
+                for piece_batch in batches(pieces(iter(chosen)), text=lambda piece: piece[0]):
+                    encodings = encoder.encode_batch([text for text, _, _ in piece_batch], add_special_tokens=False)
+                    for encoding, (_, day, ends) in zip(encodings, piece_batch):
+                        outputs[split].add([*encoding.ids, EOS_ID] if ends else encoding.ids, day, ends)
+        for output in outputs.values():
+            output.close()
+
+
+class TokenFile:
+    """A spool's tokens of one split, and beside them each piece's (end, date ordinal, ends a document)."""
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.dtype = path, dtype
+        self.file = open(path, "wb")
+        self.pieces: list[tuple[int, int, int]] = []
+        self.count = 0
+
+    def add(self, ids: list[int], day: int, ends_document: bool) -> None:
+        np.asarray(ids, dtype=self.dtype).tofile(self.file)
+        self.count += len(ids)
+        self.pieces.append((self.count, day, ends_document))
+
+    def close(self) -> None:
+        self.file.close()
+        np.save(documents_path(self.path), np.asarray(self.pieces, dtype=np.int64).reshape(-1, 3))
+
+
+def documents_path(tokens: Path) -> Path:
+    return tokens.with_suffix(".docs.npy")
+
+
+class WriteShards(PipelineStep):
+    name = "shards"
+    type = "essaim"
+
+    def __init__(self, corpus: Corpus, work: WorkDir, exact: bool, near: bool) -> None:
+        super().__init__()
+        self.corpus, self.work, self.exact, self.near = corpus, work, exact, near
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
+        settings, out = self.corpus.settings, self.work.output
+        lengths = token_byte_lengths(load_tokenizer(out / "tokenizer").backend_tokenizer)
+        dtype = token_dtype(settings.vocab_size)
+        report = self._report()
+        shards: list[ShardInfo] = []
+        heldout_shards: list[ShardInfo] = []
+        for source in self.corpus.sources:
+            writer = ShardWriter(source, source.name, out, dtype, settings.shard_tokens, settings.chunk_bytes, lengths)
+            held = ShardWriter(source, HELDOUT_PREFIX + source.name, out, dtype, settings.shard_tokens,
+                               settings.chunk_bytes, lengths)
+            spools = self.work.spools(source.name)
+            for bucket in sorted({spool.parent.name for spool in spools}):
+                for spool in (s for s in spools if s.parent.name == bucket):
+                    writer.add_file(self.work.tokens(spool, "train"))
+                    held.add_file(self.work.tokens(spool, "heldout"))
+                writer.flush()  # a shard never spans two date buckets (held-out ones may: they are never leased)
+            held.flush()
+            report.sources[source.name].tokens = sum(s.tokens for s in writer.written)
+            report.heldout[source.name] = {"documents": held.documents, "tokens": sum(s.tokens for s in held.written),
+                                           "text_bytes": sum(s.text_bytes for s in held.written)}
+            shards.extend(writer.written)
+            heldout_shards.extend(held.written)
+        tokenizer = json.loads(self.work.tokenizer_figures.read_text())
+        report.tokenizer, report.fertility = tokenizer["tokenizer"], tokenizer["fertility"]
+        (out / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+        sources = [SourceInfo(s.name, s.language, s.licence, s.weight, s.date_from.isoformat(), s.date_to.isoformat())
+                   for s in self.corpus.sources]
+        Manifest(settings.vocab_size, str(report.tokenizer["sha256"]), sources, shards, chunk_bytes=settings.chunk_bytes,
+                 heldout=heldout_shards).save(out / "manifest.json")
+
+    def _report(self) -> PrepareReport:
+        """The filter tasks' counts, with what each dedup stage removed: what passed it, less what passed the next."""
+        filtered = read_counts(self.work.counts_of("filter"))
+        stages = [("exact_duplicate", "exact")] if self.exact else []
+        stages += [("near_duplicate", "deduplicated")] if self.near else []
+        before = {name: {"documents": c.kept_documents, "chars": c.kept_chars} for name, c in filtered.items()}
+        for reason, label in stages:
+            after = _tallies(self.work, label)
+            for name, counts in filtered.items():
+                passed = after.get(name, {"documents": 0, "chars": 0})
+                if before[name]["documents"] > passed["documents"]:
+                    counts.removed[reason] = {key: before[name][key] - passed[key] for key in ("documents", "chars")}
+                before[name] = passed
+        for name, counts in filtered.items():
+            counts.kept_documents, counts.kept_chars = before[name]["documents"], before[name]["chars"]
+        return PrepareReport({source.name: filtered.get(source.name, SourceReport()) for source in self.corpus.sources},
+                             tdm_opt_outs={source.name: [_described(path) for path in source.filters.tdm_opt_outs]
+                                           for source in self.corpus.sources if source.filters.tdm_opt_outs})
+
+
+def _described(opt_out_list: Path) -> dict:
+    """A reservation list as the report names it: its file, entries and digest (an auditor can check the list)."""
+    return {"file": opt_out_list.name, "entries": OptOuts([opt_out_list]).entries,
+            "sha256": hashlib.sha256(opt_out_list.read_bytes()).hexdigest()}
+
+
+def _tallies(work: WorkDir, label: str) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for path in work.counts_of(label):
+        for name, counts in json.loads(path.read_text()).items():
+            into = total.setdefault(name, {"documents": 0, "chars": 0})
+            into["documents"] += counts["documents"]
+            into["chars"] += counts["chars"]
+    return total
+
+
+class ShardWriter:
+    """Cuts one source's token stream into shards of ``shard_tokens``, noting their documents' dates and bytes."""
+
+    def __init__(self, source: Source, prefix: str, out_dir: Path, dtype: str, shard_tokens: int, chunk_bytes: int,
+                 byte_lengths: np.ndarray) -> None:
+        self.source, self.prefix, self.out_dir, self.dtype = source, prefix, out_dir, dtype
+        self.shard_tokens, self.chunk_bytes, self.byte_lengths = shard_tokens, chunk_bytes, byte_lengths
+        self.parts: list[np.ndarray] = []
+        self.dates: list[int] = []
+        self.count = 0
+        self.bytes = 0  # of the text the pending tokens encode
+        self.documents = 0  # whose last token was written
+        self.written: list[ShardInfo] = []
+
+    def add_file(self, tokens: Path) -> None:
+        """A token file's pieces, in order (read a piece at a time: memory holds one shard)."""
+        pieces = np.load(documents_path(tokens))
+        if not len(pieces):
+            return
+        stream = np.memmap(tokens, dtype=self.dtype, mode="r")
+        start = 0
+        for end, day, ends_document in pieces.tolist():
+            self._add(np.array(stream[start:end]), day)
+            self.documents += ends_document
+            start = end
+        del stream
+
+    def _add(self, tokens: np.ndarray, day: int) -> None:
+        offset = 0
+        while offset < len(tokens):
+            take = min(self.shard_tokens - self.count, len(tokens) - offset)
+            self.parts.append(tokens[offset : offset + take])
+            self.dates.append(day)
+            self.count += take
+            self.bytes += text_bytes(self.byte_lengths, self.parts[-1])  # exact where a document straddles shards
+            offset += take
+            if self.count == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        shard_id = f"{self.prefix}-{len(self.written):05d}"
+        file = f"{shard_id}.bin"
+        sha256 = write_shard(np.concatenate(self.parts), self.out_dir / file, self.dtype)
+        self.written.append(
+            ShardInfo(
+                shard_id=shard_id, file=file, sha256=sha256, tokens=self.count, dtype=self.dtype,
+                language=self.source.language, source=self.source.name, licence=self.source.licence,
+                date_from=dt.date.fromordinal(min(self.dates)).isoformat(),
+                date_to=dt.date.fromordinal(max(self.dates)).isoformat(),
+                chunk_sha256=chunk_hashes(self.out_dir / file, self.chunk_bytes), text_bytes=self.bytes,
+            )
+        )
+        self.parts, self.dates, self.count, self.bytes = [], [], 0, 0
