@@ -1,23 +1,30 @@
-"""How fast `essaim data prepare` runs, and whether its memory stays flat as the input grows.
+"""How fast `essaim data prepare` runs per task, whether its memory stays flat as the input grows, and what a
+full-size corpus would take on a cluster.
 
-Usage: python benchmarks/prepare_throughput.py [--megabytes 20 --scales 1,10]
+Usage: python benchmarks/prepare_throughput.py [--megabytes 20 --scales 1,10,30 --tasks 1,2]
 
-For each scale, writes a synthetic multilingual corpus (model.synthetic_corpus: JSONL,
-Parquet and text files, with planted duplicates and defects) of MEGABYTES x scale,
-then prepares it in a fresh process and prints: input MB/s, text MB/s, tokens/s,
-the time of each pass, and peak resident memory (with the interpreter's own, after
-imports, for reference). Run it on an idle machine: it uses every core it finds.
---without-dedup switches exact and near-duplicate removal off, to show what their
-indexes (the only state that grows with the number of documents) cost.
+For each scale, writes a synthetic multilingual corpus (model.synthetic_corpus: JSONL and
+Parquet in 10 MB parts, a directory of text files, with planted duplicates and defects) of
+MEGABYTES x scale, then prepares it with each number of tasks (datatrove's local executor),
+in a fresh process, and prints: seconds, input MB/s in all and per task, the time of each
+stage, and peak resident memory of the whole process tree (sampled every 0.1 s) and of its
+largest process. Run it on an idle machine.
+
+Then a projection for 3 trillion tokens on 100 nodes, from the measured rates: the stages
+that run one task per input share (filter, signatures, dedup, encode) scale with the nodes,
+the single-task stages (exact-duplicate merge, MinHash clusters, tokenizer, shard assembly)
+do not, and are extrapolated from the largest run by tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,81 +32,147 @@ sys.path.insert(0, str(ROOT))
 
 from model.synthetic_corpus import write_synthetic_corpus  # noqa: E402
 
-# Runs in a child process so that its peak RSS is prepare's alone.
+SERIAL_STAGES = ("exact-duplicates", "minhash-clusters", "tokenizer", "shards")  # one task, whatever the cluster
+TARGET_TOKENS = 3e12
+NODES, TASKS_PER_NODE = 100, 64  # the projection's cluster: 100 nodes of 64 cores, a task per core
+
+# Runs in a child process so that its memory is prepare's alone.
 _CHILD = r"""
 import json, sys, time
-from model.corpus import prepare_corpus
+from model.corpus import ExecutorSettings, prepare_corpus
 from model.corpus_config import load_corpus_config
 
-def rss_mb():
-    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork and exec).
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-baseline = rss_mb()
 marks = [("start", time.perf_counter())]
 corpus = load_corpus_config(sys.argv[1])
 if sys.argv[3] == "without-dedup":
     corpus.dedup.exact, corpus.dedup.near_threshold = False, 0.0
-manifest, report = prepare_corpus(corpus, sys.argv[2], log=lambda step: marks.append((step, time.perf_counter())))
+log = lambda step: marks.append((step.split(":")[0], time.perf_counter()))
+manifest, report = prepare_corpus(corpus, sys.argv[2], executor=ExecutorSettings(tasks=int(sys.argv[4])), log=log)
 marks.append(("done", time.perf_counter()))
-phases = {}
-for (step, at), (_, until) in zip(marks, marks[1:]):
-    phase = "read, filter, dedup" if step.startswith(("start", "reading")) else step
-    phases[phase] = phases.get(phase, 0.0) + until - at
+stages = {step: until - at for (step, at), (_, until) in zip(marks[1:], marks[2:])}
 print(json.dumps({
-    "seconds": marks[-1][1] - marks[0][1], "phases": phases, "baseline_mb": baseline, "peak_mb": rss_mb(),
-    "tokens": sum(s.tokens for s in manifest.shards), "shards": len(manifest.shards),
-    "text_chars": sum(c.kept_chars + sum(r["chars"] for r in c.removed.values()) for c in report.sources.values()),
+    "seconds": marks[-1][1] - marks[0][1], "stages": stages,
+    "tokens": sum(s.tokens for s in manifest.shards) + sum(s.tokens for s in manifest.heldout),
+    "shards": len(manifest.shards),
     "documents": sum(c.records for c in report.sources.values()),
     "kept": sum(c.kept_documents for c in report.sources.values()),
 }))
 """
 
 
+def tree_rss_mb(root: int) -> tuple[float, float]:
+    """(sum, largest) resident MB of a process and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        children.setdefault(int(fields["PPid"]), []).append(int(entry))
+        rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+    tree, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(children.get(pid, []))
+    sizes = [rss.get(pid, 0.0) for pid in tree]
+    return sum(sizes), max(sizes)
+
+
 def input_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def run(megabytes: float, scratch: Path, dedup: bool) -> dict:
-    source = scratch / f"in-{megabytes:g}"
-    config = write_synthetic_corpus(source, megabytes)
+def run(config: Path, out: Path, tasks: int, dedup: bool) -> dict:
     mode = "with-dedup" if dedup else "without-dedup"
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(config), str(scratch / f"out-{megabytes:g}"), mode],
-                            capture_output=True, text=True, cwd=ROOT, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"prepare failed:\n{result.stderr[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    figures["input_bytes"] = input_bytes(source)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(config), str(out), mode, str(tasks)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    peak_sum = peak_one = 0.0
+    while child.poll() is None:
+        total, largest = tree_rss_mb(child.pid)
+        peak_sum, peak_one = max(peak_sum, total), max(peak_one, largest)
+        time.sleep(0.1)
+    stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise SystemExit(f"prepare failed:\n{stderr[-3000:]}")
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    figures.update(tasks=tasks, peak_tree_mb=peak_sum, peak_process_mb=peak_one)
     return figures
+
+
+def projection(largest: dict, one_task: dict) -> dict:
+    """Hours for TARGET_TOKENS on NODES x TASKS_PER_NODE tasks, from a one-task run's rates at the largest scale."""
+    serial = sum(one_task["stages"].get(stage, 0.0) for stage in SERIAL_STAGES)
+    tokenizer = one_task["stages"].get("tokenizer", 0.0)  # trains on at most tokenizer_chars: does not grow
+    parallel = one_task["seconds"] - serial
+    scale = TARGET_TOKENS / largest["tokens"]
+    input_tb = largest["input_bytes"] * scale / 1e12
+    parallel_hours = parallel * scale / (NODES * TASKS_PER_NODE) / 3600
+    serial_hours = ((serial - tokenizer) * scale + tokenizer) / 3600
+    return {"input_tb": input_tb, "parallel_hours": parallel_hours, "serial_hours": serial_hours,
+            "per_task_mb_s": largest["input_bytes"] / 1e6 / parallel}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=float, default=20.0, help="input size at scale 1")
-    parser.add_argument("--scales", default="1,10", help="comma-separated multiples of --megabytes")
+    parser.add_argument("--scales", default="1,10,30", help="comma-separated multiples of --megabytes")
+    parser.add_argument("--tasks", default="1,2", help="comma-separated task counts to compare")
     parser.add_argument("--without-dedup", action="store_true", help="switch deduplication off, to see its share")
     args = parser.parse_args()
+    task_counts = [int(t) for t in args.tasks.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="essaim-prepare-bench-") as scratch:
         for scale in (float(s) for s in args.scales.split(",")):
-            figures = run(args.megabytes * scale, Path(scratch), dedup=not args.without_dedup)
-            figures["scale"] = scale
-            rows.append(figures)
-            seconds = figures["seconds"]
-            print(f"\nscale {scale:g}x: {figures['input_bytes'] / 1e6:.1f} MB of input, {figures['documents']:,} documents "
-                  f"({figures['kept']:,} kept), {figures['tokens']:,} tokens in {figures['shards']} shards")
-            print(f"  {seconds:.1f} s: {figures['input_bytes'] / 1e6 / seconds:.2f} input MB/s, "
-                  f"{figures['text_chars'] / 1e6 / seconds:.2f} text MB/s (million chars), "
-                  f"{figures['tokens'] / seconds:,.0f} tokens/s")
-            print("  passes: " + ", ".join(f"{name} {t:.1f} s" for name, t in figures["phases"].items()))
-            print(f"  peak memory {figures['peak_mb']:.0f} MB (interpreter and libraries alone: {figures['baseline_mb']:.0f} MB)")
-    if len(rows) > 1:
-        first, last = rows[0], rows[-1]
-        growth = (last["peak_mb"] - first["peak_mb"]) / max(last["kept"] - first["kept"], 1) * 1024
-        print(f"\npeak memory {first['peak_mb']:.0f} MB at {first['scale']:g}x, {last['peak_mb']:.0f} MB at "
-              f"{last['scale']:g}x: {growth:.1f} KB more per extra kept document")
+            source = Path(scratch) / f"in-{scale:g}"
+            config = write_synthetic_corpus(source, args.megabytes * scale, part_megabytes=10)
+            for tasks in task_counts:
+                figures = run(config, Path(scratch) / f"out-{scale:g}-{tasks}", tasks, not args.without_dedup)
+                figures.update(scale=scale, input_bytes=input_bytes(source))
+                rows.append(figures)
+                print(f"scale {scale:g}x, {tasks} task(s): {figures['seconds']:.1f} s; stages: "
+                      + ", ".join(f"{name} {t:.1f}" for name, t in figures["stages"].items()), flush=True)
+
+    print(f"\n{'scale':>5} {'input MB':>9} {'tasks':>5} {'seconds':>8} {'MB/s':>6} {'MB/s/task':>9} "
+          f"{'peak tree MB':>12} {'peak process MB':>15} {'documents':>10} {'tokens':>12}")
+    for r in rows:
+        rate = r["input_bytes"] / 1e6 / r["seconds"]
+        print(f"{r['scale']:>5g} {r['input_bytes'] / 1e6:>9.1f} {r['tasks']:>5} {r['seconds']:>8.1f} {rate:>6.2f} "
+              f"{rate / r['tasks']:>9.2f} {r['peak_tree_mb']:>12.0f} {r['peak_process_mb']:>15.0f} "
+              f"{r['documents']:>10,} {r['tokens']:>12,}")
+
+    headline: dict[str, object] = {}
+    scales = sorted({r["scale"] for r in rows})
+    for tasks in task_counts:
+        runs = [r for r in rows if r["tasks"] == tasks]
+        first, last = runs[0], runs[-1]
+        growth = last["peak_process_mb"] / first["peak_process_mb"] - 1
+        print(f"{tasks} task(s): largest process {first['peak_process_mb']:.0f} MB at {first['scale']:g}x, "
+              f"{last['peak_process_mb']:.0f} MB at {last['scale']:g}x ({growth:+.0%}); whole tree "
+              f"{first['peak_tree_mb']:.0f} -> {last['peak_tree_mb']:.0f} MB")
+        headline[f"peak_process_growth_{tasks}_tasks"] = round(growth, 3)
+        headline[f"mb_per_s_per_task_{tasks}_tasks"] = round(last["input_bytes"] / 1e6 / last["seconds"] / tasks, 2)
+    if len(task_counts) > 1:
+        for scale in scales:
+            one, many = (next(r for r in rows if r["scale"] == scale and r["tasks"] == t)
+                         for t in (task_counts[0], task_counts[-1]))
+            speedup = one["seconds"] / many["seconds"]
+            print(f"{scale:g}x: {task_counts[-1]} tasks {speedup:.2f}x as fast as {task_counts[0]}")
+            headline[f"speedup_{scale:g}x"] = round(speedup, 2)
+    largest = max(scales)
+    one_task = next(r for r in rows if r["scale"] == largest and r["tasks"] == min(task_counts))
+    plan = projection(one_task, one_task)
+    print(f"\nprojection for {TARGET_TOKENS:.0e} tokens ({plan['input_tb']:.1f} TB of input like this one) on {NODES} "
+          f"nodes x {TASKS_PER_NODE} tasks: {plan['parallel_hours']:.1f} h in the stages split across tasks "
+          f"({plan['per_task_mb_s']:.2f} MB/s a task), {plan['serial_hours']:.1f} h in the single-task stages "
+          f"({', '.join(SERIAL_STAGES)}), extrapolated by tokens from {largest:g}x")
+    headline.update(projection_parallel_hours=round(plan["parallel_hours"], 2),
+                    projection_serial_hours=round(plan["serial_hours"], 1))
+    print(json.dumps(headline))
 
 
 if __name__ == "__main__":

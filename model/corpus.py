@@ -44,12 +44,21 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupSignature,
 )
 
+from datatrove.utils.logging import logger
+
 from model.corpus_config import Corpus, CorpusSettings
 from model.filters import SourceReport
 from model.prepare.dedup import EXACT, KeptReader, SpoolWriter, Tally, WhitespaceWords, minhash_config
 from model.prepare.executors import ExecutorSettings, PrepareFailed, Stage, dry_run, run_locally, run_on_slurm
 from model.prepare.filtering import PrepareStopped, ReadAndFilter
-from model.prepare.shards_stage import HELDOUT_PREFIX, REPORT_FILE, EncodeSpools, PrepareReport, WriteShards
+from model.prepare.shards_stage import (
+    HELDOUT_PREFIX,
+    REPORT_FILE,
+    EncodeSpools,
+    PrepareReport,
+    WriteManifest,
+    WriteShards,
+)
 from model.prepare.tokenizer_stage import TrainTokenizer
 from model.prepare.work import PLAN_FILE, InputFile, WorkDir, fingerprint, plan_inputs
 from model.shards import Manifest
@@ -83,10 +92,6 @@ def prepare_corpus(
             run_on_slurm(stages, executor, work, run_id, log)
     except PrepareStopped:
         shutil.rmtree(work.root, ignore_errors=True)  # the input must change: nothing to resume
-        raise
-    except BaseException as error:
-        if not isinstance(error, PrepareFailed):
-            shutil.rmtree(work.root, ignore_errors=True)
         raise
     manifest = Manifest.load(work.output / "manifest.json")
     report = load_report(work.output / REPORT_FILE)
@@ -160,9 +165,10 @@ def _stages(corpus: Corpus, plan: list[list[InputFile]], work: WorkDir) -> list[
     stages = [Stage("filter", [ReadAndFilter(corpus, plan, work)], tasks)]
     if exact:
         stages += [
-            Stage("exact-signatures", [KeptReader(work), ExactDedupSignature(str(work.exact / "signatures"), EXACT)], tasks),
+            # Signatures are split by hash range into one file per finder task: the merge runs in every task.
+            Stage("exact-signatures", [KeptReader(work), _exact_signatures(work, tasks)], tasks),
             Stage("exact-duplicates", [ExactFindDedups(str(work.exact / "signatures"), str(work.exact / "duplicates"),
-                                                       EXACT)], 1),
+                                                       EXACT)], tasks),
         ]
     if near:
         signatures, buckets, clusters = (str(work.minhash / name) for name in ("signatures", "buckets", "clusters"))
@@ -178,8 +184,17 @@ def _stages(corpus: Corpus, plan: list[list[InputFile]], work: WorkDir) -> list[
               tasks),
         Stage("tokenizer", [TrainTokenizer(corpus, work)], 1),
         Stage("encode", [EncodeSpools(corpus, work)], tasks),
-        Stage("shards", [WriteShards(corpus, work, exact, near)], 1),
+        Stage("shards", [WriteShards(corpus, work)], tasks),
+        Stage("manifest", [WriteManifest(corpus, work, exact, near)], 1),
     ]
+
+
+def _exact_signatures(work: WorkDir, finders: int) -> ExactDedupSignature:
+    logger.disable("datatrove")  # its reminder to run as many finder tasks: the next stage does
+    try:
+        return ExactDedupSignature(str(work.exact / "signatures"), EXACT, finder_workers=finders)
+    finally:
+        logger.enable("datatrove")
 
 
 def _check_out_dir(out_dir: Path) -> None:

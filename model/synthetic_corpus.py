@@ -56,8 +56,13 @@ def _code_files() -> list[Path]:
     return [p for p in sorted(library.rglob("*.py")) if "site-packages" not in p.parts and "test" not in p.parts]
 
 
-def write_synthetic_corpus(out_dir: Path, megabytes: float, seed: int = 0, defects: bool = True) -> Path:
-    """Write about ``megabytes`` of input under ``out_dir`` and return its corpus.toml."""
+def write_synthetic_corpus(out_dir: Path, megabytes: float, seed: int = 0, defects: bool = True,
+                           part_megabytes: float | None = None) -> Path:
+    """Write about ``megabytes`` of input under ``out_dir`` and return its corpus.toml.
+
+    With ``part_megabytes``, each JSONL and Parquet source is a directory of files of about that
+    size, as large corpora come (and as preparation's tasks share them out); else one file.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -67,7 +72,13 @@ def write_synthetic_corpus(out_dir: Path, megabytes: float, seed: int = 0, defec
         budget = int(megabytes * 1e6 * weight / total_weight)
         documents = _documents(language, budget, rng, defects)
         name = f"synthetic-{language}"
-        path = _write(out_dir, name, file_format, documents, rng, defects)
+        if part_megabytes and file_format != "text":
+            path = out_dir / name
+            path.mkdir(exist_ok=True)
+            for number, part in enumerate(_parts(documents, part_megabytes)):
+                _write(path, f"part-{number:05d}", file_format, part, rng, defects and number == 0)
+        else:
+            path = _write(out_dir, name, file_format, documents, rng, defects)
         sources.append((name, language, weight, path))
     (out_dir / "blocked-domains.txt").write_text(f"# planted\n{BLOCKED_DOMAIN}\n")
     (out_dir / "banned-en.txt").write_text(f"{BANNED_WORD}\n")
@@ -112,6 +123,18 @@ def _documents(language: str, budget: int, rng: random.Random, defects: bool) ->
         documents.append({"text": text, "url": f"https://{host}/{len(documents)}", "date": day.isoformat()})
         size += len(text)
     return documents
+
+
+def _parts(documents: list[dict], megabytes: float) -> list[list[dict]]:
+    parts: list[list[dict]] = [[]]
+    size = 0
+    for document in documents:
+        if size >= megabytes * 1e6:
+            parts.append([])
+            size = 0
+        parts[-1].append(document)
+        size += len(document["text"])
+    return parts
 
 
 def _write(out_dir: Path, name: str, file_format: str, documents: list[dict], rng: random.Random, defects: bool) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -122,14 +124,14 @@ def test_prepare_on_slurm_equals_the_local_executor_and_a_stop_cancels_its_jobs(
 
     dry = essaim(slurm, "data", "prepare", str(config), "--out", str(tmp_path / "dry"), *on_slurm, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("#!/bin/bash") == 10 and dry.stdout.count("--dependency=afterok") == 9
+    assert dry.stdout.count("#!/bin/bash") == 11 and dry.stdout.count("--dependency=afterok") == 10
     assert "#SBATCH --array=0-1" in dry.stdout and "launch_pickled_pipeline" in dry.stdout
     assert not slurm.run("squeue", "-h").stdout.strip()  # nothing submitted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing left behind
 
     result = essaim(slurm, "data", "prepare", str(config), "--out", str(tmp_path / "slurm"), *on_slurm, *sizes)
     assert result.returncode == 0, result.stderr + slurm.logs()
-    assert "submitted 10 Slurm job arrays" in result.stderr
+    assert "submitted 11 Slurm job arrays" in result.stderr
     local, report = prepare_corpus(load_corpus_config(config), tmp_path / "local", vocab_size=500, shard_tokens=8000,
                                    executor=ExecutorSettings(tasks=2))
     assert Manifest.load(tmp_path / "slurm" / "manifest.json") == local
@@ -143,3 +145,26 @@ def test_prepare_on_slurm_equals_the_local_executor_and_a_stop_cancels_its_jobs(
     assert "jsonl:5: not valid JSON" in stopped.stderr and "nothing was written" in stopped.stderr
     wait_for(lambda: not slurm.run("squeue", "-h").stdout.strip(), 30, "the later stages cancelled")
     assert not (tmp_path / "stopped").exists() and not (tmp_path / ".stopped.prepare").exists()
+
+
+def test_prepare_on_slurm_resumes_after_its_command_was_interrupted(slurm, tmp_path: Path) -> None:
+    config = write_synthetic_corpus(tmp_path / "in", megabytes=0.3, seed=4)
+    args = ("data", "prepare", str(config), "--out", str(tmp_path / "data"), "--executor", "slurm", "--partition",
+            "debug", "--tasks", "2", "--vocab-size", "500")
+    first = subprocess.Popen(essaim_command(*args), env=slurm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    completions = tmp_path / ".data.prepare" / "logs" / "filter" / "completions"
+    wait_for(lambda: completions.is_dir() and len(list(completions.iterdir())) == 2, 60, "the filter stage done")
+    first.send_signal(signal.SIGINT)  # the login session ends; the jobs go on
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode != 0 and "interrupted: the Slurm jobs" in stderr and "Run the same command again" in stderr
+
+    second = essaim(slurm, *args)
+    assert second.returncode == 0, second.stderr + slurm.logs()
+    waited = "are still queued or running: waiting for them" in second.stderr
+    resubmitted = re.search(r"submitted (\d+) Slurm job arrays .*; (\d+) stages had finished before", second.stderr)
+    assert waited or (resubmitted and int(resubmitted[2]) >= 1), second.stderr  # the filter stage ran once
+    local, _ = prepare_corpus(load_corpus_config(config), tmp_path / "local", vocab_size=500,
+                              executor=ExecutorSettings(tasks=2))
+    assert Manifest.load(tmp_path / "data" / "manifest.json") == local
+    assert not slurm.run("squeue", "-h").stdout.strip()

@@ -142,9 +142,24 @@ def dry_run(stages: list[Stage], settings: ExecutorSettings, work: WorkDir, run_
 def run_on_slurm(stages: list[Stage], settings: ExecutorSettings, work: WorkDir, run_id: str,
                  log: Callable[[str], None]) -> None:
     executors = slurm_executors(stages, settings, work, run_id)
-    with _console_into(work.root / "logs" / "submit.log"):
-        executors[-1].run()  # submits every stage not yet complete, each after the one before
-    log(f"submitted {len(stages)} Slurm job arrays ({job_name(run_id, '*')}); waiting for them")
+    if _jobs_alive(run_id, stages):  # an earlier, interrupted command's: submitting again would run tasks twice
+        log(f"this preparation's Slurm jobs ({job_name(run_id, '*')}) are still queued or running: waiting for them")
+    else:
+        _cancel(run_id, stages)  # jobs an earlier command left waiting on a stage that failed
+        finished = sum(not executor.get_incomplete_ranks() for executor in executors)
+        with _console_into(work.root / "logs" / "submit.log"):
+            executors[-1].run()  # submits every stage not yet complete, each after the one before
+        log(f"submitted {len(stages) - finished} Slurm job arrays ({job_name(run_id, '*')})"
+            + (f"; {finished} stages had finished before" if finished else "") + "; waiting for them")
+    try:
+        _wait(stages, executors, settings, work, run_id, log)
+    except KeyboardInterrupt:
+        raise PrepareFailed(f"interrupted: the Slurm jobs ({job_name(run_id, '*')}) go on. Run the same command again "
+                            "to wait for them and publish the corpus, or cancel them with scancel") from None
+
+
+def _wait(stages: list[Stage], executors: list[_SlurmStage], settings: ExecutorSettings, work: WorkDir, run_id: str,
+          log: Callable[[str], None]) -> None:
     reported = ""
     while (unfinished := _first_unfinished(stages, executors)) is not None:
         stage, ranks = unfinished

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
-from model.corpus_config import Corpus, Source
+from model.corpus_config import Corpus
 from model.filters import OptOuts, SourceReport
-from model.prepare.filtering import read_counts
+from model.prepare.filtering import read_counts, write_json_atomically
 from model.prepare.tokenizer_stage import batches, spooled
 from model.prepare.work import WorkDir
 from model.shards import Manifest, ShardInfo, SourceInfo, chunk_hashes, token_dtype, write_shard
@@ -124,8 +124,102 @@ def documents_path(tokens: Path) -> Path:
     return tokens.with_suffix(".docs.npy")
 
 
+@dataclass(frozen=True)
+class PlannedShard:
+    """A shard to write: its id and the token ranges, in order, of the token files it is cut from."""
+
+    shard_id: str
+    source: str
+    heldout: bool
+    segments: tuple[tuple[str, int, int], ...]  # (token file, first token, end token)
+
+
+def plan_shards(corpus: Corpus, work: WorkDir) -> list[PlannedShard]:
+    """Every shard of the corpus, in manifest order, from the token files' sizes alone.
+
+    A source's training tokens are one stream per date bucket (oldest first), its held-out
+    tokens one stream; each stream is cut every ``shard_tokens``, so where a shard ends does
+    not depend on which task encoded what.
+    """
+    itemsize = np.dtype(token_dtype(corpus.settings.vocab_size)).itemsize
+    planned: list[PlannedShard] = []
+    for source in corpus.sources:
+        spools = work.spools(source.name)
+        buckets = sorted({spool.parent.name for spool in spools})
+        train = [[work.tokens(s, "train") for s in spools if s.parent.name == bucket] for bucket in buckets]
+        streams = [(source.name, False, files) for files in train]
+        streams.append((HELDOUT_PREFIX + source.name, True, [work.tokens(s, "heldout") for s in spools]))
+        numbers = {False: 0, True: 0}
+        for prefix, heldout, files in streams:
+            sizes = [(str(path), path.stat().st_size // itemsize) for path in files]
+            for segments in _cut(sizes, corpus.settings.shard_tokens):
+                planned.append(PlannedShard(f"{prefix}-{numbers[heldout]:05d}", source.name, heldout, segments))
+                numbers[heldout] += 1
+    return planned
+
+
+def _cut(files: list[tuple[str, int]], shard_tokens: int) -> Iterator[tuple[tuple[str, int, int], ...]]:
+    """A stream of token files cut into shards of ``shard_tokens`` (the last one shorter)."""
+    segments: list[tuple[str, int, int]] = []
+    count = 0
+    for path, tokens in files:
+        start = 0
+        while start < tokens:
+            take = min(shard_tokens - count, tokens - start)
+            segments.append((path, start, start + take))
+            count += take
+            start += take
+            if count == shard_tokens:
+                yield tuple(segments)
+                segments, count = [], 0
+    if segments:
+        yield tuple(segments)
+
+
 class WriteShards(PipelineStep):
+    """Writes every ``world_size``-th planned shard, starting at ``rank``; its manifest entries to a file."""
+
     name = "shards"
+    type = "essaim"
+
+    def __init__(self, corpus: Corpus, work: WorkDir) -> None:
+        super().__init__()
+        self.corpus, self.work = corpus, work
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
+        settings, out = self.corpus.settings, self.work.output
+        lengths = token_byte_lengths(load_tokenizer(out / "tokenizer").backend_tokenizer)
+        dtype = token_dtype(settings.vocab_size)
+        sources = {source.name: source for source in self.corpus.sources}
+        written = []
+        for shard in plan_shards(self.corpus, self.work)[rank::world_size]:
+            tokens = np.concatenate([np.memmap(path, dtype=dtype, mode="r")[start:end]
+                                     for path, start, end in shard.segments])
+            days = [day for path, start, end in shard.segments for day in _days(Path(path), start, end)]
+            file = f"{shard.shard_id}.bin"
+            source = sources[shard.source]
+            info = ShardInfo(
+                shard_id=shard.shard_id, file=file, sha256=write_shard(tokens, out / file, dtype), tokens=len(tokens),
+                dtype=dtype, language=source.language, source=source.name, licence=source.licence,
+                date_from=dt.date.fromordinal(min(days)).isoformat(), date_to=dt.date.fromordinal(max(days)).isoformat(),
+                chunk_sha256=chunk_hashes(out / file, settings.chunk_bytes), text_bytes=text_bytes(lengths, tokens),
+            )
+            written.append(asdict(info))
+        write_json_atomically(self.work.shard_entries(rank), written)
+
+
+def _days(tokens: Path, start: int, end: int) -> list[int]:
+    """The dates of the documents (pieces) with tokens in [start, end) of a token file."""
+    pieces = np.load(documents_path(tokens), mmap_mode="r")  # (end token, date, ends a document), by end
+    first = np.searchsorted(pieces[:, 0], start, side="right")  # the first piece ending after start
+    last = np.searchsorted(pieces[:, 0], end, side="left")  # the first piece ending at or after end
+    return pieces[first : last + 1, 1].tolist()
+
+
+class WriteManifest(PipelineStep):
+    """The manifest and the prepare report, from the shard tasks' entries and every stage's counts."""
+
+    name = "manifest"
     type = "essaim"
 
     def __init__(self, corpus: Corpus, work: WorkDir, exact: bool, near: bool) -> None:
@@ -134,34 +228,27 @@ class WriteShards(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
         settings, out = self.corpus.settings, self.work.output
-        lengths = token_byte_lengths(load_tokenizer(out / "tokenizer").backend_tokenizer)
-        dtype = token_dtype(settings.vocab_size)
+        entries = {entry["shard_id"]: ShardInfo(**{**entry, "chunk_sha256": tuple(entry["chunk_sha256"])})
+                   for path in sorted(self.work.shard_entries(0).parent.glob("*.json"))
+                   for entry in json.loads(path.read_text())}
+        planned = plan_shards(self.corpus, self.work)
+        shards = [entries[p.shard_id] for p in planned if not p.heldout]
+        heldout = [entries[p.shard_id] for p in planned if p.heldout]
         report = self._report()
-        shards: list[ShardInfo] = []
-        heldout_shards: list[ShardInfo] = []
         for source in self.corpus.sources:
-            writer = ShardWriter(source, source.name, out, dtype, settings.shard_tokens, settings.chunk_bytes, lengths)
-            held = ShardWriter(source, HELDOUT_PREFIX + source.name, out, dtype, settings.shard_tokens,
-                               settings.chunk_bytes, lengths)
-            spools = self.work.spools(source.name)
-            for bucket in sorted({spool.parent.name for spool in spools}):
-                for spool in (s for s in spools if s.parent.name == bucket):
-                    writer.add_file(self.work.tokens(spool, "train"))
-                    held.add_file(self.work.tokens(spool, "heldout"))
-                writer.flush()  # a shard never spans two date buckets (held-out ones may: they are never leased)
-            held.flush()
-            report.sources[source.name].tokens = sum(s.tokens for s in writer.written)
-            report.heldout[source.name] = {"documents": held.documents, "tokens": sum(s.tokens for s in held.written),
-                                           "text_bytes": sum(s.text_bytes for s in held.written)}
-            shards.extend(writer.written)
-            heldout_shards.extend(held.written)
+            report.sources[source.name].tokens = sum(s.tokens for s in shards if s.source == source.name)
+            held = [s for s in heldout if s.source == source.name]
+            documents = sum(int(np.load(documents_path(self.work.tokens(spool, "heldout")))[:, 2].sum())
+                            for spool in self.work.spools(source.name))
+            report.heldout[source.name] = {"documents": documents, "tokens": sum(s.tokens for s in held),
+                                           "text_bytes": sum(s.text_bytes for s in held)}
         tokenizer = json.loads(self.work.tokenizer_figures.read_text())
         report.tokenizer, report.fertility = tokenizer["tokenizer"], tokenizer["fertility"]
         (out / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
         sources = [SourceInfo(s.name, s.language, s.licence, s.weight, s.date_from.isoformat(), s.date_to.isoformat())
                    for s in self.corpus.sources]
         Manifest(settings.vocab_size, str(report.tokenizer["sha256"]), sources, shards, chunk_bytes=settings.chunk_bytes,
-                 heldout=heldout_shards).save(out / "manifest.json")
+                 heldout=heldout).save(out / "manifest.json")
 
     def _report(self) -> PrepareReport:
         """The filter tasks' counts, with what each dedup stage removed: what passed it, less what passed the next."""
@@ -197,60 +284,3 @@ def _tallies(work: WorkDir, label: str) -> dict[str, dict[str, int]]:
             into["documents"] += counts["documents"]
             into["chars"] += counts["chars"]
     return total
-
-
-class ShardWriter:
-    """Cuts one source's token stream into shards of ``shard_tokens``, noting their documents' dates and bytes."""
-
-    def __init__(self, source: Source, prefix: str, out_dir: Path, dtype: str, shard_tokens: int, chunk_bytes: int,
-                 byte_lengths: np.ndarray) -> None:
-        self.source, self.prefix, self.out_dir, self.dtype = source, prefix, out_dir, dtype
-        self.shard_tokens, self.chunk_bytes, self.byte_lengths = shard_tokens, chunk_bytes, byte_lengths
-        self.parts: list[np.ndarray] = []
-        self.dates: list[int] = []
-        self.count = 0
-        self.bytes = 0  # of the text the pending tokens encode
-        self.documents = 0  # whose last token was written
-        self.written: list[ShardInfo] = []
-
-    def add_file(self, tokens: Path) -> None:
-        """A token file's pieces, in order (read a piece at a time: memory holds one shard)."""
-        pieces = np.load(documents_path(tokens))
-        if not len(pieces):
-            return
-        stream = np.memmap(tokens, dtype=self.dtype, mode="r")
-        start = 0
-        for end, day, ends_document in pieces.tolist():
-            self._add(np.array(stream[start:end]), day)
-            self.documents += ends_document
-            start = end
-        del stream
-
-    def _add(self, tokens: np.ndarray, day: int) -> None:
-        offset = 0
-        while offset < len(tokens):
-            take = min(self.shard_tokens - self.count, len(tokens) - offset)
-            self.parts.append(tokens[offset : offset + take])
-            self.dates.append(day)
-            self.count += take
-            self.bytes += text_bytes(self.byte_lengths, self.parts[-1])  # exact where a document straddles shards
-            offset += take
-            if self.count == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.count:
-            return
-        shard_id = f"{self.prefix}-{len(self.written):05d}"
-        file = f"{shard_id}.bin"
-        sha256 = write_shard(np.concatenate(self.parts), self.out_dir / file, self.dtype)
-        self.written.append(
-            ShardInfo(
-                shard_id=shard_id, file=file, sha256=sha256, tokens=self.count, dtype=self.dtype,
-                language=self.source.language, source=self.source.name, licence=self.source.licence,
-                date_from=dt.date.fromordinal(min(self.dates)).isoformat(),
-                date_to=dt.date.fromordinal(max(self.dates)).isoformat(),
-                chunk_sha256=chunk_hashes(self.out_dir / file, self.chunk_bytes), text_bytes=self.bytes,
-            )
-        )
-        self.parts, self.dates, self.count, self.bytes = [], [], 0, 0

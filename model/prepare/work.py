@@ -78,6 +78,10 @@ class WorkDir:
         relative = spool.relative_to(self.root / "spool").with_suffix("")
         return self.root / "tokens" / relative.parent / f"{relative.name}.{split}.bin"
 
+    def shard_entries(self, rank: int) -> Path:
+        """The manifest entries of the shards task ``rank`` wrote."""
+        return self.root / "shards" / f"{rank:05d}.json"
+
     @property
     def tokenizer_figures(self) -> Path:
         return self.root / "tokenizer.json"
