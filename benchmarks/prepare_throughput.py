@@ -12,8 +12,8 @@ largest process. Run it on an idle machine.
 
 Then a projection for 3 trillion tokens on 100 nodes, from the measured rates: the stages
 that run one task per input share (filter, signatures, dedup, encode) scale with the nodes,
-the single-task stages (exact-duplicate merge, MinHash clusters, tokenizer, shard assembly)
-do not, and are extrapolated from the largest run by tokens.
+the single-task stages (MinHash clusters, tokenizer, manifest)
+do not, and are extrapolated by their marginal cost per token between the smallest and largest runs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.synthetic_corpus import write_synthetic_corpus  # noqa: E402
 
-SERIAL_STAGES = ("exact-duplicates", "minhash-clusters", "tokenizer", "shards")  # one task, whatever the cluster
+SERIAL_STAGES = ("minhash-clusters", "tokenizer", "manifest")  # one task, whatever the cluster
 TARGET_TOKENS = 3e12
 NODES, TASKS_PER_NODE = 100, 64  # the projection's cluster: 100 nodes of 64 cores, a task per core
 
@@ -104,17 +104,22 @@ def run(config: Path, out: Path, tasks: int, dedup: bool) -> dict:
     return figures
 
 
-def projection(largest: dict, one_task: dict) -> dict:
-    """Hours for TARGET_TOKENS on NODES x TASKS_PER_NODE tasks, from a one-task run's rates at the largest scale."""
-    serial = sum(one_task["stages"].get(stage, 0.0) for stage in SERIAL_STAGES)
-    tokenizer = one_task["stages"].get("tokenizer", 0.0)  # trains on at most tokenizer_chars: does not grow
-    parallel = one_task["seconds"] - serial
-    scale = TARGET_TOKENS / largest["tokens"]
-    input_tb = largest["input_bytes"] * scale / 1e12
-    parallel_hours = parallel * scale / (NODES * TASKS_PER_NODE) / 3600
-    serial_hours = ((serial - tokenizer) * scale + tokenizer) / 3600
-    return {"input_tb": input_tb, "parallel_hours": parallel_hours, "serial_hours": serial_hours,
-            "per_task_mb_s": largest["input_bytes"] / 1e6 / parallel}
+def projection(small: dict, large: dict) -> dict:
+    """Hours for TARGET_TOKENS on NODES x TASKS_PER_NODE tasks, from one-task runs at two scales.
+
+    The split stages scale with the input (their rate is the large run's); the single-task stages
+    cost what they cost at the small scale plus their marginal cost per token between the two.
+    """
+    def serial(run: dict) -> float:
+        return sum(run["stages"].get(stage, 0.0) for stage in SERIAL_STAGES)
+
+    parallel = large["seconds"] - serial(large)
+    per_token = max(serial(large) - serial(small), 0.0) / max(large["tokens"] - small["tokens"], 1)
+    scale = TARGET_TOKENS / large["tokens"]
+    return {"input_tb": large["input_bytes"] * scale / 1e12,
+            "parallel_hours": parallel * scale / (NODES * TASKS_PER_NODE) / 3600,
+            "serial_hours": (serial(small) + per_token * (TARGET_TOKENS - small["tokens"])) / 3600,
+            "per_task_mb_s": large["input_bytes"] / 1e6 / parallel}
 
 
 def main() -> None:
@@ -164,12 +169,12 @@ def main() -> None:
             print(f"{scale:g}x: {task_counts[-1]} tasks {speedup:.2f}x as fast as {task_counts[0]}")
             headline[f"speedup_{scale:g}x"] = round(speedup, 2)
     largest = max(scales)
-    one_task = next(r for r in rows if r["scale"] == largest and r["tasks"] == min(task_counts))
-    plan = projection(one_task, one_task)
+    one_task = [r for r in rows if r["tasks"] == min(task_counts)]
+    plan = projection(one_task[0], one_task[-1])
     print(f"\nprojection for {TARGET_TOKENS:.0e} tokens ({plan['input_tb']:.1f} TB of input like this one) on {NODES} "
           f"nodes x {TASKS_PER_NODE} tasks: {plan['parallel_hours']:.1f} h in the stages split across tasks "
           f"({plan['per_task_mb_s']:.2f} MB/s a task), {plan['serial_hours']:.1f} h in the single-task stages "
-          f"({', '.join(SERIAL_STAGES)}), extrapolated by tokens from {largest:g}x")
+          f"({', '.join(SERIAL_STAGES)}), extrapolated by their cost per token from {min(scales):g}x to {largest:g}x")
     headline.update(projection_parallel_hours=round(plan["parallel_hours"], 2),
                     projection_serial_hours=round(plan["serial_hours"], 1))
     print(json.dumps(headline))

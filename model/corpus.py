@@ -37,18 +37,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
-from datatrove.pipeline.dedup.minhash import (
-    MinhashDedupBuckets,
-    MinhashDedupCluster,
-    MinhashDedupFilter,
-    MinhashDedupSignature,
-)
-
+from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.utils.logging import logger
 
 from model.corpus_config import Corpus, CorpusSettings
 from model.filters import SourceReport
-from model.prepare.dedup import EXACT, KeptReader, SpoolWriter, Tally, WhitespaceWords, minhash_config
+from model.prepare.dedup import EXACT, KeptReader, SpoolWriter, Tally, WordShingleSignature, minhash_config
 from model.prepare.executors import ExecutorSettings, PrepareFailed, Stage, dry_run, run_locally, run_on_slurm
 from model.prepare.filtering import PrepareStopped, ReadAndFilter
 from model.prepare.shards_stage import (
@@ -174,7 +168,7 @@ def _stages(corpus: Corpus, plan: list[list[InputFile]], work: WorkDir) -> list[
         signatures, buckets, clusters = (str(work.minhash / name) for name in ("signatures", "buckets", "clusters"))
         stages += [
             Stage("minhash-signatures",
-                  [*kept(tally=False), MinhashDedupSignature(signatures, minhash, language=WhitespaceWords())], tasks),
+                  [*kept(tally=False), WordShingleSignature(signatures, minhash)], tasks),
             Stage("minhash-buckets", [MinhashDedupBuckets(signatures, buckets, config=minhash)], minhash.num_buckets),
             Stage("minhash-clusters", [MinhashDedupCluster(buckets, clusters, config=minhash)], 1),
         ]
