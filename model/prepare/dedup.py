@@ -13,7 +13,8 @@ or more the one kept may be a later one.
 
 The MinHash settings map onto datatrove's: word n-grams of the lower-cased text split on
 white space (as before; WordShingleSignature hashes them faster), and of the
-``minhash_permutations`` hashes, ``bands`` bands of ``rows`` hashes whose threshold ``(1 / bands) ** (1 / rows)`` is nearest ``near_threshold``.
+``minhash_permutations`` hashes, ``bands`` bands of ``rows`` hashes whose threshold
+``(1 / bands) ** (1 / rows)`` is nearest ``near_threshold``.
 """
 
 from __future__ import annotations
@@ -140,6 +141,17 @@ class Tally(PipelineStep):
             tally["chars"] += len(document.text)
             yield document
         write_json_atomically(self.work.counts(self.label, rank), counts)
+
+
+def read_tallies(work: WorkDir, label: str) -> dict[str, dict[str, int]]:
+    """What the tasks' Tally steps under ``label`` counted, summed per source."""
+    total: dict[str, dict[str, int]] = {}
+    for path in work.counts_of(label):
+        for name, counts in json.loads(path.read_text()).items():
+            into = total.setdefault(name, {"documents": 0, "chars": 0})
+            into["documents"] += counts["documents"]
+            into["chars"] += counts["chars"]
+    return total
 
 
 class SpoolWriter(PipelineStep):

@@ -23,6 +23,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from model.corpus_config import Corpus
 from model.filters import OptOuts, SourceReport
+from model.prepare.dedup import read_tallies
 from model.prepare.filtering import read_counts, write_json_atomically
 from model.prepare.tokenizer_stage import batches, spooled
 from model.prepare.work import WorkDir
@@ -257,7 +258,7 @@ class WriteManifest(PipelineStep):
         stages += [("near_duplicate", "deduplicated")] if self.near else []
         before = {name: {"documents": c.kept_documents, "chars": c.kept_chars} for name, c in filtered.items()}
         for reason, label in stages:
-            after = _tallies(self.work, label)
+            after = read_tallies(self.work, label)
             for name, counts in filtered.items():
                 passed = after.get(name, {"documents": 0, "chars": 0})
                 if before[name]["documents"] > passed["documents"]:
@@ -274,13 +275,3 @@ def _described(opt_out_list: Path) -> dict:
     """A reservation list as the report names it: its file, entries and digest (an auditor can check the list)."""
     return {"file": opt_out_list.name, "entries": OptOuts([opt_out_list]).entries,
             "sha256": hashlib.sha256(opt_out_list.read_bytes()).hexdigest()}
-
-
-def _tallies(work: WorkDir, label: str) -> dict[str, dict[str, int]]:
-    total: dict[str, dict[str, int]] = {}
-    for path in work.counts_of(label):
-        for name, counts in json.loads(path.read_text()).items():
-            into = total.setdefault(name, {"documents": 0, "chars": 0})
-            into["documents"] += counts["documents"]
-            into["chars"] += counts["chars"]
-    return total

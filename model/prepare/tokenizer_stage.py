@@ -18,6 +18,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from model.corpus_config import Corpus, Source
 from model.heldout import HeldOutDraw
+from model.prepare.dedup import read_tallies
 from model.prepare.filtering import write_json_atomically
 from model.prepare.work import WorkDir
 from model.tokenizer import tokenizer_sha256, train_tokenizer
@@ -36,15 +37,6 @@ def spooled(paths: list[Path]) -> Iterator[tuple[str, str, int]]:
             for line in lines:
                 record = json.loads(line)
                 yield record["text"], record["date"], record["key"]
-
-
-def kept_chars(work: WorkDir) -> dict[str, int]:
-    """Each source's characters after deduplication, summed over the tasks."""
-    total: dict[str, int] = {}
-    for path in work.counts_of("deduplicated"):
-        for name, counts in json.loads(path.read_text()).items():
-            total[name] = total.get(name, 0) + counts["chars"]
-    return total
 
 
 def batches(items, text=lambda item: item):  # type: ignore[no-untyped-def]
@@ -70,7 +62,7 @@ class TrainTokenizer(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
         settings, work = self.corpus.settings, self.work
-        chars = kept_chars(work)
+        chars = {name: tally["chars"] for name, tally in read_tallies(work, "deduplicated").items()}
         heldout = {source.name: self._draw(source.name) for source in self.corpus.sources}
         tokenizer = train_tokenizer(self._weighted_sample(self.corpus.sources, chars, settings.tokenizer_chars, heldout),
                                     settings.vocab_size, work.output / "tokenizer")
