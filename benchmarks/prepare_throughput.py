@@ -46,7 +46,10 @@ marks = [("start", time.perf_counter())]
 corpus = load_corpus_config(sys.argv[1])
 if sys.argv[3] == "without-dedup":
     corpus.dedup.exact, corpus.dedup.near_threshold = False, 0.0
-log = lambda step: marks.append((step.split(":")[0], time.perf_counter()))
+def log(step):
+    marks.append((step.split(":")[0], time.perf_counter()))
+    with open(sys.argv[5], "w") as stage:  # the parent attributes its memory samples to this stage
+        stage.write(marks[-1][0])
 manifest, report = prepare_corpus(corpus, sys.argv[2], executor=ExecutorSettings(tasks=int(sys.argv[4])), log=log)
 marks.append(("done", time.perf_counter()))
 stages = {step: until - at for (step, at), (_, until) in zip(marks[1:], marks[2:])}
@@ -89,18 +92,22 @@ def input_bytes(directory: Path) -> int:
 
 def run(config: Path, out: Path, tasks: int, dedup: bool) -> dict:
     mode = "with-dedup" if dedup else "without-dedup"
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(config), str(out), mode, str(tasks)],
+    stage_file = out.with_name(out.name + ".stage")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(config), str(out), mode, str(tasks), str(stage_file)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak_sum = peak_one = 0.0
+    stage_peaks: dict[str, float] = {}
     while child.poll() is None:
         total, largest = tree_rss_mb(child.pid)
         peak_sum, peak_one = max(peak_sum, total), max(peak_one, largest)
+        stage = stage_file.read_text() if stage_file.exists() else "start"
+        stage_peaks[stage] = max(stage_peaks.get(stage, 0.0), largest)
         time.sleep(0.1)
     stdout, stderr = child.communicate()
     if child.returncode != 0:
         raise SystemExit(f"prepare failed:\n{stderr[-3000:]}")
     figures = json.loads(stdout.strip().splitlines()[-1])
-    figures.update(tasks=tasks, peak_tree_mb=peak_sum, peak_process_mb=peak_one)
+    figures.update(tasks=tasks, peak_tree_mb=peak_sum, peak_process_mb=peak_one, stage_peak_mb=stage_peaks)
     return figures
 
 
@@ -139,8 +146,9 @@ def main() -> None:
                 figures = run(config, Path(scratch) / f"out-{scale:g}-{tasks}", tasks, not args.without_dedup)
                 figures.update(scale=scale, input_bytes=input_bytes(source))
                 rows.append(figures)
-                print(f"scale {scale:g}x, {tasks} task(s): {figures['seconds']:.1f} s; stages: "
-                      + ", ".join(f"{name} {t:.1f}" for name, t in figures["stages"].items()), flush=True)
+                print(f"scale {scale:g}x, {tasks} task(s): {figures['seconds']:.1f} s; stage seconds / largest "
+                      "process MB: " + ", ".join(f"{name} {t:.1f}/{figures['stage_peak_mb'].get(name, 0):.0f}"
+                                                 for name, t in figures["stages"].items()), flush=True)
 
     print(f"\n{'scale':>5} {'input MB':>9} {'tasks':>5} {'seconds':>8} {'MB/s':>6} {'MB/s/task':>9} "
           f"{'peak tree MB':>12} {'peak process MB':>15} {'documents':>10} {'tokens':>12}")

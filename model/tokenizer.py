@@ -8,7 +8,7 @@ what ``transformers.AutoTokenizer.from_pretrained`` reads, offline.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import transformers
@@ -20,6 +20,24 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(_BYTE_ALPHABET)
+PIECE_CHARS = 100_000  # longer texts are trained on and encoded piece by piece (see pretoken_pieces)
+
+
+def pretoken_pieces(text: str, max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``max_chars``, cut where the pre-tokenizer splits anyway.
+
+    Cuts fall after a lone newline between two visible characters, so the pieces pre-tokenize into
+    the whole text's words: a trainer counts the same words and an encoder gives the same ids,
+    without holding a long text's alignments at once (tens of MB for one long source file).
+    """
+    while len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars - 1)
+        while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind("\n", 0, cut)
+        cut = cut + 1 if cut > 0 else max_chars
+        yield text[:cut]
+        text = text[cut:]
+    yield text
 
 
 def train_tokenizer(
@@ -46,7 +64,7 @@ def train_tokenizer(
         initial_alphabet=_BYTE_ALPHABET,
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator((piece for text in texts for piece in pretoken_pieces(text)), trainer)
 
     wrapped = _wrap(tokenizer)
     out_dir = Path(out_dir)

@@ -13,19 +13,25 @@ import dataclasses
 import hashlib
 import json
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
 import model.synthetic_corpus as synthetic_corpus
 from model.corpus import ExecutorSettings, PrepareFailed, prepare_corpus
-from model.corpus_config import Corpus, load_corpus_config
+from model.corpus_config import Corpus, DedupSettings, load_corpus_config
 from model.ingest import Document, read_source
+from model.prepare.dedup import WordShingleSignature, minhash_config
 from model.prepare.filtering import ReadAndFilter
 from model.shards import Manifest, read_tokens
 from model.tokenizer import EOS_ID, load_tokenizer
+from tests.support import wait_for
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "prepare-before-datatrove.json").read_text())
 
@@ -183,6 +189,63 @@ def test_a_failed_task_is_named_with_its_log_and_the_rerun_redoes_only_unfinishe
     assert steps[0].startswith("resuming in") and "filter: 2 tasks, 1 finished before" in steps
     assert report.sources["forum"].kept_documents == 60 and Manifest.load(out / "manifest.json") == manifest
     assert not work.exists()
+
+
+def test_a_long_documents_signature_computed_in_blocks_is_datatroves(tmp_path: Path) -> None:
+    signer = WordShingleSignature(str(tmp_path / "signatures"), minhash_config(DedupSettings()))
+    rng = random.Random(3)
+    words = [rng.choice(["le", "chat", "dort", "sur", "un", "tapis", "rouge", "bleu", "vert"]) for _ in range(9000)]
+    shingles = signer.get_shingles(" ".join(words))
+    assert len(shingles) > 4 * 2048  # several blocks
+    assert signer.get_signature(shingles) == MinhashDedupSignature.get_signature(signer, shingles)
+
+
+# A prepare whose encode tasks hang (each writes its process id first), to be interrupted there.
+_HANGS_IN_ENCODE = r"""
+import os, sys, time
+from pathlib import Path
+from model.corpus import ExecutorSettings, prepare_corpus
+from model.corpus_config import load_corpus_config
+from model.prepare.shards_stage import EncodeSpools
+
+def hang(self, data=None, rank=0, world_size=1):
+    Path(sys.argv[3], f"{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(600)
+
+EncodeSpools.run = hang
+prepare_corpus(load_corpus_config(sys.argv[1]), Path(sys.argv[2]), vocab_size=300, executor=ExecutorSettings(tasks=2))
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_an_interrupted_prepare_ends_its_task_processes_and_the_rerun_resumes(tmp_path: Path) -> None:
+    corpus = _jsonl_corpus(tmp_path, {"a.jsonl": [f"premier fichier, document numéro {n} ici" for n in range(30)],
+                                      "b.jsonl": [f"second fichier, document numéro {n} ici" for n in range(30)]})
+    out, pids = tmp_path / "data", tmp_path / "encoding"
+    pids.mkdir()
+    command = subprocess.Popen([sys.executable, "-c", _HANGS_IN_ENCODE, str(tmp_path / "corpus.toml"), str(out),
+                                str(pids)], cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True)
+    try:
+        tasks = wait_for(lambda: len(found := list(pids.glob("*.pid"))) == 2 and found, 120, "both encode tasks")
+        encoding = [int(path.read_text()) for path in tasks]
+        command.send_signal(signal.SIGINT)  # to the command alone, not its process group
+        _, stderr = command.communicate(timeout=60)
+    finally:
+        command.kill()
+    assert command.returncode != 0 and "KeyboardInterrupt" in stderr
+    wait_for(lambda: not any(_running(pid) for pid in encoding), 10, "the encode tasks ended with the command")
+
+    steps: list[str] = []
+    manifest, report = prepare_corpus(corpus, out, vocab_size=300, executor=ExecutorSettings(tasks=2), log=steps.append)
+    assert steps[0].startswith("resuming in") and "filter: 2 tasks, 2 finished before" in steps
+    assert "tokenizer: 1 task, 1 finished before" in steps and "encode: 2 tasks" in steps
+    assert report.sources["forum"].kept_documents == 60 and Manifest.load(out / "manifest.json") == manifest
 
 
 def _jsonl_corpus(tmp_path: Path, files: dict[str, list[str]]) -> Corpus:

@@ -1,11 +1,15 @@
 """Tokenizer: trained offline, loadable by transformers, exact byte-level round trips."""
 
+import random
+
 import pytest
 import transformers
 
+import model.tokenizer as tokenizer_module
 from model.tokenizer import (
     SPECIAL_TOKENS,
     load_tokenizer,
+    pretoken_pieces,
     tokenizer_sha256,
     train_tokenizer,
 )
@@ -71,3 +75,15 @@ def test_load_from_a_directory_without_tokenizer_json_says_what_to_do(tmp_path):
 def test_too_small_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 260"):
         train_tokenizer(iter(TEXTS), vocab_size=100, out_dir=tmp_path)
+
+
+def test_a_long_text_trains_the_same_tokenizer_in_pieces_as_whole(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    words = ["".join(rng.choice("abcdéfghijklmnoprstuvz") for _ in range(rng.randint(1, 9))) for _ in range(400)]
+    lines = [("    " * rng.randint(0, 2)) + " ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(6000)]
+    text = "\n".join(lines) + "\n\n" + ":" * 50  # indentation, a blank line, a punctuation run
+    assert len(list(pretoken_pieces(text))) > 2
+    train_tokenizer([text], vocab_size=600, out_dir=tmp_path / "in-pieces")
+    monkeypatch.setattr(tokenizer_module, "pretoken_pieces", lambda text: iter([text]))
+    train_tokenizer([text], vocab_size=600, out_dir=tmp_path / "whole")
+    assert tokenizer_sha256(tmp_path / "in-pieces") == tokenizer_sha256(tmp_path / "whole")

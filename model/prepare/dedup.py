@@ -101,8 +101,25 @@ class WordShingleSignature(MinhashDedupSignature):
             shingles = shingles * _SHINGLE_BASE + hashes[offset : offset + count]
         return shingles.reshape(-1, 1)
 
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        """datatrove's signature, its shingles x permutations table computed in blocks of rows.
+
+        In one piece that table takes 1 KB per word (128 permutations of 8 bytes, and temporaries):
+        over 100 MB for a long source file. The minimum of blocks' minima is the same signature.
+        """
+        a, b = self.parameters
+        lowest = np.full(a.shape[-1], np.iinfo(np.uint64).max, dtype=np.uint64)
+        for start in range(0, len(shingles), _SIGNATURE_BLOCK):
+            block = (shingles[start : start + _SIGNATURE_BLOCK] * a + b) % _MERSENNE_PRIME
+            np.minimum(lowest, block.min(axis=0), out=lowest)
+        if self.config.hash_config.precision == 32:
+            lowest = np.bitwise_and(lowest, self.config.hash_config.max)
+        return [x.tolist() for x in np.split(lowest.astype(self.config.hash_config.np_dtype), self.config.num_buckets)]
+
 
 _SHINGLE_BASE = np.uint64(0x100000001B3)  # FNV's 64-bit prime: any odd multiplier spreads the words' order
+_SIGNATURE_BLOCK = 2048  # shingles a block: 2 MB of table
+_MERSENNE_PRIME = np.uint64((1 << 61) - 1)  # datatrove's modulus for the permutations
 
 
 class KeptReader(PipelineStep):

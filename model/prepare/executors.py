@@ -11,13 +11,16 @@ with its log. ``--dry-run`` prints the job scripts instead of submitting them.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Literal
 
@@ -97,13 +100,52 @@ def run_locally(stages: list[Stage], settings: ExecutorSettings, work: WorkDir, 
         finished = stage.tasks - len(executor.get_incomplete_ranks())
         log(f"{stage.name}: {stage.tasks} task{'s' if stage.tasks > 1 else ''}"
             + (f", {finished} finished before" if finished else ""))
-        try:
-            with _console_into(work.logs(stage.name) / "console.log"):
-                executor.run()
-        except PrepareStopped:
-            raise
-        except Exception as error:
-            raise PrepareFailed(_failure(stage, work, str(error))) from error
+        with _console_into(work.logs(stage.name) / "console.log"):
+            outcome, message = _run_in_child(executor)
+        if outcome == "stopped":
+            raise PrepareStopped(message)
+        if outcome == "failed":
+            raise PrepareFailed(_failure(stage, work, message))
+
+
+def _run_in_child(executor: LocalPipelineExecutor) -> tuple[Literal["done", "stopped", "failed"], str]:
+    """Run a stage in a forked process, as a Slurm job would: what its tasks allocate (a tokenizer trainer's
+    tables, the largest document) is handed back when it ends, and no later stage's tasks fork from it.
+
+    datatrove runs a one-worker stage in the calling process, so without this the single-task stages would
+    grow this process and every task forked after them.
+    """
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_run_and_tell, args=(executor, send), name="essaim-prepare-stage")
+    child.start()
+    send.close()
+    with suppress(OSError):  # its own process group, so that ending it ends its task processes (the child sets it too)
+        os.setpgid(child.pid, child.pid)
+    try:
+        outcome = receive.recv()
+    except EOFError:  # it died without a word: killed, most likely for memory
+        child.join()
+        return "failed", f"its process ended with exit code {child.exitcode} (a negative code is the signal)"
+    except BaseException:  # this process is ending (interrupted): the stage's tasks end with it
+        with suppress(OSError):
+            os.killpg(child.pid, signal.SIGTERM)
+        child.join()
+        raise
+    child.join()
+    return outcome
+
+
+def _run_and_tell(executor: LocalPipelineExecutor, send: Connection) -> None:
+    with suppress(OSError):
+        os.setpgid(0, 0)
+    try:
+        executor.run()
+        send.send(("done", ""))
+    except PrepareStopped as stopped:
+        send.send(("stopped", str(stopped)))
+    except BaseException as error:  # noqa: BLE001 - everything goes back to the parent, which names the task
+        send.send(("failed", str(error) or type(error).__name__))
 
 
 def slurm_executors(stages: list[Stage], settings: ExecutorSettings, work: WorkDir, run_id: str) -> list[_SlurmStage]:

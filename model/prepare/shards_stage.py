@@ -29,12 +29,11 @@ from model.prepare.tokenizer_stage import batches, spooled
 from model.prepare.work import WorkDir
 from model.shards import Manifest, ShardInfo, SourceInfo, chunk_hashes, token_dtype, write_shard
 from model.text_bytes import text_bytes, token_byte_lengths
-from model.tokenizer import EOS_ID, load_tokenizer
+from model.tokenizer import EOS_ID, load_tokenizer, pretoken_pieces
 
 REPORT_FILE = "prepare-report.json"
 # Held-out shards are named apart from training ones: a source name cannot start with "_".
 HELDOUT_PREFIX = "_heldout-"
-_PIECE_CHARS = 100_000  # longer documents are encoded piece by piece (see pieces)
 SPLITS = ("train", "heldout")
 
 
@@ -54,20 +53,11 @@ class PrepareReport:
 
 
 def pieces(documents: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int, bool]]:
-    """Documents as (text, date, ends_document), long ones cut into pieces of at most _PIECE_CHARS.
-
-    Cuts fall after a lone newline between two visible characters, where the byte-level
-    pre-tokenizer splits anyway, so a long document encodes as it would whole.
-    """
+    """Documents as (text, date, ends_document), long ones cut into pieces (model.tokenizer.pretoken_pieces)."""
     for text, day in documents:
-        while len(text) > _PIECE_CHARS:
-            cut = text.rfind("\n", 0, _PIECE_CHARS - 1)
-            while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-                cut = text.rfind("\n", 0, cut)
-            cut = cut + 1 if cut > 0 else _PIECE_CHARS
-            yield text[:cut], day, False
-            text = text[cut:]
-        yield text, day, True
+        cut = list(pretoken_pieces(text))
+        for number, piece in enumerate(cut, start=1):
+            yield piece, day, number == len(cut)
 
 
 class EncodeSpools(PipelineStep):
@@ -94,7 +84,9 @@ class EncodeSpools(PipelineStep):
             for split, chosen in (("train", [(t, d) for t, d, key in batch if key not in heldout]),
                                   ("heldout", [(t, d) for t, d, key in batch if key in heldout])):
                 for piece_batch in batches(pieces(iter(chosen)), text=lambda piece: piece[0]):
-                    encodings = encoder.encode_batch([text for text, _, _ in piece_batch], add_special_tokens=False)
+                    # without the offsets (encode_batch_fast): the same ids, a sixth faster
+                    encodings = encoder.encode_batch_fast([text for text, _, _ in piece_batch],
+                                                          add_special_tokens=False)
                     for encoding, (_, day, ends) in zip(encodings, piece_batch):
                         outputs[split].add([*encoding.ids, EOS_ID] if ends else encoding.ids, day, ends)
         for output in outputs.values():

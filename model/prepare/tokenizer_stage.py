@@ -21,7 +21,7 @@ from model.heldout import HeldOutDraw
 from model.prepare.dedup import read_tallies
 from model.prepare.filtering import write_json_atomically
 from model.prepare.work import WorkDir
-from model.tokenizer import tokenizer_sha256, train_tokenizer
+from model.tokenizer import pretoken_pieces, tokenizer_sha256, train_tokenizer
 
 HELD_OUT_EVERY = 10  # every 10th kept document is left out of tokenizer training to measure fertility
 # Documents encode in batches (parallel in `tokenizers`) of at most this many documents and
@@ -148,4 +148,5 @@ class TrainTokenizer(PipelineStep):
 
 def _count_tokens(tokenizer, texts: list[str]) -> int:  # type: ignore[no-untyped-def]
     encoder = tokenizer.backend_tokenizer
-    return sum(len(e.ids) for batch in batches(texts) for e in encoder.encode_batch(batch, add_special_tokens=False))
+    cut = (piece for text in texts for piece in pretoken_pieces(text))
+    return sum(len(e.ids) for batch in batches(cut) for e in encoder.encode_batch_fast(batch, add_special_tokens=False))
