@@ -10,10 +10,12 @@ in a fresh process, and prints: seconds, input MB/s in all and per task, the tim
 stage, and peak resident memory of the whole process tree (sampled every 0.1 s) and of its
 largest process. Run it on an idle machine.
 
-Then a projection for 3 trillion tokens on 100 nodes, from the measured rates: the stages
-that run one task per input share (filter, signatures, dedup, encode) scale with the nodes,
-the single-task stages (MinHash clusters, tokenizer, manifest)
-do not, and are extrapolated by their marginal cost per token between the smallest and largest runs.
+Then a projection for 3 trillion tokens on 100 nodes, from the one-task runs: the stages that
+run one task per input share (filter, signatures, dedup, encode) scale with the nodes; of the
+single-task stages, MinHash clusters and the manifest are extrapolated by their marginal cost
+per token between the smallest and largest runs, and the tokenizer stage, which trains on a
+sample of at most [corpus] tokenizer_chars, by its time at the largest run scaled up to that
+sample (training time taken as linear in its text).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from model.synthetic_corpus import write_synthetic_corpus  # noqa: E402
 
 SERIAL_STAGES = ("minhash-clusters", "tokenizer", "manifest")  # one task, whatever the cluster
+LINEAR_STAGES = ("minhash-clusters", "manifest")  # single-task stages whose work grows with the corpus
 TARGET_TOKENS = 3e12
 NODES, TASKS_PER_NODE = 100, 64  # the projection's cluster: 100 nodes of 64 cores, a task per core
 
@@ -59,6 +62,8 @@ print(json.dumps({
     "shards": len(manifest.shards),
     "documents": sum(c.records for c in report.sources.values()),
     "kept": sum(c.kept_documents for c in report.sources.values()),
+    "kept_chars": sum(c.kept_chars for c in report.sources.values()),
+    "tokenizer_chars": corpus.settings.tokenizer_chars,
 }))
 """
 
@@ -114,18 +119,23 @@ def run(config: Path, out: Path, tasks: int, dedup: bool) -> dict:
 def projection(small: dict, large: dict) -> dict:
     """Hours for TARGET_TOKENS on NODES x TASKS_PER_NODE tasks, from one-task runs at two scales.
 
-    The split stages scale with the input (their rate is the large run's); the single-task stages
-    cost what they cost at the small scale plus their marginal cost per token between the two.
+    The split stages scale with the input (their rate is the large run's). Clusters and manifest
+    cost what they cost at the small scale plus their marginal cost per token between the two;
+    the tokenizer stage what it cost at the large scale, scaled up to a full sample if that run's
+    text was less than one.
     """
-    def serial(run: dict) -> float:
-        return sum(run["stages"].get(stage, 0.0) for stage in SERIAL_STAGES)
+    def stages(run: dict, names: tuple[str, ...]) -> float:
+        return sum(run["stages"].get(stage, 0.0) for stage in names)
 
-    parallel = large["seconds"] - serial(large)
-    per_token = max(serial(large) - serial(small), 0.0) / max(large["tokens"] - small["tokens"], 1)
+    parallel = large["seconds"] - stages(large, SERIAL_STAGES)
+    per_token = max(stages(large, LINEAR_STAGES) - stages(small, LINEAR_STAGES), 0.0) / max(
+        large["tokens"] - small["tokens"], 1)
+    tokenizer = large["stages"]["tokenizer"] * max(1.0, large["tokenizer_chars"] / large["kept_chars"])
     scale = TARGET_TOKENS / large["tokens"]
+    linear = stages(small, LINEAR_STAGES) + per_token * (TARGET_TOKENS - small["tokens"])
     return {"input_tb": large["input_bytes"] * scale / 1e12,
             "parallel_hours": parallel * scale / (NODES * TASKS_PER_NODE) / 3600,
-            "serial_hours": (serial(small) + per_token * (TARGET_TOKENS - small["tokens"])) / 3600,
+            "serial_hours": (linear + tokenizer) / 3600, "tokenizer_hours": tokenizer / 3600,
             "per_task_mb_s": large["input_bytes"] / 1e6 / parallel}
 
 
@@ -181,10 +191,11 @@ def main() -> None:
     plan = projection(one_task[0], one_task[-1])
     print(f"\nprojection for {TARGET_TOKENS:.0e} tokens ({plan['input_tb']:.1f} TB of input like this one) on {NODES} "
           f"nodes x {TASKS_PER_NODE} tasks: {plan['parallel_hours']:.1f} h in the stages split across tasks "
-          f"({plan['per_task_mb_s']:.2f} MB/s a task), {plan['serial_hours']:.1f} h in the single-task stages "
-          f"({', '.join(SERIAL_STAGES)}), extrapolated by their cost per token from {min(scales):g}x to {largest:g}x")
+          f"({plan['per_task_mb_s']:.2f} MB/s a task), {plan['serial_hours']:.2f} h in the single-task stages "
+          f"({', '.join(SERIAL_STAGES)}; the tokenizer's {plan['tokenizer_hours']:.2f} h for a full sample, the "
+          f"others by their cost per token from {min(scales):g}x to {largest:g}x)")
     headline.update(projection_parallel_hours=round(plan["parallel_hours"], 2),
-                    projection_serial_hours=round(plan["serial_hours"], 1))
+                    projection_serial_hours=round(plan["serial_hours"], 2))
     print(json.dumps(headline))
 
 

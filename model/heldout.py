@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -29,35 +30,51 @@ def document_key(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
+def choose_heldout(lowest_first: Iterable[tuple[int, int]], documents: int, chars: int, fraction: float,
+                   min_documents: int) -> np.ndarray:
+    """The held-out keys, ascending, from a source's (key, chars) pairs given in ascending key order.
+
+    The lowest keys, as many as heldout_count says, within HELDOUT_MAX_SHARE of the source's
+    ``chars``. Only the pairs up to the last one chosen are read, so a preparation can stream
+    them from the tasks' sorted files. Identical texts share a key, so an undeduplicated copy of
+    a held-out document is held out too.
+    """
+    count = heldout_count(documents, fraction, min_documents)
+    budget = max(fraction, HELDOUT_MAX_SHARE) * chars
+    chosen = array("Q")  # 8 bytes a key: a source of a billion documents holds out 10 million at 1 %
+    used = 0
+    for key, size in lowest_first:
+        if len(chosen) == count:
+            break
+        if used + size <= budget:  # too big a document stays in training
+            if not chosen or chosen[-1] != key:
+                chosen.append(key)
+            used += size
+    return np.frombuffer(chosen, dtype=np.uint64).copy()
+
+
+def held_out(chosen: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of ``keys`` are among the ascending ``chosen`` ones (a bool per key)."""
+    if not len(chosen):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(chosen, keys), len(chosen) - 1)
+    return chosen[at] == keys
+
+
 class HeldOutDraw:
-    """One source's documents as keys (document_key) and sizes: which are held out."""
+    """One source's documents as keys (document_key) and sizes, in memory: which are held out."""
 
     def __init__(self) -> None:
-        self.keys, self.chars = array("Q"), array("Q")  # 16 bytes a document: millions fit in memory
+        self.keys, self.chars = array("Q"), array("Q")  # 16 bytes a document
 
     def add(self, text: str) -> int:
         key = document_key(text)
-        self.add_key(key, len(text))
+        self.keys.append(key)
+        self.chars.append(len(text))
         return key
 
-    def add_key(self, key: int, chars: int) -> None:
-        self.keys.append(key)
-        self.chars.append(chars)
-
     def heldout(self, fraction: float, min_documents: int) -> frozenset[int]:
-        """The held-out documents' keys: the lowest ones, as many as heldout_count says, within HELDOUT_MAX_SHARE.
-
-        Identical texts share a key, so an undeduplicated copy of a held-out document is held out too.
-        """
-        count = heldout_count(len(self.keys), fraction, min_documents)
         keys, chars = np.frombuffer(self.keys, dtype=np.uint64), np.frombuffer(self.chars, dtype=np.uint64)
-        budget = max(fraction, HELDOUT_MAX_SHARE) * int(chars.sum())
-        chosen: set[int] = set()
-        used = 0
-        for index in np.argsort(keys, kind="stable"):
-            if len(chosen) == count:
-                break
-            if used + int(chars[index]) <= budget:  # too big a document stays in training
-                chosen.add(int(keys[index]))
-                used += int(chars[index])
-        return frozenset(chosen)
+        order = np.argsort(keys, kind="stable")
+        lowest_first = zip(keys[order].tolist(), chars[order].tolist())
+        return frozenset(choose_heldout(lowest_first, len(keys), int(chars.sum()), fraction, min_documents).tolist())

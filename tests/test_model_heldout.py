@@ -14,7 +14,8 @@ from coordinator.scheduler import Scheduler
 from coordinator.store import Shard, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url
 from model.corpus import prepare_corpus
 from model.corpus_config import load_corpus_config
-from model.heldout import HeldOutDraw, heldout_count
+from model.heldout import HeldOutDraw, choose_heldout, document_key, held_out, heldout_count
+from model.prepare.sampling import lowest_first
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, ShardInfo, SourceInfo, read_tokens, verify_shard
 from model.tokenizer import EOS_ID, load_tokenizer
@@ -88,6 +89,23 @@ def test_the_draw_depends_on_the_texts_not_their_order_and_keeps_big_documents_f
     small = sorted(keys[t] for t in texts[1:])
     assert chosen == set(small[:2]) and keys[texts[0]] not in chosen
     assert draws[0].heldout(0.0, 3) == frozenset()
+
+
+def test_the_draw_merged_from_the_tasks_sorted_key_files_is_the_draw_of_all_documents(tmp_path: Path) -> None:
+    texts = [f"document {n} " + "x" * (n % 17) * 40 for n in range(3000)]
+    everything = HeldOutDraw()
+    for text in texts:
+        everything.add(text)
+    files = []
+    for task, part in enumerate((texts[:1000], texts[1000:1001], [], texts[1001:])):  # one task kept nothing
+        pairs = np.asarray([(document_key(t), len(t)) for t in part], dtype=np.uint64).reshape(-1, 2)
+        files.append(tmp_path / f"{task:05d}.npy")
+        np.save(files[-1], pairs[np.argsort(pairs[:, 0], kind="stable")])
+    for fraction, minimum in ((0.01, 3), (0.2, 3), (0.0, 3)):
+        merged = choose_heldout(lowest_first(files), len(texts), sum(map(len, texts)), fraction, minimum)
+        assert set(merged.tolist()) == everything.heldout(fraction, minimum)
+        assert len(merged) <= heldout_count(len(texts), fraction, minimum) and (len(merged) > 0) == (fraction > 0)
+        assert held_out(merged, np.asarray([document_key(t) for t in texts], dtype=np.uint64)).sum() == len(merged)
 
 
 def test_no_split_when_the_fraction_is_zero(prepared, tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ import model.synthetic_corpus as synthetic_corpus
 from model.corpus import ExecutorSettings, PrepareFailed, prepare_corpus
 from model.corpus_config import Corpus, DedupSettings, load_corpus_config
 from model.ingest import Document, read_source
-from model.prepare.dedup import WordShingleSignature, minhash_config
+from model.prepare.dedup import WordShingleSignature, _Spool, minhash_config
 from model.prepare.filtering import ReadAndFilter
+from model.prepare.sampling import HELD_OUT_EVERY, weighted_sample
+from model.prepare.tokenizer_stage import spooled
 from model.shards import Manifest, read_tokens
 from model.tokenizer import EOS_ID, load_tokenizer
 from tests.support import wait_for
@@ -198,6 +200,26 @@ def test_a_long_documents_signature_computed_in_blocks_is_datatroves(tmp_path: P
     shingles = signer.get_shingles(" ".join(words))
     assert len(shingles) > 4 * 2048  # several blocks
     assert signer.get_signature(shingles) == MinhashDedupSignature.get_signature(signer, shingles)
+
+
+def test_the_sample_read_through_the_spool_indexes_is_the_one_reading_every_document_gives(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    spools = []
+    for number in range(3):  # three spools of one source, in corpus order
+        spool = _Spool(tmp_path / f"{number:05d}.jsonl")
+        for _ in range(rng.randint(40, 400)):
+            text = " ".join(rng.choice(["un", "deux", "trois", "quatre"]) for _ in range(rng.randint(1, 8)))
+            spool.write(text, "2020-01-01", rng.getrandbits(64))
+        spool.close()
+        spools.append(spool.path)
+    documents = list(spooled(spools))
+    heldout = np.unique(np.asarray([key for _, _, key in rng.sample(documents, 30)], dtype=np.uint64))
+    for rate in (0.05, 0.6, 2.3):  # the sparse spools are read by offset, the dense ones line by line
+        draw = random.Random("seed")
+        expected = [text for index, (text, _, key) in enumerate(documents)
+                    if index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1 and key not in set(heldout.tolist())
+                    for _ in range(int(rate) + (draw.random() < rate - int(rate)))]
+        assert list(weighted_sample(spools, rate, heldout, seed="seed")) == expected and expected
 
 
 # A prepare whose encode tasks hang (each writes its process id first), to be interrupted there.

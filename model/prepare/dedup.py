@@ -20,7 +20,9 @@ white space (as before; WordShingleSignature hashes them faster), and of the
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import xxhash
@@ -29,13 +31,13 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
-from datatrove.utils.text import TextNormConfig, simplify_text
+from datatrove.utils.text import TextNormConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from model.corpus_config import Corpus, DedupSettings
 from model.heldout import document_key
 from model.prepare.filtering import write_json_atomically
-from model.prepare.work import WorkDir
+from model.prepare.work import WorkDir, spool_index
 
 MAX_TASKS = 65_534  # exact dedup's priorities are 16-bit: task r's documents have priority 65535 - r
 
@@ -91,7 +93,9 @@ class WordShingleSignature(MinhashDedupSignature):
         super().__init__(output_folder, config, language=WhitespaceWords())
 
     def get_shingles(self, text: str) -> np.ndarray:
-        words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
+        # What datatrove's simplify_text (lower case, white space runs as one space) then a split on
+        # white space give, without the regular expression: re's \s is str.split's white space.
+        words = text.lower().split()
         count = len(words) - self.config.n_grams + 1
         if count < 1:
             return np.empty((0, 1), dtype=np.uint64)
@@ -114,7 +118,7 @@ class WordShingleSignature(MinhashDedupSignature):
             np.minimum(lowest, block.min(axis=0), out=lowest)
         if self.config.hash_config.precision == 32:
             lowest = np.bitwise_and(lowest, self.config.hash_config.max)
-        return [x.tolist() for x in np.split(lowest.astype(self.config.hash_config.np_dtype), self.config.num_buckets)]
+        return lowest.astype(self.config.hash_config.np_dtype).reshape(self.config.num_buckets, -1).tolist()
 
 
 _SHINGLE_BASE = np.uint64(0x100000001B3)  # FNV's 64-bit prime: any odd multiplier spreads the words' order
@@ -172,7 +176,12 @@ def read_tallies(work: WorkDir, label: str) -> dict[str, dict[str, int]]:
 
 
 class SpoolWriter(PipelineStep):
-    """The deduplicated documents, per source and date bucket, with their held-out keys."""
+    """The deduplicated documents, per source and date bucket, each spool with its index, and the held-out keys.
+
+    A spool's index (work.spool_index) holds each line's (key, byte offset), so the tokenizer stage
+    reads only the documents it samples; the task's (key, chars) per source are saved sorted by key,
+    so the held-out draw merges them without loading them all.
+    """
 
     name = "spool"
     type = "essaim"
@@ -183,24 +192,46 @@ class SpoolWriter(PipelineStep):
         self.sources = [source.name for source in corpus.sources]
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
-        files: dict[tuple[str, str], object] = {}
-        keys: dict[str, list[tuple[int, int]]] = {name: [] for name in self.sources}
+        spools: dict[tuple[str, str], _Spool] = {}
+        keys = {name: (array("Q"), array("Q")) for name in self.sources}  # (key, chars): 16 bytes a document
         try:
             for document in data:
                 source, date = document.metadata["source"], document.metadata["date"]
                 bucket = date[:4] if self.granularity == "year" else date[:7]
-                if (source, bucket) not in files:
-                    path = self.work.spool(source, bucket, rank)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    files[source, bucket] = open(path, "w", encoding="utf-8")
+                if (source, bucket) not in spools:
+                    spools[source, bucket] = _Spool(self.work.spool(source, bucket, rank))
                 key = document_key(document.text)
-                keys[source].append((key, len(document.text)))
-                files[source, bucket].write(json.dumps({"text": document.text, "date": date, "key": key},
-                                                       ensure_ascii=False) + "\n")
+                keys[source][0].append(key)
+                keys[source][1].append(len(document.text))
+                spools[source, bucket].write(document.text, date, key)
         finally:
-            for handle in files.values():
-                handle.close()
-        for source, pairs in keys.items():
+            for spool in spools.values():
+                spool.close()
+        for source, (key_array, chars) in keys.items():
+            pairs = np.stack([np.frombuffer(key_array, dtype=np.uint64), np.frombuffer(chars, dtype=np.uint64)], axis=1)
             path = self.work.heldout_keys(source, rank)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, np.asarray(pairs, dtype=np.uint64).reshape(-1, 2))
+            np.save(path, pairs[np.argsort(pairs[:, 0], kind="stable")])
+
+
+class _Spool:
+    """One spool file being written (JSON lines of text, date and key) and its index."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.file = path, open(path, "wb")
+        self.keys, self.offsets = array("Q"), array("Q")
+        self.written = 0
+
+    def write(self, text: str, date: str, key: int) -> None:
+        line = (json.dumps({"text": text, "date": date, "key": key}, ensure_ascii=False) + "\n").encode("utf-8")
+        self.file.write(line)
+        self.keys.append(key)
+        self.offsets.append(self.written)
+        self.written += len(line)
+
+    def close(self) -> None:
+        self.file.close()
+        index = np.stack([np.frombuffer(self.keys, dtype=np.uint64), np.frombuffer(self.offsets, dtype=np.uint64)],
+                         axis=1)
+        np.save(spool_index(self.path), index)

@@ -23,6 +23,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from model.corpus_config import Corpus
 from model.filters import OptOuts, SourceReport
+from model.heldout import held_out
 from model.prepare.dedup import read_tallies
 from model.prepare.filtering import read_counts, write_json_atomically
 from model.prepare.tokenizer_stage import batches, spooled
@@ -72,17 +73,18 @@ class EncodeSpools(PipelineStep):
         encoder = load_tokenizer(self.work.output / "tokenizer").backend_tokenizer  # batches run on every core
         dtype = token_dtype(self.corpus.settings.vocab_size)
         for source in self.corpus.sources:
-            heldout = set(np.load(self.work.heldout_chosen(source.name)).tolist())
+            heldout = np.load(self.work.heldout_chosen(source.name))  # ascending keys
             for spool in self.work.spools(source.name):
                 if spool.name == f"{rank:05d}.jsonl":
                     self._encode(encoder, spool, heldout, dtype)
 
-    def _encode(self, encoder, spool: Path, heldout: set[int], dtype: str) -> None:  # type: ignore[no-untyped-def]
+    def _encode(self, encoder, spool: Path, heldout: np.ndarray, dtype: str) -> None:  # type: ignore[no-untyped-def]
         outputs = {split: TokenFile(self.work.tokens(spool, split), dtype) for split in SPLITS}
         documents = ((text, dt.date.fromisoformat(date).toordinal(), key) for text, date, key in spooled([spool]))
         for batch in batches(documents, text=lambda document: document[0]):
-            for split, chosen in (("train", [(t, d) for t, d, key in batch if key not in heldout]),
-                                  ("heldout", [(t, d) for t, d, key in batch if key in heldout])):
+            held = held_out(heldout, np.asarray([key for _, _, key in batch], dtype=np.uint64)).tolist()
+            for split, chosen in (("train", [(t, d) for (t, d, _), out in zip(batch, held) if not out]),
+                                  ("heldout", [(t, d) for (t, d, _), out in zip(batch, held) if out])):
                 for piece_batch in batches(pieces(iter(chosen)), text=lambda piece: piece[0]):
                     # without the offsets (encode_batch_fast): the same ids, a sixth faster
                     encodings = encoder.encode_batch_fast([text for text, _, _ in piece_batch],

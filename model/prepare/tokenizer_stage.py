@@ -3,13 +3,14 @@
 The tokenizer learns from a sample of the deduplicated spools drawn by source weight, and an
 English-only one beside it shows what the mixture gains in other languages. Held-out
 documents are chosen here from every task's keys (model/heldout.py), and left out of the
-tokenizer's training text, so nothing the pipeline fits has seen them.
+tokenizer's training text, so nothing the pipeline fits has seen them. The stage reads the
+keys only up to the last one held out, and of the spools only the lines its sample takes
+(model/prepare/sampling.py): however big the corpus, it trains on its sample.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +18,13 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from model.corpus_config import Corpus, Source
-from model.heldout import HeldOutDraw
+from model.heldout import choose_heldout
 from model.prepare.dedup import read_tallies
 from model.prepare.filtering import write_json_atomically
+from model.prepare.sampling import HELD_OUT_EVERY, lowest_first, weighted_sample
 from model.prepare.work import WorkDir
 from model.tokenizer import pretoken_pieces, tokenizer_sha256, train_tokenizer
 
-HELD_OUT_EVERY = 10  # every 10th kept document is left out of tokenizer training to measure fertility
 # Documents encode in batches (parallel in `tokenizers`) of at most this many documents and
 # characters: an encoding holds ~100 bytes per token, so the character bound keeps memory flat.
 _ENCODE_BATCH_DOCUMENTS = 256
@@ -62,8 +63,10 @@ class TrainTokenizer(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
         settings, work = self.corpus.settings, self.work
-        chars = {name: tally["chars"] for name, tally in read_tallies(work, "deduplicated").items()}
-        heldout = {source.name: self._draw(source.name) for source in self.corpus.sources}
+        tallies = read_tallies(work, "deduplicated")
+        chars = {name: tally["chars"] for name, tally in tallies.items()}
+        empty = {"documents": 0, "chars": 0}
+        heldout = {source.name: self._draw(source.name, tallies.get(source.name, empty)) for source in self.corpus.sources}
         tokenizer = train_tokenizer(self._weighted_sample(self.corpus.sources, chars, settings.tokenizer_chars, heldout),
                                     settings.vocab_size, work.output / "tokenizer")
         english = [s for s in self.corpus.sources if s.language == "en"]
@@ -77,22 +80,19 @@ class TrainTokenizer(PipelineStep):
                    "fertility": self._fertility(tokenizer, english_tokenizer)}
         write_json_atomically(work.tokenizer_figures, figures)
 
-    def _draw(self, source: str) -> frozenset[int]:
-        """The source's held-out keys, drawn from every task's, saved for the encode tasks."""
-        draw = HeldOutDraw()
-        for path in sorted(self.work.heldout_keys(source, 0).parent.glob("*.npy")):
-            pairs = np.load(path)
-            draw.keys.frombytes(np.ascontiguousarray(pairs[:, 0]).tobytes())
-            draw.chars.frombytes(np.ascontiguousarray(pairs[:, 1]).tobytes())
+    def _draw(self, source: str, tally: dict[str, int]) -> np.ndarray:
+        """The source's held-out keys (ascending), drawn from every task's, saved for the encode tasks."""
         settings = self.corpus.settings
-        chosen = draw.heldout(settings.heldout_fraction, settings.heldout_min_documents)
+        key_files = sorted(self.work.heldout_keys(source, 0).parent.glob("*.npy"))
+        chosen = choose_heldout(lowest_first(key_files), tally["documents"], tally["chars"],
+                                settings.heldout_fraction, settings.heldout_min_documents)
         path = self.work.heldout_chosen(source)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.asarray(sorted(chosen), dtype=np.uint64))
+        np.save(path, chosen)
         return chosen
 
     def _weighted_sample(self, sources: list[Source], chars: dict[str, int], budget_chars: int,
-                         heldout: dict[str, frozenset[int]]) -> Iterator[str]:
+                         heldout: dict[str, np.ndarray]) -> Iterator[str]:
         """About ``budget_chars`` of training text, each source contributing in proportion to its weight.
 
         A source with more weight than text is repeated (whole documents, so BPE counts scale),
@@ -104,12 +104,8 @@ class TrainTokenizer(PipelineStep):
         budget = min(budget_chars, sum(chars[s.name] for s in weighted))
         for source in weighted:
             rate = budget * source.weight / total_weight / chars[source.name]
-            rng = random.Random(f"tokenizer-sample-{source.name}")
-            for index, (text, _, key) in enumerate(spooled(self.work.spools(source.name))):
-                if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 or key in heldout[source.name]:
-                    continue
-                for _ in range(int(rate) + (rng.random() < rate - int(rate))):
-                    yield text
+            yield from weighted_sample(self.work.spools(source.name), rate, heldout[source.name],
+                                       seed=f"tokenizer-sample-{source.name}")
 
     def _fertility(self, tokenizer, english_tokenizer) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
         """Tokens per word on each language's held-out documents, for both tokenizers."""

@@ -92,6 +92,11 @@ class WorkDir:
         return self.root / "output"
 
 
+def spool_index(spool: Path) -> Path:
+    """Beside a spool: each line's (key, byte offset), as a (lines, 2) uint64 array."""
+    return spool.with_suffix(".index.npy")
+
+
 def plan_inputs(corpus: Corpus, tasks: int) -> list[list[InputFile]]:
     """The input files of each of ``tasks`` tasks: contiguous runs in corpus order, of about equal bytes."""
     files = [InputFile(source.name, str(path), file_format, path.stat().st_size)
