@@ -9,9 +9,11 @@ near duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -246,22 +248,30 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_an_interrupted_prepare_ends_its_task_processes_and_the_rerun_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ending", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_prepare_ends_its_task_processes_and_the_rerun_resumes(tmp_path: Path, ending) -> None:
     corpus = _jsonl_corpus(tmp_path, {"a.jsonl": [f"premier fichier, document numéro {n} ici" for n in range(30)],
                                       "b.jsonl": [f"second fichier, document numéro {n} ici" for n in range(30)]})
     out, pids = tmp_path / "data", tmp_path / "encoding"
     pids.mkdir()
     command = subprocess.Popen([sys.executable, "-c", _HANGS_IN_ENCODE, str(tmp_path / "corpus.toml"), str(out),
-                                str(pids)], cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True)
+                                str(pids)], cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    encoding: list[int] = []
     try:
         tasks = wait_for(lambda: len(found := list(pids.glob("*.pid"))) == 2 and found, 120, "both encode tasks")
         encoding = [int(path.read_text()) for path in tasks]
-        command.send_signal(signal.SIGINT)  # to the command alone, not its process group
+        command.send_signal(ending)  # to the command alone, not its process group
         _, stderr = command.communicate(timeout=60)
+        # Ctrl-C: Python's exit by the signal, after KeyboardInterrupt; SIGTERM: the status a shell gives it
+        assert command.returncode == {signal.SIGINT: -signal.SIGINT, signal.SIGTERM: 128 + ending}[ending], stderr
+        wait_for(lambda: not any(_running(pid) for pid in encoding), 10, "the encode tasks ended with the command")
     finally:
         command.kill()
-    assert command.returncode != 0 and "KeyboardInterrupt" in stderr
-    wait_for(lambda: not any(_running(pid) for pid in encoding), 10, "the encode tasks ended with the command")
+        for pid in filter(_running, encoding):  # had they outlived it, they end here, with their process group
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) != os.getpgrp():
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
 
     steps: list[str] = []
     manifest, report = prepare_corpus(corpus, out, vocab_size=300, executor=ExecutorSettings(tasks=2), log=steps.append)

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, suppress
@@ -123,7 +124,8 @@ def _run_in_child(executor: LocalPipelineExecutor) -> tuple[Literal["done", "sto
     with suppress(OSError):  # its own process group, so that ending it ends its task processes (the child sets it too)
         os.setpgid(child.pid, child.pid)
     try:
-        outcome = receive.recv()
+        with _sigterm_ends_the_stage():
+            outcome = receive.recv()
     except EOFError:  # it died without a word: killed, most likely for memory
         child.join()
         return "failed", f"its process ended with exit code {child.exitcode} (a negative code is the signal)"
@@ -136,7 +138,26 @@ def _run_in_child(executor: LocalPipelineExecutor) -> tuple[Literal["done", "sto
     return outcome
 
 
+@contextmanager
+def _sigterm_ends_the_stage() -> Iterator[None]:
+    """A SIGTERM to this process (a kill, a service stopping) raises here as Ctrl-C does, so the caller ends
+    the stage's process group before this process ends: nothing it started runs on."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_and_tell(executor: LocalPipelineExecutor, send: Connection) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: SIGTERM ends the stage
     with suppress(OSError):
         os.setpgid(0, 0)
     try:
