@@ -35,7 +35,7 @@ from model.prepare.sampling import HELD_OUT_EVERY, weighted_sample
 from model.prepare.tokenizer_stage import spooled
 from model.shards import Manifest, read_tokens
 from model.tokenizer import EOS_ID, load_tokenizer
-from tests.support import wait_for
+from support import wait_for
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "prepare-before-datatrove.json").read_text())
 
