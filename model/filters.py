@@ -11,9 +11,11 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from model.corpus_config import Source
 from model.ingest import Document
@@ -98,12 +100,14 @@ class QualityFilter:
             return "too_short"
         if len(text) > s.max_chars:
             return "too_long"
-        if len(text.split()) < s.min_words:
+        words = text.split()
+        if len(words) < s.min_words:
             return "too_few_words"
-        visible = len(text) - sum(map(str.isspace, text))
-        if visible and sum(map(str.isalpha, text)) / visible < s.min_alpha_ratio:
+        visible = sum(map(len, words))  # str.split's white space is str.isspace's
+        letters, digits = letters_and_digits(text)
+        if visible and letters / visible < s.min_alpha_ratio:
             return "low_alpha_ratio"
-        if visible and sum(map(str.isdigit, text)) / visible > s.max_digit_ratio:
+        if visible and digits / visible > s.max_digit_ratio:
             return "high_digit_ratio"
         if self.banned is not None and self._banned_count(text) > s.max_banned_words:
             return "banned_words"
@@ -119,6 +123,30 @@ class QualityFilter:
             if count > self.settings.max_banned_words:
                 break
         return count
+
+
+def letters_and_digits(text: str) -> tuple[int, int]:
+    """How many of ``text``'s characters are str.isalpha and str.isdigit, counted in numpy.
+
+    Characters of the basic multilingual plane are looked up in tables made from those two
+    methods (so the counts are theirs exactly); the rare ones above it are asked one by one.
+    """
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    is_letter, is_digit = _plane_zero_tables()
+    basic = codes[codes < _PLANE_ZERO]
+    above = [chr(code) for code in codes[codes >= _PLANE_ZERO].tolist()]
+    return (int(is_letter[basic].sum()) + sum(map(str.isalpha, above)),
+            int(is_digit[basic].sum()) + sum(map(str.isdigit, above)))
+
+
+_PLANE_ZERO = 0x10000
+
+
+@cache
+def _plane_zero_tables() -> tuple[np.ndarray, np.ndarray]:
+    characters = [chr(code) for code in range(_PLANE_ZERO)]
+    return (np.fromiter(map(str.isalpha, characters), dtype=bool, count=_PLANE_ZERO),
+            np.fromiter(map(str.isdigit, characters), dtype=bool, count=_PLANE_ZERO))
 
 
 @dataclass

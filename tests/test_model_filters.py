@@ -2,10 +2,11 @@
 
 import dataclasses
 import datetime as dt
+import random
 from pathlib import Path
 
 from model.corpus_config import FilterSettings, Source
-from model.filters import QualityFilter
+from model.filters import QualityFilter, letters_and_digits
 from model.ingest import Document
 
 PROSE = "Le conseil municipal a voté le budget de la médiathèque après un long débat public."
@@ -62,3 +63,10 @@ def test_text_and_data_mining_reservations_remove_their_domains_and_url_patterns
     assert check.reason(_doc(url=None)) is None  # without a URL nothing can be matched
     # A reservation outranks the other filters: it is counted as what it is.
     assert check.reason(_doc("Court.", url="https://lemonde.example/")) == "tdm_opt_out"
+
+
+def test_letters_and_digits_are_counted_as_str_isalpha_and_str_isdigit_count_them() -> None:
+    rng = random.Random(4)
+    texts = ["", "Élève de 2ᵉ : ² ½ ٣ 𝟙 𝒜 😀 \ud800 ok", "".join(chr(rng.randrange(0x110000)) for _ in range(50_000))]
+    for text in texts:
+        assert letters_and_digits(text) == (sum(map(str.isalpha, text)), sum(map(str.isdigit, text)))
