@@ -6,9 +6,10 @@ Usage: python benchmarks/prepare_throughput.py [--megabytes 20 --scales 1,10,30 
 For each scale, writes a synthetic multilingual corpus (model.synthetic_corpus: JSONL and
 Parquet in 10 MB parts, a directory of text files, with planted duplicates and defects) of
 MEGABYTES x scale, then prepares it with each number of tasks (datatrove's local executor),
-in a fresh process, and prints: seconds, input MB/s in all and per task, the time of each
-stage, and peak resident memory of the whole process tree (sampled every 0.1 s) and of its
-largest process. Run it on an idle machine.
+in a fresh process, and prints: seconds, input MB/s in all and per task, the CPU time of the
+whole process tree and input MB per CPU second, the time of each stage, and peak resident
+memory of the whole process tree (sampled every 0.1 s) and of its largest process, in all
+and in each stage. Run it on an idle machine.
 
 Then a projection for 3 trillion tokens on 100 nodes, from the one-task runs: the stages that
 run one task per input share (filter, signatures, dedup, encode) scale with the nodes; of the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -98,6 +100,7 @@ def input_bytes(directory: Path) -> int:
 def run(config: Path, out: Path, tasks: int, dedup: bool) -> dict:
     mode = "with-dedup" if dedup else "without-dedup"
     stage_file = out.with_name(out.name + ".stage")
+    cpu_before = children_cpu_seconds()
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(config), str(out), mode, str(tasks), str(stage_file)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak_sum = peak_one = 0.0
@@ -112,8 +115,15 @@ def run(config: Path, out: Path, tasks: int, dedup: bool) -> dict:
     if child.returncode != 0:
         raise SystemExit(f"prepare failed:\n{stderr[-3000:]}")
     figures = json.loads(stdout.strip().splitlines()[-1])
-    figures.update(tasks=tasks, peak_tree_mb=peak_sum, peak_process_mb=peak_one, stage_peak_mb=stage_peaks)
+    figures.update(tasks=tasks, peak_tree_mb=peak_sum, peak_process_mb=peak_one, stage_peak_mb=stage_peaks,
+                   cpu_seconds=children_cpu_seconds() - cpu_before)
     return figures
+
+
+def children_cpu_seconds() -> float:
+    """CPU time (user and system) of this process's ended descendants: each waited for its own."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def projection(small: dict, large: dict) -> dict:
@@ -160,13 +170,13 @@ def main() -> None:
                       "process MB: " + ", ".join(f"{name} {t:.1f}/{figures['stage_peak_mb'].get(name, 0):.0f}"
                                                  for name, t in figures["stages"].items()), flush=True)
 
-    print(f"\n{'scale':>5} {'input MB':>9} {'tasks':>5} {'seconds':>8} {'MB/s':>6} {'MB/s/task':>9} "
-          f"{'peak tree MB':>12} {'peak process MB':>15} {'documents':>10} {'tokens':>12}")
+    print(f"\n{'scale':>5} {'input MB':>9} {'tasks':>5} {'seconds':>8} {'MB/s':>6} {'MB/s/task':>9} {'CPU s':>7} "
+          f"{'MB/CPU s':>8} {'peak tree MB':>12} {'peak process MB':>15} {'documents':>10} {'tokens':>12}")
     for r in rows:
         rate = r["input_bytes"] / 1e6 / r["seconds"]
         print(f"{r['scale']:>5g} {r['input_bytes'] / 1e6:>9.1f} {r['tasks']:>5} {r['seconds']:>8.1f} {rate:>6.2f} "
-              f"{rate / r['tasks']:>9.2f} {r['peak_tree_mb']:>12.0f} {r['peak_process_mb']:>15.0f} "
-              f"{r['documents']:>10,} {r['tokens']:>12,}")
+              f"{rate / r['tasks']:>9.2f} {r['cpu_seconds']:>7.0f} {r['input_bytes'] / 1e6 / r['cpu_seconds']:>8.2f} "
+              f"{r['peak_tree_mb']:>12.0f} {r['peak_process_mb']:>15.0f} {r['documents']:>10,} {r['tokens']:>12,}")
 
     headline: dict[str, object] = {}
     scales = sorted({r["scale"] for r in rows})
@@ -179,6 +189,7 @@ def main() -> None:
               f"{first['peak_tree_mb']:.0f} -> {last['peak_tree_mb']:.0f} MB")
         headline[f"peak_process_growth_{tasks}_tasks"] = round(growth, 3)
         headline[f"mb_per_s_per_task_{tasks}_tasks"] = round(last["input_bytes"] / 1e6 / last["seconds"] / tasks, 2)
+        headline[f"mb_per_cpu_second_{tasks}_tasks"] = round(last["input_bytes"] / 1e6 / last["cpu_seconds"], 2)
     if len(task_counts) > 1:
         for scale in scales:
             one, many = (next(r for r in rows if r["scale"] == scale and r["tasks"] == t)
