@@ -29,7 +29,7 @@ import model.synthetic_corpus as synthetic_corpus
 from model.corpus import ExecutorSettings, PrepareFailed, prepare_corpus
 from model.corpus_config import Corpus, DedupSettings, load_corpus_config
 from model.ingest import Document, read_source
-from model.prepare.dedup import WordShingleSignature, _Spool, minhash_config
+from model.prepare.dedup import Spool, WordShingleSignature, minhash_config
 from model.prepare.filtering import ReadAndFilter
 from model.prepare.sampling import HELD_OUT_EVERY, weighted_sample
 from model.prepare.tokenizer_stage import spooled
@@ -208,7 +208,7 @@ def test_the_sample_read_through_the_spool_indexes_is_the_one_reading_every_docu
     rng = random.Random(11)
     spools = []
     for number in range(3):  # three spools of one source, in corpus order
-        spool = _Spool(tmp_path / f"{number:05d}.jsonl")
+        spool = Spool(tmp_path / f"{number:05d}.jsonl")
         for _ in range(rng.randint(40, 400)):
             text = " ".join(rng.choice(["un", "deux", "trois", "quatre"]) for _ in range(rng.randint(1, 8)))
             spool.write(text, "2020-01-01", rng.getrandbits(64))

@@ -178,7 +178,7 @@ def read_tallies(work: WorkDir, label: str) -> dict[str, dict[str, int]]:
 class SpoolWriter(PipelineStep):
     """The deduplicated documents, per source and date bucket, each spool with its index, and the held-out keys.
 
-    A spool's index (work.spool_index) holds each line's (key, byte offset), so the tokenizer stage
+    A spool's index (work.py's spool_index) holds each line's (key, byte offset), so the tokenizer stage
     reads only the documents it samples; the task's (key, chars) per source are saved sorted by key,
     so the held-out draw merges them without loading them all.
     """
@@ -192,14 +192,14 @@ class SpoolWriter(PipelineStep):
         self.sources = [source.name for source in corpus.sources]
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[no-untyped-def]
-        spools: dict[tuple[str, str], _Spool] = {}
+        spools: dict[tuple[str, str], Spool] = {}
         keys = {name: (array("Q"), array("Q")) for name in self.sources}  # (key, chars): 16 bytes a document
         try:
             for document in data:
                 source, date = document.metadata["source"], document.metadata["date"]
                 bucket = date[:4] if self.granularity == "year" else date[:7]
                 if (source, bucket) not in spools:
-                    spools[source, bucket] = _Spool(self.work.spool(source, bucket, rank))
+                    spools[source, bucket] = Spool(self.work.spool(source, bucket, rank))
                 key = document_key(document.text)
                 keys[source][0].append(key)
                 keys[source][1].append(len(document.text))
@@ -214,7 +214,7 @@ class SpoolWriter(PipelineStep):
             np.save(path, pairs[np.argsort(pairs[:, 0], kind="stable")])
 
 
-class _Spool:
+class Spool:
     """One spool file being written (JSON lines of text, date and key) and its index."""
 
     def __init__(self, path: Path) -> None:
