@@ -59,22 +59,3 @@ def held_out(chosen: np.ndarray, keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys), dtype=bool)
     at = np.minimum(np.searchsorted(chosen, keys), len(chosen) - 1)
     return chosen[at] == keys
-
-
-class HeldOutDraw:
-    """One source's documents as keys (document_key) and sizes, in memory: which are held out."""
-
-    def __init__(self) -> None:
-        self.keys, self.chars = array("Q"), array("Q")  # 16 bytes a document
-
-    def add(self, text: str) -> int:
-        key = document_key(text)
-        self.keys.append(key)
-        self.chars.append(len(text))
-        return key
-
-    def heldout(self, fraction: float, min_documents: int) -> frozenset[int]:
-        keys, chars = np.frombuffer(self.keys, dtype=np.uint64), np.frombuffer(self.chars, dtype=np.uint64)
-        order = np.argsort(keys, kind="stable")
-        lowest_first = zip(keys[order].tolist(), chars[order].tolist())
-        return frozenset(choose_heldout(lowest_first, len(keys), int(chars.sum()), fraction, min_documents).tolist())

@@ -14,7 +14,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.store import Shard, TokenRange, Worker, load_manifest, open_engine, session_factory, sqlite_url
 from model.corpus import prepare_corpus
 from model.corpus_config import load_corpus_config
-from model.heldout import HeldOutDraw, choose_heldout, document_key, held_out, heldout_count
+from model.heldout import choose_heldout, document_key, held_out, heldout_count
 from model.prepare.sampling import lowest_first
 from model.sample_corpus import write_sample_corpus
 from model.shards import Manifest, ShardInfo, SourceInfo, read_tokens, verify_shard
@@ -77,25 +77,25 @@ def test_held_out_counts(documents: int, fraction: float, minimum: int, expected
     assert heldout_count(documents, fraction, minimum) == expected
 
 
+def draw(texts: list[str], fraction: float, minimum: int) -> set[int]:
+    """The held-out keys of ``texts``, every (key, chars) sorted in memory."""
+    pairs = sorted((document_key(text), len(text)) for text in texts)
+    return set(choose_heldout(pairs, len(texts), sum(map(len, texts)), fraction, minimum).tolist())
+
+
 def test_the_draw_depends_on_the_texts_not_their_order_and_keeps_big_documents_for_training() -> None:
     texts = ["x" * 1000, *(f"document {n}" for n in range(7))]
-    draws = [HeldOutDraw(), HeldOutDraw()]
-    keys = {text: draws[0].add(text) for text in texts}
-    for text in reversed(texts):
-        draws[1].add(text)
-    chosen = draws[0].heldout(0.01, 3)
-    assert chosen == draws[1].heldout(0.01, 3)
+    keys = {text: document_key(text) for text in texts}
+    chosen = draw(texts, 0.01, 3)
+    assert chosen == draw(texts[::-1], 0.01, 3)
     # Two of eight documents (a quarter), the lowest keys among those that fit a quarter of the text.
     small = sorted(keys[t] for t in texts[1:])
     assert chosen == set(small[:2]) and keys[texts[0]] not in chosen
-    assert draws[0].heldout(0.0, 3) == frozenset()
+    assert draw(texts, 0.0, 3) == set()
 
 
 def test_the_draw_merged_from_the_tasks_sorted_key_files_is_the_draw_of_all_documents(tmp_path: Path) -> None:
     texts = [f"document {n} " + "x" * (n % 17) * 40 for n in range(3000)]
-    everything = HeldOutDraw()
-    for text in texts:
-        everything.add(text)
     files = []
     for task, part in enumerate((texts[:1000], texts[1000:1001], [], texts[1001:])):  # one task kept nothing
         pairs = np.asarray([(document_key(t), len(t)) for t in part], dtype=np.uint64).reshape(-1, 2)
@@ -103,7 +103,7 @@ def test_the_draw_merged_from_the_tasks_sorted_key_files_is_the_draw_of_all_docu
         np.save(files[-1], pairs[np.argsort(pairs[:, 0], kind="stable")])
     for fraction, minimum in ((0.01, 3), (0.2, 3), (0.0, 3)):
         merged = choose_heldout(lowest_first(files), len(texts), sum(map(len, texts)), fraction, minimum)
-        assert set(merged.tolist()) == everything.heldout(fraction, minimum)
+        assert set(merged.tolist()) == draw(texts, fraction, minimum)
         assert len(merged) <= heldout_count(len(texts), fraction, minimum) and (len(merged) > 0) == (fraction > 0)
         assert held_out(merged, np.asarray([document_key(t) for t in texts], dtype=np.uint64)).sum() == len(merged)
 
